@@ -1,0 +1,41 @@
+"""diffusion_jax: denoising diffusion models in JAX/Flax."""
+import setuptools
+
+_TEST = [
+    "pytest>=8.0",
+    "pytest-xdist>=3.5",
+    "scipy>=1.11",
+]
+
+setuptools.setup(
+    name="diffusion_jax",
+    version="0.1.0",
+    description="Denoising diffusion probabilistic models in JAX/Flax: exact, fast, tested.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["diffusion_jax", "diffusion_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7.0",
+        "flax>=0.11.0",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11.0",
+        "tensorflow-datasets>=4.9.6",
+        "ml_collections>=1.0.0",
+        "absl-py>=2.1.0",
+        "chex>=0.1.89",
+        "numpy>=1.26",
+        "scipy>=1.11",
+        "scikit-learn>=1.4",
+        "pillow>=10.0",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "test": _TEST,
+        # PyTorch is needed only to convert the pytorch-fid Inception weights and to test that
+        # conversion against the PyTorch network.
+        "torch": ["torch>=2.4", "torchvision>=0.19", "pytorch-fid>=0.3.0"],
+        "tf": ["tensorflow>=2.16"],
+        "gpu": ["jax[cuda12]>=0.7.0"],
+    },
+)
