@@ -1,0 +1,122 @@
+"""Model sections of the experiment configs: `config.model = model_configs.ddpm_cifar10()`.
+
+`diffusion_jax.models.get_model(config.model)` builds the network that `name` selects. Image
+models are NHWC; `attn_resolutions` lists spatial sizes in pixels (16 means the 16x16 level).
+num_heads / num_head_channels: exactly one of them > 0 (0 = unset).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def ddpm_cifar10() -> ml_collections.ConfigDict:
+    """Ho et al. 2020's CIFAR-10 UNet: 35,746,307 parameters ("35.7 million", Appendix B)."""
+    c = ml_collections.ConfigDict()
+    c.name = 'unet'  # network: 'unet' | 'classifier' | 'mlp'
+    c.image_size = 32  # CIFAR-10 images are 32x32
+    c.in_channels = 3  # RGB input
+    c.out_channels = 3  # predicts eps only (fixed variance, Ho et al. 2020, Sec. 3.2)
+    c.ch = 128  # base width; Ho et al.'s released run_cifar.py
+    c.ch_mult = (1, 2, 2, 2)  # 4 resolutions 32..4 (Ho et al. 2020, Appendix B; run_cifar.py)
+    c.num_res_blocks = 2  # two res blocks per resolution (Ho et al. 2020, Appendix B)
+    c.attn_resolutions = (16,)  # self-attention at 16x16 (Ho et al. 2020, Appendix B)
+    c.dropout = 0.1  # CIFAR-10 dropout (Ho et al. 2020, Appendix B)
+    c.num_heads = 1  # single-head attention (Ho et al.'s reference code)
+    c.num_head_channels = 0  # unset: the head count comes from num_heads
+    c.use_scale_shift_norm = False  # embedding added before GroupNorm (Ho et al.)
+    c.resblock_updown = False  # strided conv down, nearest + conv up (Ho et al.)
+    c.rescale_skip = False  # no 1/sqrt(2) on residual sums (Ho et al.)
+    c.timestep_embedding = 'ddpm'  # sin then cos, frequencies exp(-ln(1e4) i/(half-1))
+    c.num_classes = 0  # unconditional
+    c.num_groups = 32  # GroupNorm groups (Ho et al. 2020, Sec. 4; 32 in their reference code)
+    c.dtype = 'float32'  # compute dtype; parameters stay float32
+    return c
+
+
+def improved_ddpm_cifar10() -> ml_collections.ConfigDict:
+    """Nichol & Dhariwal 2021's CIFAR-10 UNet (L_hybrid, learned Σ): 52,546,438 parameters."""
+    c = ddpm_cifar10()
+    c.out_channels = 6  # eps and the variance interpolation v (Nichol & Dhariwal 2021, Sec. 3.1)
+    c.num_res_blocks = 3  # improved-diffusion README, CIFAR-10 flags: --num_res_blocks 3
+    c.attn_resolutions = (16, 8)  # 16x16 and 8x8 (improved-diffusion script_util defaults)
+    c.dropout = 0.3  # improved-diffusion README, CIFAR-10 flags: --dropout 0.3
+    c.num_heads = 4  # 4 attention heads (improved-diffusion script_util defaults)
+    c.use_scale_shift_norm = True  # adaptive GN (improved-diffusion script_util defaults)
+    c.timestep_embedding = 'improved'  # cos then sin, frequencies exp(-ln(1e4) i/half)
+    return c
+
+
+def tiny_unet(image_size: int = 16, in_channels: int = 1, out_channels: int | None = None,
+              num_classes: int = 0, **overrides) -> ml_collections.ConfigDict:
+    """A UNet small enough for CPU tests and the digits data: 2 levels, attention at the lowest."""
+    c = ddpm_cifar10()
+    c.image_size = image_size  # e.g. 8, 16 or 28; must be even for 2 levels
+    c.in_channels = in_channels  # 1 for grey-scale digits
+    c.out_channels = out_channels or in_channels  # 2·in_channels for a learned variance
+    c.ch = 32  # smallest width that GroupNorm's 32 groups allow
+    c.ch_mult = (1, 2)  # two resolutions: image_size and image_size / 2
+    c.num_res_blocks = 1  # one res block per resolution
+    c.attn_resolutions = (image_size // 2,)  # attention only at the lowest resolution
+    c.dropout = 0.0  # tiny models on small data train fast enough without it
+    c.num_classes = num_classes  # > 0 for class-conditional / classifier-free guidance
+    c.update(overrides)
+    return c
+
+
+_ADM_CH_MULT = {  # guided-diffusion script_util.create_classifier; 32 follows DDPM's CIFAR-10
+    32: (1, 2, 2, 2),
+    64: (1, 2, 3, 4),
+    128: (1, 1, 2, 3, 4),
+    256: (1, 1, 2, 2, 4, 4),
+}
+
+
+def adm_classifier(image_size: int = 64, num_classes: int = 1000, in_channels: int = 3,
+                   **overrides) -> ml_collections.ConfigDict:
+    """Dhariwal & Nichol 2021's noisy-image classifier (guided-diffusion classifier_defaults).
+
+    overrides replace fields, e.g. a small ch / ch_mult for tests; ch_mult is required for an
+    image_size outside the table below.
+    """
+    ch_mult = overrides.pop('ch_mult', None) or _ADM_CH_MULT.get(image_size)
+    if ch_mult is None:
+        raise ValueError(f'adm_classifier(image_size={image_size}): use one of '
+                         f'{sorted(_ADM_CH_MULT)} or pass ch_mult=... explicitly.')
+    c = ml_collections.ConfigDict()
+    c.name = 'classifier'  # network: 'unet' | 'classifier' | 'mlp'
+    c.image_size = image_size  # input resolution
+    c.in_channels = in_channels  # 3 for RGB
+    c.num_classes = num_classes  # number of logits (1000 for ImageNet)
+    c.ch = 128  # classifier_width (guided-diffusion classifier_defaults)
+    c.ch_mult = tuple(ch_mult)  # widths per level (guided-diffusion create_classifier)
+    c.num_res_blocks = 2  # classifier_depth (guided-diffusion classifier_defaults)
+    # classifier_attention_resolutions "32,16,8" (guided-diffusion); at 32x32 images: 16 and 8.
+    c.attn_resolutions = tuple(r for r in (32, 16, 8) if r < image_size)
+    c.dropout = 0.0  # guided-diffusion trains its classifiers without dropout
+    c.num_heads = 0  # unset: heads come from num_head_channels
+    c.num_head_channels = 64  # 64 channels per head (Dhariwal & Nichol 2021, Sec. 3)
+    c.use_scale_shift_norm = True  # adaptive GN (Dhariwal & Nichol 2021, Sec. 3)
+    c.resblock_updown = True  # BigGAN residual up/down-sampling (Dhariwal & Nichol 2021, Sec. 3)
+    c.rescale_skip = False  # ADM does not rescale residual sums
+    c.timestep_embedding = 'improved'  # the improved-diffusion / ADM sinusoid
+    c.pool = 'attention'  # attention pooling head (Dhariwal & Nichol 2021, Sec. 4)
+    c.num_groups = 32  # GroupNorm groups
+    c.dtype = 'float32'  # compute dtype; parameters stay float32
+    c.update(overrides)
+    return c
+
+
+def swissroll_mlp(**overrides) -> ml_collections.ConfigDict:
+    """A time-conditioned MLP for 2-D swiss-roll points; trains on a CPU in seconds."""
+    c = ml_collections.ConfigDict()
+    c.name = 'mlp'  # network: 'unet' | 'classifier' | 'mlp'
+    c.data_dim = 2  # points in the plane
+    c.out_dim = 2  # eps only; 4 (= 2·data_dim) for a learned variance
+    c.hidden_dim = 128  # width: enough for the swiss roll, small enough for a CPU
+    c.num_layers = 3  # hidden layers, each conditioned on the timestep
+    c.dropout = 0.0  # no regularisation needed for 2-D toy data
+    c.timestep_embedding = 'ddpm'  # sinusoid as in Ho et al. 2020
+    c.num_classes = 0  # unconditional
+    c.dtype = 'float32'  # compute dtype; parameters stay float32
+    c.update(overrides)
+    return c

@@ -1,0 +1,186 @@
+"""The DDPM UNet (Ho et al. 2020) with the options of improved DDPM and ADM.
+
+    eps_theta(x_t, t[, y]):  x_t [B, H, W, in_channels], t [B] -> [B, H, W, out_channels] float32
+
+Structure (L = len(ch_mult) levels, resolution r_l = image_size / 2^l at level l):
+    emb   = dense(swish(dense(sinusoid(t, ch)))) [B, 4·ch]  (+ label embedding if num_classes > 0)
+    down: h = conv3x3(x) -> ch·ch_mult[0]; per level l: num_res_blocks × [ResBlock (+ attention if
+          r_l in attn_resolutions)], then (l < L-1) a downsample: strided 3x3 conv, or a ResBlock
+          with 2x2 average pooling when resblock_updown. Every output above, conv_in included, is
+          pushed onto the skip stack hs.
+    mid:  ResBlock, attention, ResBlock.
+    up:   per level l = L-1..0: num_res_blocks + 1 × [ResBlock(concat(h, hs.pop())) (+ attention)],
+          then (l > 0) an upsample: nearest x2 + 3x3 conv, or a ResBlock with nearest x2.
+    out:  conv3x3_zero_init(swish(GN(h))) -> out_channels.
+
+By configuration this is Ho et al.'s CIFAR-10 model (35,746,307 parameters), improved DDPM's
+(52,546,438: num_res_blocks=3, 4 heads, attention at 16 and 8, scale-shift norm, 6 outputs) and
+ADM (num_head_channels, resblock_updown, class conditioning). The output conv is zero-initialised,
+so a fresh model predicts exactly 0.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from diffusion_jax.models import layers
+
+# Ho et al. 2020 (and improved DDPM / ADM): the timestep embedding MLP is 4 times the base width.
+EMB_MULT = 4
+
+
+def level_resolutions(image_size: int, ch_mult) -> list[int]:
+    """Spatial resolution of each UNet level: image_size / 2^l."""
+    return [image_size // 2**level for level in range(len(ch_mult))]
+
+
+def validate_unet_fields(m) -> None:
+    """Raises one ValueError naming the offending model_config field and the fix."""
+    layers.compute_dtype(m.dtype)
+    layers.check_choice('timestep_embedding', m.timestep_embedding, layers.TIMESTEP_EMBEDDINGS)
+    factor = 2 ** (len(m.ch_mult) - 1)
+    if m.image_size % factor:
+        raise ValueError(
+            f'model_config.image_size={m.image_size} is not divisible by 2**(len(ch_mult)-1)='
+            f'{factor}: use an image_size that is a multiple of {factor}, or fewer ch_mult levels.')
+    for mult in m.ch_mult:
+        if (m.ch * mult) % m.num_groups:
+            raise ValueError(
+                f'model_config.ch={m.ch} × ch_mult entry {mult} = {m.ch * mult} channels is not '
+                f'divisible by num_groups={m.num_groups} GroupNorm groups: choose ch and ch_mult '
+                f'so that every level has a multiple of {m.num_groups} channels.')
+    if (m.num_heads > 0) == (m.num_head_channels > 0):
+        raise ValueError(
+            f'model_config.num_heads={m.num_heads} and num_head_channels={m.num_head_channels}: '
+            'set exactly one of them > 0 and the other to 0.')
+    resolutions = level_resolutions(m.image_size, m.ch_mult)
+    for res in m.attn_resolutions:
+        if res not in resolutions:
+            raise ValueError(
+                f'model_config.attn_resolutions contains {res}, which is not a resolution of this '
+                f'UNet ({resolutions}): use only those values.')
+    for level_ch in [m.ch * mult for mult in m.ch_mult]:
+        heads = layers.resolve_num_heads(level_ch, m.num_heads, m.num_head_channels)
+        head_ch = m.num_head_channels or level_ch // max(heads, 1)
+        if heads < 1 or level_ch % heads or level_ch % head_ch:
+            raise ValueError(
+                f'model_config.num_heads={m.num_heads} / num_head_channels={m.num_head_channels} '
+                f'do not divide the {level_ch} channels of a level: pick a divisor.')
+    if not 0.0 <= m.dropout < 1.0:
+        raise ValueError(f'model_config.dropout={m.dropout} is outside [0, 1): pick a rate in it.')
+
+
+def check_input(m, x) -> None:
+    """Shape check at trace time, so a wrong input fails with a readable message."""
+    factor = 2 ** (len(m.ch_mult) - 1)
+    if x.ndim != 4 or x.shape[-1] != m.in_channels or x.shape[1] % factor or x.shape[2] % factor:
+        raise ValueError(
+            f'input of shape {x.shape} does not fit model_config.in_channels={m.in_channels} and '
+            f'{len(m.ch_mult)} levels: pass NHWC images with H, W divisible by {factor}.')
+
+
+def res_block(m, out_ch: int, name: str, resample: str | None = None) -> layers.ResBlock:
+    return layers.ResBlock(out_ch, m.dropout, m.use_scale_shift_norm, m.rescale_skip, resample,
+                           m.num_groups, layers.compute_dtype(m.dtype), name=name)
+
+
+def attn_block(m, channels: int, name: str) -> layers.AttentionBlock:
+    heads = layers.resolve_num_heads(channels, m.num_heads, m.num_head_channels)
+    return layers.AttentionBlock(heads, m.rescale_skip, m.num_groups, m.attention_implementation,
+                                 layers.compute_dtype(m.dtype), name=name)
+
+
+def encode(m, x, emb, train: bool):
+    """Down path of m (a UNet or Classifier), built inside its compact call: returns (h, hs)."""
+    dtype = layers.compute_dtype(m.dtype)
+    attn_levels = {lvl for lvl, res in enumerate(level_resolutions(m.image_size, m.ch_mult))
+                   if res in m.attn_resolutions}
+    h = layers.conv3x3(m.ch * m.ch_mult[0], dtype, 'conv_in')(x.astype(dtype))
+    hs = [h]
+    for level, mult in enumerate(m.ch_mult):
+        for i in range(m.num_res_blocks):
+            h = res_block(m, m.ch * mult, f'down_{level}_block_{i}')(h, emb, train)
+            if level in attn_levels:
+                h = attn_block(m, m.ch * mult, f'down_{level}_attn_{i}')(h)
+            hs.append(h)
+        if level != len(m.ch_mult) - 1:
+            if m.resblock_updown:
+                h = res_block(m, h.shape[-1], f'down_{level}_downsample', 'down')(h, emb, train)
+            else:
+                h = layers.Downsample(dtype, name=f'down_{level}_downsample')(h)
+            hs.append(h)
+    return h, hs
+
+
+def middle(m, h, emb, train: bool):
+    """ResBlock, attention (with the configured heads), ResBlock at the lowest resolution."""
+    h = res_block(m, h.shape[-1], 'mid_block_1')(h, emb, train)
+    h = attn_block(m, h.shape[-1], 'mid_attn')(h)
+    return res_block(m, h.shape[-1], 'mid_block_2')(h, emb, train)
+
+
+def decode(m, h, hs, emb, train: bool):
+    """Up path: consumes the skip stack hs in reverse, num_res_blocks + 1 blocks per level."""
+    dtype = layers.compute_dtype(m.dtype)
+    attn_levels = {lvl for lvl, res in enumerate(level_resolutions(m.image_size, m.ch_mult))
+                   if res in m.attn_resolutions}
+    for level in reversed(range(len(m.ch_mult))):
+        out_ch = m.ch * m.ch_mult[level]
+        for i in range(m.num_res_blocks + 1):
+            h = jnp.concatenate([h, hs.pop()], axis=-1)
+            h = res_block(m, out_ch, f'up_{level}_block_{i}')(h, emb, train)
+            if level in attn_levels:
+                h = attn_block(m, out_ch, f'up_{level}_attn_{i}')(h)
+        if level != 0:
+            if m.resblock_updown:
+                h = res_block(m, out_ch, f'up_{level}_upsample', 'up')(h, emb, train)
+            else:
+                h = layers.Upsample(dtype, name=f'up_{level}_upsample')(h)
+    return h
+
+
+class UNet(nn.Module):
+    """Noise-prediction UNet; fields are those of configs/model_configs.py (see there).
+
+    num_heads / num_head_channels: exactly one > 0 (0 means unset).
+    attn_resolutions: spatial sizes (pixels, e.g. 16 for 16x16) that get attention.
+    """
+    image_size: int = 32
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.0
+    num_heads: int = 1
+    num_head_channels: int = 0
+    use_scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    rescale_skip: bool = False
+    timestep_embedding: str = 'ddpm'
+    num_classes: int = 0
+    num_groups: int = 32
+    attention_implementation: str | None = None
+    dtype: str = 'float32'
+
+    def __post_init__(self):
+        validate_unet_fields(self)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x, t, y=None, train: bool = False):
+        """x [B, H, W, in_channels], t [B], y [B] int or None -> [B, H, W, out_channels] float32."""
+        check_input(self, x)
+        dtype = layers.compute_dtype(self.dtype)
+        t = jnp.broadcast_to(t, x.shape[:1])
+        emb = layers.TimeEmbedding(self.ch, EMB_MULT * self.ch, self.timestep_embedding, dtype,
+                                   name='temb')(t)
+        emb = layers.add_label_embedding(emb, y, self.num_classes, dtype)
+        h, hs = encode(self, x, emb, train)
+        h = middle(self, h, emb, train)
+        h = decode(self, h, hs, emb, train)
+        h = nn.swish(layers.GroupNorm(self.num_groups, dtype, name='norm_out')(h))
+        # Zero init: the untrained model predicts 0, a safe start for eps- or x0-prediction.
+        h = layers.conv3x3(self.out_channels, dtype, 'conv_out', init_scale=0.0)(h)
+        return h.astype(jnp.float32)
