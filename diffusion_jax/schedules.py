@@ -31,8 +31,10 @@ COSINE_MAX_BETA = 0.999
 
 
 def _check_range(name: str, value: float) -> None:
-    if not (0.0 < value < 1.0) and not (name == 'beta_end' and value == 1.0):
-        raise ValueError(f'{name}={value} is outside (0, 1): a variance β must lie in (0, 1).')
+    if not 0.0 < value < 1.0:
+        raise ValueError(f'{name}={value} is outside (0, 1): a variance β must lie in (0, 1). '
+                         'For small T the default endpoints (scaled by 1000/T) leave that range: '
+                         'pass beta_start/beta_end explicitly.')
 
 
 def _endpoints(num_timesteps: int, beta_start: float | None, beta_end: float | None):

@@ -72,3 +72,10 @@ def test_invalid_values_raise(kwargs, match):
 def test_invalid_num_timesteps():
     with pytest.raises(ValueError, match='num_timesteps'):
         schedules.get_beta_schedule('linear', 0)
+
+
+def test_small_T_with_scaled_default_endpoints_is_refused():
+    # 0.02 · 1000/20 = 1: a β of 1 destroys the signal in one step and makes sampling divide by 0.
+    with pytest.raises(ValueError, match='pass beta_start/beta_end explicitly'):
+        schedules.get_beta_schedule('linear', 20)
+    assert schedules.get_beta_schedule('linear', 20, beta_end=0.3)[-1] == pytest.approx(0.3)
