@@ -16,6 +16,7 @@ samples/<step>/ema_grid.{png,npz}.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -112,16 +113,30 @@ def _step_metrics(loss, terms, t, grads, lr, num_timesteps: int) -> dict:
     out = dict(loss=loss, grad_norm=grad_norm, learning_rate=lr,
                q_sum=onehot.T @ terms['loss'], q_count=jnp.sum(onehot, axis=0),
                finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm))
-    for name in ('mse', 'vb'):
+    for name in ('mse', 'vb', 'accuracy'):
         if name in terms:
             out[name] = jnp.mean(terms[name])
     return out
+
+
+def _classifier_loss(model, diffusion, x0, t, noise, labels, dropout_rng, params):
+    """The noisy-image classifier's objective (Dhariwal & Nichol 2021, Sec. 4): cross-entropy of
+    p_φ(y | x_t, t) on x_t ~ q(x_t | x_0) at uniformly drawn t, so that ∇ log p_φ(y|x_t) is
+    meaningful at every noise level the sampler visits."""
+    x_t = diffusion.q_sample(x0, t, noise)
+    logits = model.apply({'params': params}, x_t, jnp.asarray(diffusion.timestep_map)[t],
+                         train=True, rngs={'dropout': dropout_rng})
+    labels = labels.astype(jnp.int32)
+    xent = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    accuracy = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    return jnp.mean(xent), dict(loss=xent, accuracy=accuracy)
 
 
 def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
     """train_step(state, batch, rng) -> (state, metrics); pure, to be jitted over a mesh."""
     num_classes = config.model.get('num_classes', 0)
     label_dropout = config.training.label_dropout
+    is_classifier = config.model.name == 'classifier'
     decay = config.training.ema_decay
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
@@ -130,14 +145,18 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
         x0 = batch['image']
         t, weights = timestep_sampling.sample(state.sampler_state, t_rng, x0.shape[0])
         noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-        y = _labels(batch['label'], num_classes, label_dropout, label_rng)
+        if is_classifier:
+            loss_fn = functools.partial(_classifier_loss, model, diffusion, x0, t, noise,
+                                        batch['label'], dropout_rng)
+        else:
+            y = _labels(batch['label'], num_classes, label_dropout, label_rng)
 
-        def loss_fn(params):
-            def model_fn(x_t, t_model):
-                return model.apply({'params': params}, x_t, t_model, y, train=True,
-                                   rngs={'dropout': dropout_rng})
-            terms = diffusion.training_losses(model_fn, x0, t, noise)
-            return jnp.mean(weights * terms['loss']), terms
+            def loss_fn(params):
+                def model_fn(x_t, t_model):
+                    return model.apply({'params': params}, x_t, t_model, y, train=True,
+                                       rngs={'dropout': dropout_rng})
+                terms = diffusion.training_losses(model_fn, x0, t, noise)
+                return jnp.mean(weights * terms['loss']), terms
 
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -299,7 +318,8 @@ def _summarize(pending: list[dict], step: int) -> dict:
             f'the loss or gradient became non-finite at step {step - len(host) + 1 + bad[0]} '
             f'(loss={m["loss"]}, grad_norm={m["grad_norm"]}): lower optim.learning_rate, set '
             'optim.grad_clip > 0, or check the data.')
-    out = {k: float(np.mean([m[k] for m in host])) for k in ('loss', 'mse', 'vb', 'grad_norm')
+    out = {k: float(np.mean([m[k] for m in host]))
+           for k in ('loss', 'mse', 'vb', 'accuracy', 'grad_norm')
            if k in host[0]}
     q_sum, q_count = (np.sum([m[k] for m in host], axis=0) for k in ('q_sum', 'q_count'))
     out.update({f'loss_q{i}': float(q_sum[i] / q_count[i]) for i in range(NUM_QUARTILES)
@@ -338,6 +358,7 @@ def train_and_evaluate(config, workdir: str | None = None, *,
         run.train_ds, tc.batch_size, tc.seed, start, config.data.random_flip),
         config.data.get('prefetch', 2))
     sample_fn = None
+    can_sample = bool(tc.sample_every_steps) and config.model.name != 'classifier'
     pending, step, last_saved = [], start, None
     try:
         with _Preemption() as preemption:
@@ -361,7 +382,8 @@ def train_and_evaluate(config, workdir: str | None = None, *,
                     pending = []
                     timer, eta = _add_throughput(summary, timer, step, tc)
                     writer.scalars(step, summary, note=f'ETA {eta}')
-                if tc.sample_every_steps and (step % tc.sample_every_steps == 0
+                # A noisy classifier has nothing to sample.
+                if can_sample and (step % tc.sample_every_steps == 0
                                               or step == tc.num_train_steps):
                     sample_fn = sample_fn or make_sample_fn(config, run.model, run.diffusion,
                                                             tc.num_sample_images, mesh)

@@ -48,7 +48,9 @@ def _png_shape(path):
 
 
 def test_class_conditional_images_with_figures(tmp_path, random_params):
-    config = _config(model_configs.tiny_unet(image_size=8, in_channels=1, num_classes=3),
+    # One level, no attention: the smallest UNet keeps the many figure programs quick to compile.
+    config = _config(model_configs.tiny_unet(image_size=8, in_channels=1, num_classes=3,
+                                             ch_mult=(1,), attn_resolutions=()),
                      method='ddim', num_steps='ddim4', num_samples=12, batch_size=8,
                      guidance_scale=1.5, labels='2,0', progressive=True, progress_every=2,
                      interpolation=True, interpolation_lambdas=3)
@@ -98,7 +100,8 @@ def test_classifier_guidance_with_a_flax_classifier(tmp_path, random_params, mon
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
     monkeypatch.setattr(generate, '_load_classifier', lambda sampling_config: (grad_fn, 3))
-    config = _config(model_configs.tiny_unet(image_size=8, in_channels=1), num_steps='ddim3',
+    config = _config(model_configs.tiny_unet(image_size=8, in_channels=1, ch_mult=(1,),
+                                             attn_resolutions=()), num_steps='ddim3',
                      num_samples=8, batch_size=8, classifier_scale=2.0, labels='1')
     folder = generate.run_sampling(config, str(tmp_path))
     with np.load(os.path.join(folder, 'samples.npz')) as f:

@@ -90,13 +90,20 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def digits_split() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """sklearn digits as uint8 [N, 8, 8, 1]: ((train_x, train_y), (test_x, test_y))."""
-    from sklearn.datasets import load_digits
-    bunch = load_digits()
-    images = np.round(bunch.images * 255.0 / 16.0).astype(np.uint8)[..., None]
-    labels = bunch.target.astype(np.int32)
-    test = np.arange(len(labels)) % 5 == 4
-    return (images[~test], labels[~test]), (images[test], labels[test])
+    """sklearn digits as uint8 [N, 8, 8, 1]: ((train_x, train_y), (test_x, test_y)).
+
+    The same split as the training pipeline's (configs/digits.py: data.split_seed = 0,
+    data.test_fraction = 0.2), so the feature net never sees the diffusion model's test digits.
+    """
+    import ml_collections
+    from diffusion_jax import image_utils, input_pipeline
+    data = ml_collections.ConfigDict(dict(dataset='digits', split_seed=0, test_fraction=0.2))
+    out = []
+    for split in ('train', 'test'):
+        ds = input_pipeline._digits(data, split)  # pylint: disable=protected-access
+        batch = ds.get(np.arange(len(ds)))
+        out.append((image_utils.to_uint8(batch['image']), batch['label'].astype(np.int32)))
+    return out[0], out[1]
 
 
 def fashion_mnist_split(data_dir: str = FASHION_MNIST_DIR):
