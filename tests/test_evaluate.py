@@ -46,6 +46,11 @@ def test_nll_covers_the_whole_split_and_its_parts_add_up(trained_run):
     # Unbiased: the two agree within the estimate's standard error (5 SE; the bound's spread
     # over images enters both, so this is conservative).
     assert abs(sampled['total_bpd'] - full['total_bpd']) < 5 * sampled['total_bpd_stderr']
+    with c2.unlocked():
+        c2.eval.nll_estimator = 'importance'
+    importance = evaluate.run_eval(c2, workdir)['nll']
+    assert importance['num_images'] == 359
+    assert abs(importance['total_bpd'] - full['total_bpd']) < 5 * importance['total_bpd_stderr']
 
 
 def test_sample_quality_in_feature_net_space(trained_run, tmp_path):

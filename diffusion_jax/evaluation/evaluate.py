@@ -2,7 +2,8 @@
 
   * NLL in bits/dim on a data split (DDPM Table 1's NLL column): the full T-step bound
     (calc_bpd_loop: L_T + Σ L_t + L_0, reported with its parts) or, with
-    eval.nll_estimator='sampled', the unbiased K-timestep estimate with its standard error.
+    eval.nll_estimator='sampled' / 'importance', the unbiased K-timestep estimate (uniform or
+    importance-sampled t) with its standard error.
   * Sample quality (eval.sample_quality=True): eval.num_samples samples with the config's sampler,
     then FID, Inception Score and precision/recall (k=3) against reference statistics of a data
     split, cached once per (dataset, split, feature space). The feature space is InceptionV3
@@ -31,51 +32,72 @@ def _write_json(path: str, result: dict) -> None:
     image_utils._atomic_write(path, json.dumps(result, indent=2).encode())  # pylint: disable=protected-access
 
 
-def _nll_fn(config, model, diffusion):
-    """(variables, x0, y, rng) -> per-image bound terms, for the configured estimator."""
-    e = config.eval
-    estimator = e.get('nll_estimator', 'full')
-    if estimator not in ('full', 'sampled'):
-        raise ValueError(f"eval.nll_estimator={estimator!r}: use 'full' (all T terms) or "
-                         "'sampled' (eval.nll_timesteps_per_image terms per image).")
-    conditional = int(config.model.get('num_classes', 0) or 0) > 0
+ESTIMATORS = ('full', 'sampled', 'importance')
 
-    def fn(variables, x0, y, rng):
-        def model_fn(x_t, t):
-            return model.apply(variables, x_t, t, y=y if conditional else None)
-        if estimator == 'full':
-            return likelihood.full_bpd(diffusion, model_fn, x0, rng)
-        return likelihood.sampled_bpd(diffusion, model_fn, x0, rng,
-                                      int(e.get('nll_timesteps_per_image', 32)))
-    return jax.jit(fn)
+
+def _nll_fns(config, model, diffusion):
+    """Jitted (variables, x0, y, rng[, probs]) -> per-image bound terms: the full bound and the
+    K-timestep estimate."""
+    conditional = int(config.model.get('num_classes', 0) or 0) > 0
+    k = int(config.eval.get('nll_timesteps_per_image', 32))
+
+    def bind(variables, y):
+        return lambda x_t, t: model.apply(variables, x_t, t, y=y if conditional else None)
+
+    def full(variables, x0, y, rng):
+        return likelihood.full_bpd(diffusion, bind(variables, y), x0, rng)
+
+    def sampled(variables, x0, y, rng, probs):
+        return likelihood.sampled_bpd(diffusion, bind(variables, y), x0, rng, k, probs=probs)
+    return jax.jit(full), jax.jit(sampled)
 
 
 def evaluate_nll(config, workdir: str, variables, step: int, mesh) -> dict:
-    """Streams config.eval.split through the bound; returns (and writes) the summary."""
+    """Streams config.eval.split through the bound; returns (and writes) the summary.
+
+    eval.nll_estimator: 'full' (all T terms, the published protocol), 'sampled' (K uniform t per
+    image) or 'importance' (the first batch in full, whose terms set p(t) ∝ √E[L_t²] for K
+    importance-sampled t per image on the rest). All three are unbiased for the same bound.
+    """
     from diffusion_jax import input_pipeline, models  # pylint: disable=import-outside-toplevel
     from diffusion_jax.diffusion import create_diffusion  # pylint: disable=import-outside-toplevel
     e = config.eval
+    estimator = e.get('nll_estimator', 'full')
+    if estimator not in ESTIMATORS:
+        raise ValueError(f'eval.nll_estimator={estimator!r}: use one of {", ".join(ESTIMATORS)}.')
     model = models.get_model(config.model)
     diffusion = create_diffusion(config.diffusion)
     ds = input_pipeline.get_dataset(config.data, e.split)
     num_batches = e.num_batches or None
     total = math.ceil(len(ds) / e.batch_size) if num_batches is None else num_batches
-    fn = _nll_fn(config, model, diffusion)
+    full_fn, sampled_fn = _nll_fns(config, model, diffusion)
+    uniform = np.full((diffusion.num_timesteps,), 1.0 / diffusion.num_timesteps, np.float32)
+    probs = None if estimator == 'full' else uniform
     acc = likelihood.BpdAccumulator()
     key = jax.random.key(config.training.seed + 1)
     start = time.time()
     for i, batch in enumerate(input_pipeline.eval_iterator(ds, e.batch_size, num_batches)):
         x0, y, mask = sharding.shard_batch((batch['image'], batch['label'], batch['mask']), mesh)
+        rng = jax.random.fold_in(key, i)
+        use_full = probs is None or (estimator == 'importance' and i == 0)
+        out = full_fn(variables, x0, y, rng) if use_full else sampled_fn(variables, x0, y, rng,
+                                                                          probs)
         # The padding that fills the last batch is computed (one compiled shape) but not counted.
-        terms, mask = sharding.to_host((fn(variables, x0, y, jax.random.fold_in(key, i)), mask))
+        out, mask = sharding.to_host((out, mask))
         mask = np.asarray(mask, bool)
-        acc.add({k: np.asarray(v)[mask] for k, v in terms.items()})
+        if 'vb' in out:
+            vb = np.asarray(out.pop('vb'))[mask]
+            if estimator == 'importance':
+                probs = np.asarray(likelihood.importance_probs(vb), np.float32)
+        terms = {'total': out['total'], 'prior': out['prior']} if estimator != 'full' else out
+        acc.add({name: np.asarray(v)[mask] for name, v in terms.items()})
         elapsed = time.time() - start
         logging.info('eval nll: batch %d/%d, %.4f bits/dim so far, %.1fs elapsed, ETA %.0fs',
                      i + 1, total, acc.mean('total'), elapsed, elapsed / (i + 1) * (total - i - 1))
     result = dict(acc.summary(), step=step, split=e.split, dataset=config.data.dataset,
-                  estimator=e.get('nll_estimator', 'full'),
-                  num_timesteps=diffusion.num_timesteps)
+                  estimator=estimator, num_timesteps=diffusion.num_timesteps)
+    if estimator != 'full':
+        result['timesteps_per_image'] = int(e.get('nll_timesteps_per_image', 32))
     if jax.process_index() == 0:
         _write_json(os.path.join(workdir, 'eval', f'nll_{step}.json'), result)
     logging.info('eval nll at step %d: %.4f ± %.4f bits/dim over %d images', step,
