@@ -37,5 +37,6 @@ setuptools.setup(
         "torch": ["torch>=2.4", "torchvision>=0.19", "pytorch-fid>=0.3.0"],
         "tf": ["tensorflow>=2.16"],
         "gpu": ["jax[cuda12]>=0.7.0"],
+        "experiments": ["matplotlib>=3.8"],
     },
 )

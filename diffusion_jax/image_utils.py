@@ -46,6 +46,10 @@ def _atomic_write(path: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
+        # mkstemp makes the file private (0600); give it the permissions open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -11,12 +11,7 @@ from configs import digits_classifier
 from diffusion_jax import generate, train
 
 
-@pytest.fixture(autouse=True, scope='module')
-def fast_compiles():
-    previous = jax.config.read('jax_disable_most_optimizations')
-    jax.config.update('jax_disable_most_optimizations', True)
-    yield
-    jax.config.update('jax_disable_most_optimizations', previous)
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 def test_classifier_learns_and_guides_sampling(tmp_path):

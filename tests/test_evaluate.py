@@ -73,7 +73,7 @@ def test_sample_quality_in_feature_net_space(trained_run, tmp_path):
     assert 0 <= out['precision'] <= 1 and 0 <= out['recall'] <= 1
     assert os.path.exists(os.path.join(workdir, 'eval', 'samples_3.png'))
     cached = [f for f in os.listdir(os.path.join(workdir, 'eval')) if f.startswith('ref_')]
-    assert cached == ['ref_digits_train_feature_net.npz']
+    assert cached == ['ref_digits_train_feature_net_32.npz']
 
 
 def test_sample_metrics_of_the_reference_against_itself():

@@ -22,13 +22,7 @@ except ImportError:  # configs/ is not on sys.path under plain `pytest`
 from configs import digits, fashion_mnist, model_configs, swissroll
 
 
-@pytest.fixture(autouse=True, scope='module')
-def fast_compiles():
-    """Every program here is tiny: XLA's optimisation passes cost more than they save."""
-    previous = jax.config.read('jax_disable_most_optimizations')
-    jax.config.update('jax_disable_most_optimizations', True)
-    yield
-    jax.config.update('jax_disable_most_optimizations', previous)
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 def mlp_config(steps=8):

@@ -70,7 +70,8 @@ def reference_features(config, space: FeatureSpace, max_keep: int, folder: str) 
     from diffusion_jax import input_pipeline  # pylint: disable=import-outside-toplevel
     e = config.eval
     split = e.get('reference_split', 'train')
-    name = f'ref_{config.data.dataset.replace("/", "_")}_{split}_{space.name}.npz'
+    # max_keep is in the name: a cache made for fewer samples must not cap precision/recall.
+    name = f'ref_{config.data.dataset.replace("/", "_")}_{split}_{space.name}_{max_keep}.npz'
 
     def compute():
         ds = input_pipeline.get_dataset(config.data, split)
