@@ -29,7 +29,7 @@ def mlp_config(steps=8):
     """Swiss roll with a small MLP: learned variance, L_vlb with loss-aware sampling, dropout."""
     c = swissroll.get_config()
     c.model = model_configs.swissroll_mlp(hidden_dim=32, num_layers=2, out_dim=4, dropout=0.1)
-    c.diffusion.update(num_timesteps=10, beta_start=0.01, beta_end=0.5,
+    c.diffusion.update(num_timesteps=10, beta_schedule='linear', beta_start=0.01, beta_end=0.5,
                        model_var_type='learned_range', loss_type='rescaled_kl',
                        timestep_sampler='loss_aware')
     c.data.num_train_examples = 64
