@@ -23,7 +23,7 @@ def parse_arg(arg: str | None, allowed: tuple[str, ...], config_name: str) -> se
 
 
 def sampling_section() -> ml_collections.ConfigDict:
-    """The `sampling` section: the sampler engineer's defaults (diffusion_jax.generate)."""
+    """The `sampling` section: the sampler defaults of diffusion_jax.generate."""
     from diffusion_jax import generate  # pylint: disable=import-outside-toplevel
     return generate.default_sampling_config()
 
