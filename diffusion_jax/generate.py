@@ -17,7 +17,6 @@ Batches are sharded over every device ('data' mesh axis); each batch reuses one 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -166,26 +165,19 @@ class _Sampler:
 def run_sampling(config, workdir: str) -> str:
     """Samples config.sampling.num_samples from the latest checkpoint in workdir; returns the
     output folder, workdir/samples/<step>."""
-    from diffusion_jax import models  # pylint: disable=import-outside-toplevel
-    from diffusion_jax.diffusion import create_diffusion  # pylint: disable=import-outside-toplevel
     s = config.sampling
     mesh = sharding.make_mesh()
     sharding.check_global_batch(s.batch_size, mesh, 'sampling.batch_size')
-    model = models.get_model(config.model)
     variables, step = _load_params(config, workdir)
-    diffusion = respaced(create_diffusion(config.diffusion), s.num_steps)
-    sampler = _Sampler(config, model, sharding.replicate(variables, mesh), diffusion, mesh)
+    sampler, example_shape = _build_sampler(config, sharding.replicate(variables, mesh), mesh)
+    diffusion = sampler.diffusion
     folder = os.path.join(workdir, 'samples', str(step))
-    example_shape = models.example_shape(model)
     logging.info('sampling %d with %s over %d steps (checkpoint %d), batch %d on %d devices',
                  s.num_samples, s.method, diffusion.num_timesteps, step, s.batch_size,
                  mesh.devices.size)
 
     key_samples, key_progressive, key_interpolation = jax.random.split(jax.random.key(s.seed), 3)
-    labels = None
-    if sampler.label_classes:
-        labels = parse_labels(s.labels, sampler.label_classes, s.num_samples,
-                              np.random.default_rng(s.seed))
+    labels = _labels_for(sampler, s.num_samples)
     samples = _draw(sampler, key_samples, (s.batch_size, *example_shape), s.num_samples, labels)
     _write_samples(folder, samples, labels)
     if s.progressive:
@@ -193,9 +185,25 @@ def run_sampling(config, workdir: str) -> str:
     if s.interpolation:
         _write_interpolations(folder, sampler, key_interpolation, samples, labels)
     if jax.process_index() == 0:
-        with open(os.path.join(folder, 'sampling_config.json'), 'w', encoding='utf-8') as f:
-            json.dump(s.to_dict(), f, indent=2)
+        image_utils.write_json(os.path.join(folder, 'sampling_config.json'), s.to_dict())
     return folder
+
+
+def _build_sampler(config, variables, mesh):
+    """(_Sampler over config.sampling's respaced diffusion, the model's example shape)."""
+    from diffusion_jax import models  # pylint: disable=import-outside-toplevel
+    from diffusion_jax.diffusion import create_diffusion  # pylint: disable=import-outside-toplevel
+    model = models.get_model(config.model)
+    diffusion = respaced(create_diffusion(config.diffusion), config.sampling.num_steps)
+    return _Sampler(config, model, variables, diffusion, mesh), models.example_shape(model)
+
+
+def _labels_for(sampler, count: int):
+    """Labels for a conditional model or a guiding classifier (sampling.labels), else None."""
+    if not sampler.label_classes:
+        return None
+    s = sampler.config.sampling
+    return parse_labels(s.labels, sampler.label_classes, count, np.random.default_rng(s.seed))
 
 
 def draw_samples(config, variables, mesh, num_samples: int):
@@ -205,18 +213,11 @@ def draw_samples(config, variables, mesh, num_samples: int):
     [num_samples, ...] in [-1, 1], labels [num_samples] int32 or None). Used by the evaluation
     (FID/IS) and by experiments that sweep sampler settings.
     """
-    from diffusion_jax import models  # pylint: disable=import-outside-toplevel
-    from diffusion_jax.diffusion import create_diffusion  # pylint: disable=import-outside-toplevel
     s = config.sampling
     sharding.check_global_batch(s.batch_size, mesh, 'sampling.batch_size')
-    model = models.get_model(config.model)
-    diffusion = respaced(create_diffusion(config.diffusion), s.num_steps)
-    sampler = _Sampler(config, model, variables, diffusion, mesh)
-    labels = None
-    if sampler.label_classes:
-        labels = parse_labels(s.labels, sampler.label_classes, num_samples,
-                              np.random.default_rng(s.seed))
-    samples = _draw(sampler, jax.random.key(s.seed), (s.batch_size, *models.example_shape(model)),
+    sampler, example_shape = _build_sampler(config, variables, mesh)
+    labels = _labels_for(sampler, num_samples)
+    samples = _draw(sampler, jax.random.key(s.seed), (s.batch_size, *example_shape),
                     num_samples, labels)
     return samples, labels
 

@@ -39,7 +39,8 @@ def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.
     return grid
 
 
-def _atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path: str, data: bytes) -> None:
+    """Write bytes to path all or nothing (temp file beside it, then os.replace)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-')
@@ -68,7 +69,7 @@ def save_png(path: str, image: np.ndarray, upscale: int = 1) -> None:
         image = image.repeat(upscale, axis=0).repeat(upscale, axis=1)
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format='PNG')
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def save_grid(path: str, images_uint8: np.ndarray, ncols: int | None = None,
@@ -82,4 +83,10 @@ def save_grid(path: str, images_uint8: np.ndarray, ncols: int | None = None,
 def save_npz(path: str, **arrays) -> None:
     buf = io.BytesIO()
     np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
+
+
+def write_json(path: str, obj) -> None:
+    """obj as indented JSON, written atomically."""
+    import json  # pylint: disable=import-outside-toplevel
+    atomic_write(path, json.dumps(obj, indent=2).encode())

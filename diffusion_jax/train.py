@@ -273,7 +273,7 @@ def prepare_run(config, workdir: str) -> _Run:
 def _write_config(config, workdir: str) -> None:
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        image_utils._atomic_write(  # pylint: disable=protected-access
+        image_utils.atomic_write(
             os.path.join(workdir, checkpointing.CONFIG_FILE),
             config.to_json(indent=2, sort_keys=True).encode())
 

@@ -15,7 +15,6 @@ Results go to workdir/eval/<what>_<step>.json (written atomically), plus a sampl
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -26,10 +25,6 @@ from absl import logging
 
 from diffusion_jax import image_utils, sharding
 from diffusion_jax.evaluation import likelihood
-
-
-def _write_json(path: str, result: dict) -> None:
-    image_utils._atomic_write(path, json.dumps(result, indent=2).encode())  # pylint: disable=protected-access
 
 
 ESTIMATORS = ('full', 'sampled', 'importance')
@@ -99,7 +94,7 @@ def evaluate_nll(config, workdir: str, variables, step: int, mesh) -> dict:
     if estimator != 'full':
         result['timesteps_per_image'] = int(e.get('nll_timesteps_per_image', 32))
     if jax.process_index() == 0:
-        _write_json(os.path.join(workdir, 'eval', f'nll_{step}.json'), result)
+        image_utils.write_json(os.path.join(workdir, 'eval', f'nll_{step}.json'), result)
     logging.info('eval nll at step %d: %.4f ± %.4f bits/dim over %d images', step,
                  result['total_bpd'], result['total_bpd_stderr'], result['num_images'])
     return result

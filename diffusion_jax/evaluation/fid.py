@@ -39,6 +39,7 @@ sum_i x_i x_i^T [D, D]; partial statistics (devices, hosts, shards of a dataset)
 from __future__ import annotations
 
 import functools
+import io
 import os
 from typing import BinaryIO, Callable, Iterable, Mapping, NamedTuple
 
@@ -276,16 +277,9 @@ def reference_stats(cache_path: str | os.PathLike,
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Create ``path`` all or nothing: ``write(file)`` fills a hidden temp file beside it,
-    which os.replace then renames into place (atomic on POSIX); on failure it is removed."""
-    path = os.fspath(path)
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Create ``path`` all or nothing: ``write(file)`` fills an in-memory buffer that
+    image_utils.atomic_write puts in place (temp file beside it, then os.replace)."""
+    from diffusion_jax import image_utils  # pylint: disable=import-outside-toplevel
+    buf = io.BytesIO()
+    write(buf)
+    image_utils.atomic_write(os.fspath(path), buf.getvalue())

@@ -37,10 +37,13 @@ def full_bpd(diffusion, model_fn, x0, rng, clip_denoised: bool = True):
 
 def importance_probs(vb_terms, uniform_prob: float = timestep_sampling.UNIFORM_PROB):
     """p(t) ∝ √(mean over images of L_t²) from pilot terms vb_terms [B, T], mixed with a small
-    uniform share so every t keeps p > 0 (Nichol & Dhariwal 2021, eq. 18). Returns [T]."""
-    weights = jnp.sqrt(jnp.mean(jnp.square(jnp.asarray(vb_terms, jnp.float32)), axis=0))
-    p = weights / jnp.sum(weights)
-    return p * (1.0 - uniform_prob) + uniform_prob / p.shape[0]
+    uniform share so every t keeps p > 0 (Nichol & Dhariwal 2021, eq. 18): the loss-aware
+    training sampler's distribution with the pilot batch as its history. Returns [T]."""
+    history = jnp.asarray(vb_terms, jnp.float32).T  # [T, B]: B values of each L_t
+    state = timestep_sampling.LossAwareState(
+        loss_history=history, counts=jnp.full((history.shape[0],), history.shape[1], jnp.int32),
+        uniform_prob=uniform_prob)
+    return timestep_sampling.probabilities(state)
 
 
 def sampled_bpd(diffusion, model_fn, x0, rng, num_timesteps_per_image: int,

@@ -107,7 +107,6 @@ def sample_metrics(fake_features: dict, ref: dict, k: int = 3, is_splits: int = 
 def evaluate_samples(config, workdir: str, variables, step: int, mesh) -> dict:
     """Draws config.eval.num_samples samples and scores them; writes eval/samples_<step>.json."""
     from diffusion_jax import generate  # pylint: disable=import-outside-toplevel
-    from diffusion_jax.evaluation.evaluate import _write_json  # pylint: disable=import-outside-toplevel
     e = config.eval
     space = FeatureSpace(e)
     num = int(e.get('num_samples', 50_000))
@@ -121,7 +120,7 @@ def evaluate_samples(config, workdir: str, variables, step: int, mesh) -> dict:
                   eta=float(config.sampling.eta), dataset=config.data.dataset)
     if jax.process_index() == 0:
         folder = os.path.join(workdir, 'eval')
-        _write_json(os.path.join(folder, f'samples_{step}.json'), result)
+        image_utils.write_json(os.path.join(folder, f'samples_{step}.json'), result)
         image_utils.save_grid(os.path.join(folder, f'samples_{step}.png'), images[:64])
     logging.info('sample quality at step %d: %s', step, result)
     return result
