@@ -5,6 +5,13 @@ _TEST = [
     "pytest>=8.0",
     "pytest-xdist>=3.5",
     "scipy>=1.11",
+    # Notebooks are executed by the suite (papermill drives nbclient) and kept paired with their
+    # jupytext scripts.
+    "papermill>=2.6",
+    "jupytext>=1.16",
+    "nbformat>=5.10",
+    "ipykernel>=6.29",
+    "matplotlib>=3.8",
 ]
 
 setuptools.setup(
@@ -29,12 +36,18 @@ setuptools.setup(
         "scikit-learn>=1.4",
         "pillow>=10.0",
         "tensorboardX>=2.6",
+        "etils[epath]>=1.7",  # paths that may be gs://
+        "diffrax>=0.6",  # adaptive ODE solving (probability-flow likelihood)
+        "grain>=0.2.10",  # parallel input pipeline workers
     ],
     extras_require={
         "test": _TEST,
         # PyTorch is needed only to convert the pytorch-fid Inception weights and to test that
         # conversion against the PyTorch network.
-        "torch": ["torch>=2.4", "torchvision>=0.19", "pytorch-fid>=0.3.0"],
+        # PyTorch checkpoint conversion (diffusion_jax.convert) and the reference networks the
+        # converters are tested against (diffusers' UNet2DModel).
+        "torch": ["torch>=2.4", "torchvision>=0.19", "pytorch-fid>=0.3.0", "safetensors>=0.4",
+                  "diffusers>=0.30"],
         "tf": ["tensorflow>=2.16"],
         "gpu": ["jax[cuda12]>=0.7.0"],
         "experiments": ["matplotlib>=3.8"],
