@@ -28,6 +28,12 @@ def sampling_section() -> ml_collections.ConfigDict:
     return generate.default_sampling_config()
 
 
+def eval_section() -> ml_collections.ConfigDict:
+    """The `eval` section: the evaluation defaults of diffusion_jax.evaluation.evaluate."""
+    from diffusion_jax.evaluation import evaluate  # pylint: disable=import-outside-toplevel
+    return evaluate.default_eval_config()
+
+
 def shrink_for_local(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """runlocal: a tiny UNet, a small batch and a few steps, to test a setup on a laptop CPU."""
     model = config.model

@@ -39,6 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.num_timesteps = 1000  # T = 1000 (Ho et al. 2020, Sec. 4)
     d.beta_start = 1e-4  # β_1 (Ho et al. 2020, Sec. 4)
     d.beta_end = 0.02  # β_T (Ho et al. 2020, Sec. 4)
+    d.rescale_zero_terminal_snr = False  # True: rescale √ᾱ to ᾱ_T = 0 (Lin et al. 2023, Alg. 1; needs model_mean_type 'v')
     d.model_mean_type = 'eps'  # ε-prediction (Ho et al. 2020, Sec. 3.2)
     d.model_var_type = 'fixed_large'  # σ² = β_t, Ho et al.'s CIFAR-10 choice (run_cifar.py)
     d.loss_type = 'mse'  # L_simple (Ho et al. 2020, eq. 14)
@@ -56,6 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.random_flip = True  # random horizontal flips (Ho et al. 2020, App. B)
     data.train_split = 'train'  # 50,000 training images
     data.prefetch = 2  # batches prepared ahead in a background thread
+    data.num_workers = 0  # threads decoding/resizing each batch (tfds, idx); 0: the prefetch thread alone
 
     config.training = t = ml_collections.ConfigDict()
     t.batch_size = 128  # global batch (Ho et al. 2020, App. B)
@@ -68,6 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.ema_decay = 0.9999  # Ho et al. 2020, App. B
     t.seed = 0  # seeds init, data order, t, noise and dropout
     t.label_dropout = 0.0  # P(y -> null label) for classifier-free guidance (conditional models)
+    # Non-finite loss/gradient: 0 stops the run at that step; N > 0 skips up to N such updates
+    # (params, EMA and optimiser left unchanged) and stops at the (N+1)-th.
+    t.skip_nonfinite_steps = 0
 
     config.optim = o = ml_collections.ConfigDict()
     o.learning_rate = 2e-4  # Ho et al. 2020, App. B (2e-4 for 32x32 images)
@@ -80,21 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.sampling = configs.sampling_section()  # see diffusion_jax/generate.py
 
-    config.eval = e = ml_collections.ConfigDict()
-    e.split = 'test'  # the 10,000 CIFAR-10 test images (Ho et al. report test NLL)
-    e.batch_size = 256  # global eval batch
-    e.num_batches = 0  # 0: the whole split
-    e.use_ema = True  # evaluate the EMA parameters (Ho et al. 2020 report EMA results)
-    e.nll = True  # the NLL bound in bits/dim (Ho et al. 2020, Table 1)
-    e.nll_estimator = 'full'  # 'full': all T terms, as published | 'sampled' | 'importance': K terms per image
-    e.nll_timesteps_per_image = 32  # K of the 'sampled' estimator
-    e.sample_quality = False  # also FID / IS / precision-recall of sampled images
-    e.num_samples = 50_000  # samples for FID (Ho et al. 2020, Sec. 4: 50k)
-    e.reference_split = 'train'  # FID reference statistics from this split (Ho et al.: train)
-    e.reference_dir = ''  # where reference statistics are cached ('' = workdir/eval)
-    e.feature_space = 'inception'  # 'inception' (FID proper) | 'feature_net' (MNIST-scale data)
-    e.inception_weights = ''  # converted InceptionV3 weights (diffusion_jax.evaluation.inception)
-    e.feature_net_dir = ''  # a trained feature net (diffusion_jax.evaluation.feature_net)
+    config.eval = configs.eval_section()  # see configs/__init__.py
 
     if 'runlocal' in options:
         configs.shrink_for_local(config)

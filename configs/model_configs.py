@@ -30,6 +30,15 @@ def ddpm_cifar10() -> ml_collections.ConfigDict:
     c.num_classes = 0  # unconditional
     c.num_groups = 32  # GroupNorm groups (Ho et al. 2020, Sec. 4; 32 in their reference code)
     c.dtype = 'float32'  # compute dtype; parameters stay float32
+    c.norm_epsilon = 1e-6  # GroupNorm ε: tf.contrib.layers.group_norm's, as in Ho et al.'s code
+    # Stride-2 conv padding. Ho et al.'s TF code pads 'SAME', i.e. (0, 1); this config keeps the
+    # symmetric (1, 1) its runs were trained with (same parameters); configs/pretrained.py's
+    # ddpm_cifar10_32 sets 'same' to load Ho et al.'s weights.
+    c.downsample_padding = 'symmetric'
+    c.timestep_scale = 1.0  # the embedding sees t itself (improved-diffusion T=4000 models: 0.25)
+    c.num_heads_upsample = 0  # heads of the up path's attention; 0: num_heads
+    c.qkv_order = 'new'  # qkv channels as (3, heads, C/heads); 'legacy': (heads, 3, C/heads)
+    c.attention_implementation = 'auto'  # cuDNN fused attention on GPUs where it applies, else XLA
     return c
 
 
@@ -102,6 +111,11 @@ def adm_classifier(image_size: int = 64, num_classes: int = 1000, in_channels: i
     c.pool = 'attention'  # attention pooling head (Dhariwal & Nichol 2021, Sec. 4)
     c.num_groups = 32  # GroupNorm groups
     c.dtype = 'float32'  # compute dtype; parameters stay float32
+    c.norm_epsilon = 1e-6  # GroupNorm ε (guided-diffusion's GroupNorm32: 1e-5, set by its presets)
+    c.downsample_padding = 'symmetric'  # OpenAI's stride-2 conv pads (1, 1)
+    c.timestep_scale = 1.0  # the embedding sees t itself
+    c.qkv_order = 'new'  # qkv channels as (3, heads, C/heads); guided-diffusion's legacy order
+    c.attention_implementation = 'auto'  # cuDNN fused attention on GPUs where it applies, else XLA
     c.update(overrides)
     return c
 

@@ -2,11 +2,24 @@
 
 Layout: <workdir>/checkpoints/<step>/{params, ema_params, opt_state, extra}/, one orbax item
 each, so inference restores the (EMA) parameters alone without the optimiser state. `extra` holds
-the step and the timestep sampler's state. Saves are asynchronous (training continues while the
-arrays are written); `wait()` before reading the files or exiting.
+the step, the timestep sampler's state and the non-finite-step count. Saves are asynchronous
+(training continues while the arrays are written); `wait()` before reading the files or exiting.
 
-Nothing here writes until `Checkpointer` is built: `latest_step` and `check_compatible` only read,
-so a refused run leaves the workdir as it found it.
+Damaged checkpoints. Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it to
+`<step>` after writing `commit_success.txt` into it, so a step folder is trusted only when it has
+that marker, its `_CHECKPOINT_METADATA` and, for every item, a readable `_METADATA`, a non-empty
+`manifest.ocdbt` and the item's own marker (`valid_steps`). A step that passes these checks but
+whose arrays cannot be read (a truncated data file) is found when it is restored: `restore_items`
+and `Checkpointer.restore` then fall back to the next older step. Either way a warning names the
+step and why. Readers never change the folder. The writer (`Checkpointer`, i.e. training) moves a
+damaged step, unaltered, to `<workdir>/checkpoints_damaged/<step>[.k]` before orbax sees it: left
+in place, orbax would list it as the latest step, count it for retention, and refuse (or have to
+overwrite) the next save of that step number. Names in checkpoints/ that are not step numbers
+(foreign files, orbax's temporary folders) are ignored.
+
+Nothing here writes until `Checkpointer` is built: `valid_steps`, `latest_step` and
+`check_compatible` only read, so a refused run leaves the workdir as it found it. Paths go
+through etils.epath, so a workdir may be a `gs://` URI.
 """
 from __future__ import annotations
 
@@ -16,24 +29,124 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from diffusion_jax import logging_utils
+
+logger = logging_utils.logger.getChild('checkpointing')
 
 ITEMS = ('params', 'ema_params', 'opt_state', 'extra')
 CONFIG_FILE = 'config.json'
+COMMIT_MARKER = 'commit_success.txt'  # orbax writes it last, before the rename (atomicity.py)
+STEP_METADATA = '_CHECKPOINT_METADATA'
+DAMAGED_DIR = 'checkpoints_damaged'
 
 
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), 'checkpoints')
+class SaveError(OSError):
+    """A checkpoint could not be written; the message names the path and the intact step."""
 
 
-def _steps_on_disk(workdir: str) -> list[int]:
-    folder = checkpoint_dir(workdir)
-    if not os.path.isdir(folder):
+def _path(workdir) -> epath.Path:
+    path = epath.Path(workdir)
+    return path if '://' in str(workdir) else epath.Path(os.path.abspath(str(workdir)))
+
+
+def checkpoint_dir(workdir) -> str:
+    return str(_path(workdir) / 'checkpoints')
+
+
+def _steps_on_disk(workdir) -> list[int]:
+    """Every folder under checkpoints/ named by a step number, damaged or not."""
+    folder = epath.Path(checkpoint_dir(workdir))
+    if not folder.is_dir():
         return []
-    return sorted(int(name) for name in os.listdir(folder)
-                  if name.isdigit() and os.path.isdir(os.path.join(folder, name)))
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir())
 
 
-def _manager(workdir: str, keep: int | None = None, read_only: bool = False,
+def _json_problem(path: epath.Path) -> str | None:
+    if not path.exists():
+        return f'{path.name} is missing'
+    try:
+        json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        return f'{path.name} is not valid JSON ({err})'
+    return None
+
+
+def damage(step_dir, items=ITEMS) -> str | None:
+    """Why the step folder cannot be trusted (None if its structure is complete); reads only."""
+    step_dir = epath.Path(step_dir)
+    if not (step_dir / COMMIT_MARKER).exists():
+        return f'no commit marker ({COMMIT_MARKER}): the save did not finish'
+    problem = _json_problem(step_dir / STEP_METADATA)
+    if problem:
+        return problem
+    for item in items:
+        folder = step_dir / item
+        if not folder.is_dir():
+            return f'item {item!r} is missing'
+        problem = _json_problem(folder / '_METADATA')
+        if problem:
+            return f'{item}/{problem}'
+        manifest = folder / 'manifest.ocdbt'
+        if not manifest.exists() or manifest.stat().length == 0:
+            return f'{item}/manifest.ocdbt is missing or empty'
+        if not (folder / COMMIT_MARKER).exists():
+            return f'{item}/{COMMIT_MARKER} is missing'
+    return None
+
+
+def damaged_steps(workdir, items=ITEMS) -> dict[int, str]:
+    """{step: reason} for every step folder whose structure is incomplete; reads only."""
+    folder = epath.Path(checkpoint_dir(workdir))
+    out = {}
+    for step in _steps_on_disk(workdir):
+        problem = damage(folder / str(step), items)
+        if problem:
+            out[step] = problem
+    return out
+
+
+def valid_steps(workdir, items=ITEMS) -> list[int]:
+    """Steps whose checkpoint folder is complete, oldest first; warns about each damaged one
+    (naming the step and why) and skips it. Reads only. `items` narrows the check to what the
+    caller restores (inference needs only 'params' or 'ema_params')."""
+    bad = damaged_steps(workdir, items)
+    for step, why in bad.items():
+        logger.warning('skipping damaged checkpoint step %d in %s: %s', step,
+                       checkpoint_dir(workdir), why)
+    return [s for s in _steps_on_disk(workdir) if s not in bad]
+
+
+def latest_step(workdir, items=ITEMS) -> int | None:
+    """The newest valid checkpoint's step (see valid_steps), or None; reads only."""
+    steps = valid_steps(workdir, items)
+    return steps[-1] if steps else None
+
+
+def _quarantine(workdir, step: int, why: str) -> None:
+    """Moves a damaged step folder, unaltered, out of orbax's sight (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    source = epath.Path(checkpoint_dir(workdir)) / str(step)
+    target_dir = _path(workdir) / DAMAGED_DIR
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target, k = target_dir / str(step), 0
+    while target.exists():
+        k += 1
+        target = target_dir / f'{step}.{k}'
+    source.rename(target)
+    logger.warning('checkpoint step %d is damaged (%s): moved unaltered to %s', step, why,
+                   target)
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        multihost_utils.sync_global_devices(name)
+
+
+def _manager(workdir, keep: int | None = None, read_only: bool = False,
              items=ITEMS) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         read_only=read_only, create=not read_only,
@@ -42,11 +155,39 @@ def _manager(workdir: str, keep: int | None = None, read_only: bool = False,
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
 
 
-def latest_step(workdir: str) -> int | None:
-    """The newest complete checkpoint's step, or None; reads only. (Orbax writes into a
-    temporary folder and renames it to <step> when complete, so a bare number is complete.)"""
-    steps = _steps_on_disk(workdir)
-    return steps[-1] if steps else None
+def restore_items(workdir, targets: dict[str, Any], step: int | None = None):
+    """({item: restored pytree}, step) from the newest valid step (or exactly `step`).
+
+    targets maps item names ('params', 'ema_params', ...) to abstract pytrees
+    (ShapeDtypeStructs with shardings). A step whose arrays cannot be read is skipped with a
+    warning and the next older one is tried; reads only. Raises FileNotFoundError naming the
+    checkpoint folder when no step can be restored.
+    """
+    items = tuple(targets)
+    steps = [step] if step is not None else valid_steps(workdir, items)[::-1]
+    manager = _manager(workdir, read_only=True, items=items)
+    errors = []
+    try:
+        for s in steps:
+            try:
+                out = manager.restore(s, args=ocp.args.Composite(
+                    **{k: ocp.args.StandardRestore(v) for k, v in targets.items()}))
+                return dict(out), int(s)
+            except Exception as err:  # pylint: disable=broad-except  (any read failure)
+                if step is not None:
+                    raise
+                errors.append(f'step {s}: {type(err).__name__}: {err}')
+                logger.warning('skipping unreadable checkpoint step %d in %s: %s', s,
+                               checkpoint_dir(workdir), _first_line(err))
+    finally:
+        manager.close()
+    raise FileNotFoundError(f'no readable checkpoint in {checkpoint_dir(workdir)!r}'
+                            + (f' ({"; ".join(errors)})' if errors else ''))
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f'{type(err).__name__}: {text[0] if text else ""}'[:300]
 
 
 def _abstract(tree):
@@ -74,118 +215,128 @@ def _shape_mismatch(stored: dict, expected_params) -> str | None:
     return None
 
 
-def _config_mismatch(workdir: str, config) -> str | None:
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding='utf-8') as f:
-        stored = json.load(f)
-    for section in ('model',):
-        old, new = stored.get(section, {}), json.loads(config[section].to_json())
-        for field in sorted(set(old) | set(new)):
-            if old.get(field) != new.get(field):
-                return (f'{section}.{field} is {old.get(field)!r} in {path} and '
-                        f'{new.get(field)!r} now')
-    return None
-
-
-def check_compatible(workdir: str, config, abstract_params) -> int | None:
-    """Raises if the workdir's checkpoint holds a different model; returns its step (or None).
-
-    Compares the stored config.json model section and the stored parameter shapes with
-    `abstract_params` (a pytree of arrays or ShapeDtypeStructs). Reads only.
+def check_compatible(workdir, abstract_params) -> int | None:
+    """Raises if the workdir's latest checkpoint holds parameters of other shapes than
+    `abstract_params` (a pytree of arrays or ShapeDtypeStructs); returns its step (or None).
+    Reads only. (Which config a run was trained with is diffusion_jax.run's business.)
     """
-    step = latest_step(workdir)
-    if step is None:
+    steps = valid_steps(workdir)
+    if not steps:
         return None
-    problem = _config_mismatch(workdir, config)
-    if problem is None:
-        manager = _manager(workdir, read_only=True)
-        try:
-            problem = _shape_mismatch(_stored_shapes(manager, step, 'params'), abstract_params)
-        finally:
-            manager.close()
+    manager = _manager(workdir, read_only=True)
+    try:
+        for step in steps[::-1]:  # a step whose arrays cannot be read is restore's to skip
+            try:
+                stored = _stored_shapes(manager, step, 'params')
+                break
+            except Exception as err:  # pylint: disable=broad-except  (any read failure)
+                logger.warning('skipping unreadable checkpoint step %d in %s: %s', step,
+                               checkpoint_dir(workdir), _first_line(err))
+        else:
+            return steps[-1]
+        problem = _shape_mismatch(stored, abstract_params)
+    finally:
+        manager.close()
     if problem:
         raise ValueError(
-            f'workdir {workdir!r} holds a checkpoint (step {step}) of a different model: '
+            f'workdir {str(workdir)!r} holds a checkpoint (step {step}) of a different model: '
             f'{problem}. Use a new --workdir, or set the model config back to match it.')
     return step
 
 
 class Checkpointer:
     """Async saves of a TrainState-like object with fields params, ema_params, opt_state, step,
-    sampler_state; keeps the latest `keep` checkpoints."""
+    sampler_state, skipped; keeps the latest `keep` checkpoints.
 
-    def __init__(self, workdir: str, keep: int):
+    Building it moves damaged step folders aside (module docstring), so orbax's manager never
+    lists them. A save that fails (unwritable or vanished workdir, full disk, a write that
+    raises) raises SaveError naming the path and the last intact step; that step is untouched.
+    """
+
+    def __init__(self, workdir, keep: int):
+        self.workdir = workdir
+        for step, why in damaged_steps(workdir).items():
+            _quarantine(workdir, step, why)
+        _sync('checkpointing:quarantine')
         self.manager = _manager(workdir, keep=keep)
+        self.last_good = self.manager.latest_step()  # newest step known to be committed
+        self._pending = None  # the step of an async save not yet known to be committed
+        self._failed = False
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def _fail(self, step: int, err: Exception) -> SaveError:
+        self._failed = True
+        kept = (f'step {self.last_good} in {checkpoint_dir(self.workdir)} is intact'
+                if self.last_good is not None else 'no earlier checkpoint exists')
+        return SaveError(
+            f'could not write the checkpoint of step {step} to '
+            f'{checkpoint_dir(self.workdir)}/{step} ({_first_line(err)}); {kept}. Free disk '
+            "space or fix the workdir's permissions and rerun the same command to resume.")
+
     def save(self, state) -> None:
-        """Starts an async save at int(state.step); returns once the arrays are copied."""
-        items = _items(state)
-        args = ocp.args.Composite(**{k: ocp.args.StandardSave(v) for k, v in items.items()})
-        self.manager.save(int(jax.device_get(state.step)), args=args)
+        """Starts an async save at int(state.step); returns once the arrays are copied. The
+        previous save is waited for first (long finished, at any sensible checkpoint
+        interval), so that a failure is reported with the step it belongs to."""
+        self.wait()
+        step = int(jax.device_get(state.step))
+        args = ocp.args.Composite(
+            **{k: ocp.args.StandardSave(v) for k, v in _items(state).items()})
+        try:
+            self.manager.save(step, args=args)
+        except Exception as err:  # pylint: disable=broad-except  (any storage failure)
+            raise self._fail(step, err) from err
+        self._pending = step
 
     def restore(self, state, step: int | None = None):
-        """The checkpoint at `step` (default: latest) in the shapes and shardings of `state`."""
-        step = self.manager.latest_step() if step is None else step
+        """The newest readable checkpoint (or exactly `step`) in the shapes and shardings of
+        `state`; None if there is none. An unreadable newest step is moved aside with a
+        warning and the next older one is tried."""
         target = _abstract(_items(state))
         args = ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in target.items()})
-        out = self.manager.restore(step, args=args)
+        while True:
+            chosen = self.manager.latest_step() if step is None else step
+            if chosen is None:
+                return None
+            try:
+                out = self.manager.restore(chosen, args=args)
+                break
+            except Exception as err:  # pylint: disable=broad-except  (any read failure)
+                if step is not None:
+                    raise
+                _quarantine(self.workdir, chosen,
+                            f'its arrays cannot be read: {_first_line(err)}')
+                _sync(f'checkpointing:quarantine:{chosen}')
+                self.manager.reload()
+        self.last_good = chosen
+        extra = out['extra']
         return state.replace(params=out['params'], ema_params=out['ema_params'],
-                             opt_state=out['opt_state'], step=out['extra']['step'],
-                             sampler_state=out['extra']['sampler'])
+                             opt_state=out['opt_state'], step=extra['step'],
+                             sampler_state=extra['sampler'], skipped=extra['skipped'])
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Blocks until the last save is on disk; raises SaveError if it failed."""
+        if self._failed:
+            return
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:  # pylint: disable=broad-except  (any storage failure)
+            raise self._fail(self._pending, err) from err
+        if self._pending is not None:
+            self.last_good, self._pending = self._pending, None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # pylint: disable=broad-except  (already reported by wait)
+                if not self._failed:
+                    raise
 
 
 def _items(state) -> dict[str, Any]:
     return dict(params=state.params, ema_params=state.ema_params, opt_state=state.opt_state,
-                extra=dict(step=state.step, sampler=state.sampler_state))
-
-
-def load_params_for_inference(config, workdir: str, use_ema: bool = True):
-    """(params, step) of the latest checkpoint in workdir: the EMA parameters by default.
-
-    params is the model's {'params': ...} variables dict, replicated over every device
-    (sharding.make_mesh()), ready for model.apply. Raises FileNotFoundError naming the workdir
-    when there is no checkpoint and ValueError when it holds a different model than
-    config.model.
-    """
-    from diffusion_jax import models, sharding  # pylint: disable=import-outside-toplevel
-    step = latest_step(workdir)
-    if step is None:
-        raise FileNotFoundError(
-            f'no checkpoint in {checkpoint_dir(workdir)!r}: train first '
-            f'(python -m diffusion_jax.main --config=... --workdir={workdir}) or pass the '
-            'workdir of a trained run.')
-    abstract = models.param_shapes(models.get_model(config.model))['params']
-    check_compatible(workdir, config, abstract)
-    replicated = sharding.replicated(sharding.make_mesh())
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                          abstract)
-    item = 'ema_params' if use_ema else 'params'
-    manager = _manager(workdir, read_only=True, items=(item,))
-    try:
-        out = manager.restore(step, args=ocp.args.Composite(
-            **{item: ocp.args.StandardRestore(target)}))
-    finally:
-        manager.close()
-    return {'params': out[item]}, int(step)
-
-
-def stored_config(workdir: str) -> dict | None:
-    """The config.json a run wrote into workdir, as a dict (None if there is none)."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding='utf-8') as f:
-        return json.load(f)
-
+                extra=dict(step=state.step, sampler=state.sampler_state, skipped=state.skipped))

@@ -52,12 +52,36 @@ def approx_standard_normal_cdf(x):
     return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
+def _log_sigmoid(z):
+    """log σ(z) = -softplus(-z), finite for every z (σ(z) = 1/(1+e^{-z}))."""
+    return -jnp.logaddexp(0.0, -z)
+
+
+def _log_diff_exp(log_a, log_b, valid):
+    """log(e^log_a - e^log_b) for log_a >= log_b, without forming the difference of the two.
+
+    Where `valid` is False the result is unused (a jnp.where branch): the argument is replaced
+    by a harmless one so that its gradient is finite, since 0·nan would still poison the sum.
+    """
+    d = jnp.where(valid, jnp.minimum(log_b - log_a, 0.0), -1.0)
+    return log_a + jnp.log(jnp.maximum(-jnp.expm1(d), 1e-30))
+
+
 def discretized_gaussian_log_likelihood(x, means, log_scales):
     """log p(x) of data quantised to 256 bins under N(means, e^{2 log_scales}) (DDPM Sec. 3.3).
 
     Bin i covers [x - 1/255, x + 1/255] for x = i/127.5 - 1; the edge bins are open-ended
-    (-∞, -1 + 1/255] and [1 - 1/255, ∞) so the 256 probabilities sum to one. Probabilities are
-    floored at 1e-12 before the log, as in Ho et al., so numbers compare with the published ones.
+    (-∞, -1 + 1/255] and [1 - 1/255, ∞) so the 256 probabilities sum to one. Φ is Ho et al.'s
+    approximation ½(1 + tanh(u)), u = √(2/π)(z + 0.044715 z³), which is exactly the logistic
+    Φ(z) = σ(2u), 1 - Φ(z) = σ(-2u). Probabilities are floored at 1e-12 before the log, as in
+    Ho et al., so numbers compare with the published ones.
+
+    Tail-stable form: a bin in the upper tail (both edges above the mean) is
+    S(a) - S(b) with S = 1 - Φ, a bin in the lower tail Φ(b) - Φ(a), each as
+    log S(a) + log(1 - S(b)/S(a)) from log σ, so nothing saturates or cancels: the reference
+    formula Φ(b) - Φ(a) in float32 loses a bin 5σ from the mean (tanh(u) rounds to 1 above
+    u ≈ 9) and floors it at log 1e-12 = -27.6 nats. This function agrees with the reference
+    formula evaluated in float64 (tests/test_diffusion.py).
 
     Args:
       x: data in [-1, 1] on the 256-value grid, any shape.
@@ -68,15 +92,20 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     chex.assert_equal_shape([x, means])
     centered = x - means
     inv_stdv = jnp.exp(-log_scales)
-    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
-    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
-    log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
-    log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
-    cdf_delta = cdf_plus - cdf_min
+    two_u = lambda z: 2.0 * math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3)
+    u_plus = two_u(inv_stdv * (centered + 1.0 / 255.0))  # upper bin edge b
+    u_min = two_u(inv_stdv * (centered - 1.0 / 255.0))  # lower bin edge a
+    log_cdf_plus = _log_sigmoid(u_plus)  # log Φ(b)
+    log_one_minus_cdf_min = _log_sigmoid(-u_min)  # log (1 - Φ(a))
+    upper_tail = _log_diff_exp(log_one_minus_cdf_min, _log_sigmoid(-u_plus), u_min > 0)
+    lower_tail = _log_diff_exp(log_cdf_plus, _log_sigmoid(u_min), u_plus < 0)
+    # A bin around the mean holds at least Φ(b) - Φ(a) >= min(Φ(b) - ½, ½ - Φ(a)): no cancellation.
+    middle = jnp.log(jnp.maximum(jax.nn.sigmoid(u_plus) - jax.nn.sigmoid(u_min), 1e-30))
+    log_delta = jnp.where(u_min > 0, upper_tail, jnp.where(u_plus < 0, lower_tail, middle))
     # The bin edges ±0.999 stand for the first and last of 256 levels (±1 ± 1/255 rounding slack).
-    return jnp.where(
-        x < -0.999, log_cdf_plus,
-        jnp.where(x > 0.999, log_one_minus_cdf_min, jnp.log(jnp.maximum(cdf_delta, 1e-12))))
+    log_probs = jnp.where(x < -0.999, log_cdf_plus,
+                          jnp.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+    return jnp.maximum(log_probs, math.log(1e-12))
 
 
 def mean_flat(x):
@@ -238,9 +267,13 @@ class GaussianDiffusion:
                 - self._c('sqrt_recipm1_alphas_cumprod', t, x_t) * eps)
 
     def predict_eps_from_x0(self, x_t, t, x0):
-        """ε = (x_t/√ᾱ_t - x_0)/√(1/ᾱ_t - 1)."""
-        return ((self._c('sqrt_recip_alphas_cumprod', t, x_t) * x_t - x0)
-                / self._c('sqrt_recipm1_alphas_cumprod', t, x_t))
+        """ε = (x_t - √ᾱ_t x_0)/√(1-ᾱ_t) (= (x_t/√ᾱ_t - x_0)/√(1/ᾱ_t - 1) where ᾱ_t > 0).
+
+        Written without 1/√ᾱ_t so it stays finite at ᾱ_T = 0 (a zero-terminal-SNR schedule);
+        1 - ᾱ_t > 0 at every t since β_1 > 0.
+        """
+        return ((x_t - self._c('sqrt_alphas_cumprod', t, x_t) * x0)
+                / self._c('sqrt_one_minus_alphas_cumprod', t, x_t))
 
     def predict_v(self, x0, t, eps):
         """v = √ᾱ_t ε - √(1-ᾱ_t) x_0 (Salimans & Ho 2022)."""
@@ -313,6 +346,15 @@ class GaussianDiffusion:
 
         The mean is the posterior mean at the predicted x̂_0 (DDPM eq. 7 with x_0 := x̂_0, which for
         ε-prediction equals eq. 11). x̂_0 is clipped to [-1, 1] when clip_denoised.
+
+        `variance` at t = 0 differs from improved-diffusion's for 'fixed_small': theirs is the
+        exact posterior variance β̃_0 = 0, ours exp(log_variance) = β̃_1 (the clipped value).
+        `log_variance` is the same in both (log β̃_1, since log 0 = -∞ is unusable). The bound,
+        the decoder and the ancestral step read only log_variance (no noise is added at t = 0),
+        so they agree; the one reader of `variance` is classifier guidance's mean shift
+        μ + σ²∇log p(y|x_t), which at t = 0 moves x_0 by β̃_1·∇ here and not at all there (β̃_1 is
+        ~1e-5 of the data scale for T = 1000). Ours keeps variance = exp(log_variance) so that the
+        two fields never disagree. For the other variance types both return exp(log_variance).
 
         Args:
           model_output: [B, ..., C] or [B, ..., 2C] (learned variance).
@@ -485,7 +527,9 @@ def _compute_constants(betas: np.ndarray) -> dict[str, np.ndarray]:
     alphas = 1.0 - betas
     alphas_cumprod = np.cumprod(alphas)
     # 1 - ᾱ_t = -expm1(Σ log α): exact where ᾱ_t is close to 1.
-    one_minus_abar = -np.expm1(np.cumsum(np.log1p(-betas)))
+    # (β = 1, e.g. a zero-terminal-SNR schedule's last step, gives log1p(-1) = -inf and 1 - ᾱ = 1.)
+    with np.errstate(divide='ignore'):
+        one_minus_abar = -np.expm1(np.cumsum(np.log1p(-betas)))
     alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
     alphas_cumprod_next = np.append(alphas_cumprod[1:], 0.0)
     one_minus_abar_prev = np.append(0.0, one_minus_abar[:-1])
@@ -519,7 +563,8 @@ def create_diffusion(config) -> GaussianDiffusion:
     """A GaussianDiffusion from a config's `diffusion` section (ml_collections.ConfigDict).
 
     Fields: beta_schedule, num_timesteps, model_mean_type, model_var_type, loss_type and optional
-    schedule options (beta_start, beta_end, cosine_s).
+    schedule options (beta_start, beta_end, cosine_s, rescale_zero_terminal_snr: Lin et al. 2023's
+    rescale to ᾱ_T = 0, which needs model_mean_type 'v' or 'x0').
     """
     from diffusion_jax import schedules  # pylint: disable=import-outside-toplevel
     kwargs = {}
@@ -527,5 +572,12 @@ def create_diffusion(config) -> GaussianDiffusion:
         if field in config and config[field] is not None:
             kwargs[key] = config[field]
     betas = schedules.get_beta_schedule(config.beta_schedule, config.num_timesteps, **kwargs)
+    if config.get('rescale_zero_terminal_snr', False):
+        if config.model_mean_type == 'eps':
+            # At ᾱ_T = 0, x̂_0 = (x_T - √(1-ᾱ_T) ε̂)/√ᾱ_T divides by zero (Lin et al. 2023, 3.2).
+            raise ValueError("diffusion.rescale_zero_terminal_snr=True with diffusion.model_mean_type"
+                             "='eps': at ᾱ_T = 0 an ε-model cannot predict x_0; use "
+                             "model_mean_type='v' (Lin et al. 2023) or 'x0'.")
+        betas = schedules.rescale_zero_terminal_snr(betas)
     return GaussianDiffusion(betas, config.model_mean_type, config.model_var_type,
                              config.loss_type)

@@ -11,8 +11,10 @@ an exact classifier and an exact ε samples p(x | y). The sampler applies the sh
 Classifier-free guidance (Ho & Salimans 2021) needs no classifier: one network trained with its
 label dropped to a null label ∅ some of the time gives
     ε̃(x_t, y) = (1 + w) ε(x_t, y) - w ε(x_t, ∅),
-which is a plain model function, so every sampler takes it unchanged. In this project the null
-label is num_classes (the label table has num_classes + 1 rows; diffusion_jax.models.layers).
+which is a plain model function, so every sampler takes it unchanged (optionally with the
+guidance rescale of Lin et al. 2023, `classifier_free_model_fn(guidance_rescale=φ)`). In this
+project the null label is num_classes (the label table has num_classes + 1 rows;
+diffusion_jax.models.layers).
 
 Everything returned here is a pytree whose arrays (parameters, labels, scales) are leaves, so a
 sampler jitted on it compiles once and is reused for new parameters, labels and scales.
@@ -91,7 +93,18 @@ def bind_model(model_apply: Callable, variables, y=None) -> Partial:
                    None if y is None else jnp.asarray(y, jnp.int32))
 
 
-def _classifier_free_apply(model_apply, variables, y, w, null_label, x_t, t):
+def _rescale(cond, guided, phi):
+    """Lin et al. 2023, Sec. 3.4, eq. 15-16: x_rescaled = x_cfg σ(x_pos)/σ(x_cfg) per example
+    (σ the std over every non-batch axis), x_final = φ x_rescaled + (1-φ) x_cfg."""
+    axes = tuple(range(1, cond.ndim))
+    std_cond = jnp.std(cond, axis=axes, keepdims=True)
+    std_guided = jnp.std(guided, axis=axes, keepdims=True)
+    # A constant output has σ = 0: leave it unscaled rather than divide by zero.
+    ratio = jnp.where(std_guided > 0, std_cond / jnp.where(std_guided > 0, std_guided, 1.0), 1.0)
+    return phi * (guided * ratio) + (1.0 - phi) * guided
+
+
+def _classifier_free_apply(model_apply, variables, y, w, null_label, rescale, x_t, t):
     # Two calls rather than one on a doubled batch: on a mesh, concatenating two sharded batches
     # would reshuffle examples between devices; the FLOPs are the same.
     cond = model_apply(variables, x_t, t, y=y)
@@ -100,10 +113,13 @@ def _classifier_free_apply(model_apply, variables, y, w, null_label, x_t, t):
     # the guided combination means the same for each; a learned variance stays the conditional's.
     c = x_t.shape[-1]
     guided = (1.0 + w) * cond[..., :c] - w * uncond[..., :c]
+    if rescale is not None:
+        guided = _rescale(cond[..., :c], guided, rescale)
     return jnp.concatenate([guided, cond[..., c:]], axis=-1) if cond.shape[-1] > c else guided
 
 
-def classifier_free_model_fn(model_apply: Callable, variables, y, w, null_label: int) -> Partial:
+def classifier_free_model_fn(model_apply: Callable, variables, y, w, null_label: int, *,
+                             guidance_rescale=0.0) -> Partial:
     """ε̃(x_t, y) = (1 + w) ε(x_t, y) - w ε(x_t, ∅) (Ho & Salimans 2021, eq. 6) as a model_fn.
 
     Args:
@@ -112,6 +128,15 @@ def classifier_free_model_fn(model_apply: Callable, variables, y, w, null_label:
       y: [B] int labels in [0, num_classes).
       w: guidance weight; w = 0 is the conditional model, exactly.
       null_label: the label meaning "no class", num_classes for this project's networks.
+      guidance_rescale: φ of Lin et al. 2023 (eq. 15-16; they use 0.7): the guided output is
+        rescaled to the conditional output's per-example std and mixed back with weight φ,
+        against the over-exposure of large w. Applied to the network's mean output in its own
+        parameterisation, as diffusers does. 0 (the default) is plain guidance, exactly.
     """
+    rescale = float(guidance_rescale)
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f'sampling.guidance_rescale={guidance_rescale} must lie in [0, 1] '
+                         '(Lin et al. 2023 use 0.7; 0 turns it off).')
     return Partial(_classifier_free_apply, model_apply, variables, jnp.asarray(y, jnp.int32),
-                   jnp.asarray(w, jnp.float32), int(null_label))
+                   jnp.asarray(w, jnp.float32), int(null_label),
+                   jnp.asarray(rescale, jnp.float32) if rescale else None)

@@ -44,7 +44,12 @@ def quiet_libraries() -> None:
 
 
 class MetricWriter:
-    """Scalars to the log, TensorBoard (workdir/tensorboard) and workdir/metrics.jsonl."""
+    """Scalars to the log, TensorBoard (workdir/tensorboard) and workdir/metrics.jsonl.
+
+    metrics.jsonl holds each step once: a resumed run replays the steps after its last
+    checkpoint, so the first write drops the rows of that step and later ones (written by the
+    interrupted run) before appending.
+    """
 
     def __init__(self, workdir: str, log_file: str = LOG_FILE):
         self.active = jax.process_index() == 0
@@ -55,6 +60,7 @@ class MetricWriter:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
         self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
         self._metrics_path = os.path.join(workdir, METRICS_FILE)
+        self._first_write = True
         # One file handler on this package's logger and on absl's (orbax's warnings, etc.).
         self._handler = py_logging.FileHandler(os.path.join(workdir, log_file))
         self._handler.setFormatter(py_logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
@@ -72,6 +78,9 @@ class MetricWriter:
                      f', {note}' if note else '')
         for name, value in metrics.items():
             self._tb.add_scalar(name, value, step)
+        if self._first_write:
+            self._first_write = False
+            drop_rows_from(self._metrics_path, step)
         with open(self._metrics_path, 'a', encoding='utf-8') as f:
             f.write(json.dumps({'step': step, **metrics}) + '\n')
 
@@ -91,6 +100,19 @@ class MetricWriter:
         for log in (logger, logging.get_absl_logger()):
             log.removeHandler(self._handler)
         self._handler.close()
+
+
+def drop_rows_from(path: str, step: int) -> None:
+    """Rewrites (atomically) the JSON-lines file at path without its rows of step >= `step`;
+    leaves it alone when there are none."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding='utf-8') as f:
+        lines = [line for line in f if line.strip()]
+    keep = [line for line in lines if json.loads(line).get('step', -1) < step]
+    if len(keep) < len(lines):
+        from diffusion_jax import image_utils  # pylint: disable=import-outside-toplevel
+        image_utils.atomic_write(path, ''.join(keep).encode())
 
 
 def _fmt(value: float) -> str:

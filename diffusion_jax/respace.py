@@ -1,67 +1,172 @@
-"""Respaced (strided) diffusion schedules for faster sampling (Nichol & Dhariwal 2021, Sec. 4;
-the even "ddimN" stride of Song et al. 2021).
+"""Respaced (strided) diffusion schedules for faster sampling (Nichol & Dhariwal 2021, Sec. 4),
+and the timestep spacings that choose the kept steps.
 
 A model trained on T steps can be sampled over any increasing subsequence S = (t_1 < … < t_K) of
 its timesteps: keeping ᾱ at those steps fixes the marginals q(x_{t_k}|x_0), and the new chain
 uses β'_k = 1 - ᾱ_{t_k}/ᾱ_{t_{k-1}} (ᾱ_{t_0} := 1). The model still sees the original t_k.
+
+Spacings (the strings of `sampling.num_steps`; t is 0-based, t = T-1 is pure-noise end):
+  ''            all T steps.
+  'N', N        N steps evenly spaced over [0, T-1], both ends kept: round(i(T-1)/(N-1)).
+  'a,b,c'       [0, T) cut into equal sections, each with its count of evenly spaced steps
+                (improved-diffusion's section counts).
+  'ddimN'       DDIM's integer stride 0, s, 2s, …: improved-diffusion's rule, the smallest
+                stride s with len(range(0, T, s)) = N; raises when no integer stride gives N.
+  'linspaceN'   round(linspace(0, T-1, N)) (the "linspace" spacing of Lin et al. 2023, Table 2):
+                the same steps as 'N'.
+  'trailingN'   round(jT/N) - 1 for j = 1..N (Lin et al. 2023, Table 2, "trailing"): the last
+                step is T-1, so sampling starts from the end of the trained chain.
+  'logsnrN'     uniform in λ = ½ log(ᾱ/(1-ᾱ)) between λ(T-1) and λ(0), each level snapped to the
+                nearest discrete λ_t.
+  'karrasN'     Karras et al. 2022, eq. 5: σ_i = (σ_max^{1/ρ} + i/(N-1)(σ_min^{1/ρ} - σ_max^{1/ρ}))^ρ,
+                ρ = 7, σ = √((1-ᾱ)/ᾱ), σ_max = σ(T-1), σ_min = σ(0), each σ_i snapped to the
+                nearest discrete σ_t as EDM's iDDPM preconditioner does (its round_sigma).
+The last two need the schedule (alphas_cumprod). Where more levels than discrete steps fall into a
+stretch, two would snap to one step; the later ones then take the next free step, so every
+spacing gives exactly N distinct steps (or raises).
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
+# Karras et al. 2022, eq. 5 and Table 1: ρ = 7 "for the rest of the paper".
+KARRAS_RHO = 7.0
 
-def space_timesteps(num_timesteps: int, section_counts) -> list[int]:
-    """The sorted original timesteps to keep.
+SPACINGS = ('ddim', 'linspace', 'trailing', 'logsnr', 'karras')
+VALID_FORMS = ("'' (all T steps), 'N' (N evenly spaced, both ends kept), 'a,b,c' (per-section "
+               "counts), " + ', '.join(f"'{s}N'" for s in SPACINGS))
+_PREFIXED = re.compile(r'^(' + '|'.join(SPACINGS) + r')(\d+)$')
+
+
+def _invalid(spec, why: str) -> ValueError:
+    return ValueError(f'sampling.num_steps={spec!r}: {why}; valid forms: {VALID_FORMS}.')
+
+
+def space_timesteps(num_timesteps: int, spec, alphas_cumprod=None) -> list[int]:
+    """The sorted original timesteps to keep (see the module docstring for the forms).
 
     Args:
       num_timesteps: T of the original process.
-      section_counts: "ddimN" (N steps at an even integer stride, as DDIM: 0, s, 2s, …), an int
-        or "N" (N steps spread evenly over [0, T-1]), or a comma list / sequence of per-section
-        counts ("10,15,20"): [0, T) is cut into len(counts) equal sections and each section gets
-        its count of evenly spaced steps, first and last step of the section included.
+      spec: a spacing string ('', 'N', 'a,b,c', 'ddimN', 'linspaceN', 'trailingN', 'logsnrN',
+        'karrasN'), an int N, or a sequence of section counts.
+      alphas_cumprod: [T] ᾱ of the schedule; needed by 'logsnrN' and 'karrasN' only.
     Returns:
       Sorted list of distinct ints in [0, T).
     """
-    if isinstance(section_counts, str):
-        text = section_counts.strip()
-        if text.startswith('ddim'):
-            return _ddim_steps(num_timesteps, _parse_int(text[4:], section_counts))
-        counts = [_parse_int(c, section_counts) for c in text.split(',') if c.strip()]
-    elif isinstance(section_counts, (int, np.integer)):
-        counts = [int(section_counts)]
-    else:
-        counts = [int(c) for c in section_counts]
+    if isinstance(spec, (int, np.integer)):
+        return _sections(num_timesteps, [int(spec)], spec)
+    if not isinstance(spec, str):
+        return _sections(num_timesteps, [int(c) for c in spec], spec)
+    text = spec.strip()
+    if not text:
+        return list(range(num_timesteps))
+    match = _PREFIXED.match(text)
+    if match:
+        kind, count = match.group(1), int(match.group(2))
+        if not 1 <= count <= num_timesteps:
+            raise _invalid(spec, f'the step count must be in [1, T={num_timesteps}]')
+        if kind == 'ddim':
+            return _ddim_steps(num_timesteps, count, spec)
+        if kind == 'linspace':
+            return _sections(num_timesteps, [count], spec)
+        if kind == 'trailing':
+            return trailing_steps(num_timesteps, count)
+        return _schedule_spacing(kind, num_timesteps, count, alphas_cumprod, spec)
+    parts = [c.strip() for c in text.split(',')]
+    if not all(re.fullmatch(r'\d+', c) for c in parts):
+        raise _invalid(spec, 'not a step count')
+    return _sections(num_timesteps, [int(c) for c in parts], spec)
+
+
+def _sections(num_timesteps: int, counts: list[int], spec) -> list[int]:
+    """improved-diffusion's section counts: [0, T) in len(counts) near-equal sections, each with
+    its count of steps evenly spaced, both ends of the section included."""
     if not counts:
-        raise ValueError(f'section_counts={section_counts!r} is empty; give e.g. "ddim50" or "25".')
+        raise _invalid(spec, 'no step count given')
     sizes = [num_timesteps // len(counts) + (1 if i < num_timesteps % len(counts) else 0)
              for i in range(len(counts))]
     steps, start = [], 0
     for size, count in zip(sizes, counts):
         if not 1 <= count <= size:
-            raise ValueError(f'section_counts={section_counts!r}: cannot take {count} steps from a '
-                             f'section of {size} steps (T={num_timesteps}); use counts in [1, {size}].')
+            raise _invalid(spec, f'cannot take {count} steps from a section of {size} steps '
+                                 f'(T={num_timesteps}); use counts in [1, {size}]')
         if count == 1:
             steps.append(start)
         else:
-            # Evenly spaced with both ends of the section kept, rounded to integers.
             steps.extend(start + round(i * (size - 1) / (count - 1)) for i in range(count))
         start += size
     return sorted(set(steps))
 
 
-def _parse_int(text: str, whole) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f'section_counts={whole!r} is not valid: use "ddimN", "N" or a comma list '
-                         'of integers such as "10,15,20".') from None
+def _ddim_steps(num_timesteps: int, count: int, spec) -> list[int]:
+    # improved-diffusion (respace.py): the first integer stride s in [1, T) whose range(0, T, s)
+    # has exactly `count` elements; when count divides T that is s = T/count.
+    for stride in range(1, num_timesteps):
+        if len(range(0, num_timesteps, stride)) == count:
+            return list(range(0, num_timesteps, stride))
+    if count == num_timesteps == 1:
+        return [0]
+    raise _invalid(spec, f'no integer stride gives exactly {count} steps of T={num_timesteps} '
+                         f'(ddimN needs ceil(T/s) = N for some s); use e.g. "linspace{count}" or '
+                         f'"trailing{count}"')
 
 
-def _ddim_steps(num_timesteps: int, count: int) -> list[int]:
-    if not 1 <= count <= num_timesteps:
-        raise ValueError(f'ddim{count}: the step count must be in [1, {num_timesteps}].')
-    stride = num_timesteps // count
-    return list(range(0, stride * count, stride))
+def trailing_steps(num_timesteps: int, count: int) -> list[int]:
+    """Lin et al. 2023, Table 2 ("trailing"): t_j = round(jT/N) - 1, j = 1..N, so t_N = T-1.
+
+    Rounding is half-to-even, as numpy's (the reference code rounds np.arange(T, 0, -T/N)).
+    """
+    j = np.arange(1, count + 1, dtype=np.float64)
+    return [int(t) for t in np.round(j * num_timesteps / count) - 1]
+
+
+def _schedule_spacing(kind: str, num_timesteps: int, count: int, alphas_cumprod, spec):
+    if alphas_cumprod is None:
+        raise ValueError(f'sampling.num_steps={spec!r}: the {kind} spacing needs the schedule; '
+                         'call space_timesteps(T, spec, alphas_cumprod=diffusion.alphas_cumprod) '
+                         '(generate.respaced does).')
+    abar = np.asarray(alphas_cumprod, np.float64)
+    if abar.shape != (num_timesteps,):
+        raise ValueError(f'alphas_cumprod has shape {abar.shape}; expected ({num_timesteps},).')
+    if abar[-1] <= 0.0:
+        raise ValueError(f'sampling.num_steps={spec!r}: the {kind} spacing is undefined when '
+                         'ᾱ_T = 0 (zero terminal SNR: λ and σ are infinite at t = T-1); use '
+                         f'"trailing{count}" (Lin et al. 2023) instead.')
+    if count == 1:
+        return [num_timesteps - 1]
+    if kind == 'logsnr':
+        levels = 0.5 * (np.log(abar) - np.log1p(-abar))  # λ_t, decreasing in t
+        targets = np.linspace(levels[-1], levels[0], count)
+    else:
+        levels = np.sqrt((1.0 - abar) / abar)  # σ_t, increasing in t
+        rho = KARRAS_RHO
+        i = np.arange(count, dtype=np.float64) / (count - 1)
+        targets = (levels[-1] ** (1 / rho) + i * (levels[0] ** (1 / rho)
+                                                  - levels[-1] ** (1 / rho))) ** rho
+    return snap_to_levels(levels, targets)
+
+
+def snap_to_levels(levels: np.ndarray, targets: np.ndarray) -> list[int]:
+    """Distinct timesteps nearest to `targets` in the monotone per-step `levels` [T] (λ_t or σ_t).
+
+    Each target goes to argmin_t |levels_t - target| (EDM's round_sigma); where several land on
+    one step (more targets than steps in a stretch), the sorted steps are pushed apart to
+    consecutive ones, keeping t = 0 .. T-1 in range, so len(result) = len(targets) ≤ T.
+    """
+    levels, targets = np.asarray(levels, np.float64), np.asarray(targets, np.float64)
+    if len(targets) > len(levels):
+        raise ValueError(f'{len(targets)} levels cannot snap to {len(levels)} distinct steps.')
+    nearest = np.sort(np.abs(levels[None, :] - targets[:, None]).argmin(axis=1))
+    steps = nearest.copy()
+    for k in range(1, len(steps)):  # strictly increasing, upwards
+        steps[k] = max(steps[k], steps[k - 1] + 1)
+    top = len(levels) - 1
+    for k in range(len(steps) - 1, -1, -1):  # and inside [0, T-1], downwards
+        steps[k] = min(steps[k], top)
+        top = steps[k] - 1
+    return [int(t) for t in steps]
 
 
 def respaced_betas(alphas_cumprod: np.ndarray, betas: np.ndarray, use_timesteps) -> np.ndarray:

@@ -13,6 +13,9 @@ Schedules:
     sigmoid    β = β_start + (β_end - β_start)·sigmoid(linspace(-6, 6, T)) (Ho et al.'s code).
     const      β_t = β_end for every t.
     jsd        β_t = 1/(T - t): 1/T, 1/(T-1), …, 1 (Sohl-Dickstein et al. 2015's choice; ᾱ_T = 0).
+
+Any schedule can be rescaled to zero terminal SNR (Lin et al. 2023, Algorithm 1):
+rescale_zero_terminal_snr (config field diffusion.rescale_zero_terminal_snr).
 """
 from __future__ import annotations
 
@@ -85,6 +88,37 @@ def cosine(num_timesteps: int, s: float = COSINE_S, max_beta: float = COSINE_MAX
     _check_range('max_beta', max_beta)
     abar = cosine_alphas_cumprod(np.arange(num_timesteps + 1), num_timesteps, s)
     return np.minimum(1.0 - abar[1:] / abar[:-1], max_beta)
+
+
+def rescale_zero_terminal_snr(betas) -> np.ndarray:
+    """β of the schedule rescaled to ᾱ_T = 0 (Lin et al. 2023, "Common Diffusion Noise Schedules
+    and Sample Steps are Flawed", Sec. 3.1 and Algorithm 1).
+
+    √ᾱ is shifted and scaled linearly so that its first value is kept and its last becomes 0:
+        √ᾱ'_t = (√ᾱ_t - √ᾱ_T) · √ᾱ_1 / (√ᾱ_1 - √ᾱ_T),
+    then β'_t = 1 - ᾱ'_t/ᾱ'_{t-1} (ᾱ'_0 := 1), so β'_1 = β_1 and β'_T = 1: x_T is pure noise.
+    With ᾱ_T = 0 an ε-prediction network cannot recover x̂_0 at t = T (x̂_0 = (x_T - √(1-ᾱ_T)ε)/√ᾱ_T
+    divides by zero), so Lin et al. train with v-prediction; create_diffusion refuses 'eps'.
+
+    Args:
+      betas: [T] float array in (0, 1], T >= 2.
+    Returns:
+      [T] float64 β' in (0, 1] with β'_T = 1 exactly.
+    """
+    betas = np.asarray(betas, np.float64)
+    if betas.ndim != 1 or betas.size < 2:
+        raise ValueError(f'rescale_zero_terminal_snr needs T >= 2 betas; got shape {betas.shape}.')
+    sqrt_abar = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = sqrt_abar[0], sqrt_abar[-1]
+    if not first > last:
+        raise ValueError('rescale_zero_terminal_snr: ᾱ must decrease over the chain (√ᾱ_1 > √ᾱ_T).')
+    sqrt_abar = (sqrt_abar - last) * (first / (first - last))
+    sqrt_abar[-1] = 0.0  # exactly, not up to rounding
+    abar = sqrt_abar**2
+    alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+    rescaled = 1.0 - alphas
+    rescaled[0] = betas[0]  # √ᾱ_1 is unchanged, so β_1 is too; keep it free of rounding
+    return rescaled
 
 
 _SCHEDULES: dict[str, Callable[..., np.ndarray]] = {

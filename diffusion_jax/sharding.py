@@ -15,9 +15,66 @@ DATA_AXIS = 'data'
 
 
 def make_mesh(devices=None) -> Mesh:
-    """A 1-D mesh named 'data' over the given devices (default: all devices of all hosts)."""
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+    """A 1-D mesh named 'data' over the given devices (default: all devices of all hosts), laid
+    out by jax.make_mesh (which orders devices for the interconnect on GPU/TPU). Auto axes:
+    XLA's partitioner places the collectives, as with a plain Mesh (make_mesh's default of
+    Explicit axes would put shardings into the types of every traced array)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def cluster_detected() -> bool:
+    """Whether JAX's cluster auto-detection (TPU pod, SLURM, ...) finds an environment: then
+    jax.distributed.initialize() needs no arguments. (Reads JAX's private cluster list; a JAX
+    that moves it makes this False, so nothing is initialised without flags.)"""
+    try:
+        from jax._src import clusters  # pylint: disable=import-outside-toplevel
+        return any(not env.opt_in_only_method and env.is_env_present()
+                   for env in clusters.ClusterEnv._cluster_types)  # pylint: disable=protected-access
+    except Exception:  # pylint: disable=broad-except
+        return False
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+    """jax.distributed.initialize for a multi-process run; returns whether it was called.
+
+    With coordinator_address=HOST:PORT, num_processes=N and process_id=I (all three, or none),
+    process I of N joins the coordinator that process 0 serves on HOST:PORT. With none, it
+    initialises only where JAX detects a cluster (TPU pod, SLURM) and fills the three in
+    itself; otherwise this is a single-process run. Must run before anything touches a
+    device. CPU collectives go through gloo (XLA:CPU has no other cross-process transport).
+    """
+    given = {'--coordinator_address': coordinator_address, '--num_processes': num_processes,
+             '--process_id': process_id}
+    missing = [k for k, v in given.items() if v is None]
+    if len(missing) == len(given):
+        if not cluster_detected():
+            return False
+    elif missing:
+        raise ValueError(f'{", ".join(missing)} missing: a multi-process run needs all of '
+                         '--coordinator_address=HOST:PORT, --num_processes=N and '
+                         '--process_id=I (0 <= I < N), the same address and N on every process.')
+    elif not 0 <= process_id < num_processes:
+        raise ValueError(f'--process_id={process_id} is not in [0, --num_processes='
+                         f'{num_processes}): number the processes 0..N-1.')
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    if missing:  # nothing given: JAX's auto-detection fills everything in
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    return True
+
+
+def any_process(flag: bool) -> bool:
+    """True if `flag` is True on any process (an all-gather; every process must call it at the
+    same point of the program). Just `flag` in a single-process run."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

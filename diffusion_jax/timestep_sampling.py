@@ -83,26 +83,57 @@ def sample(state, rng: jax.Array, batch_size: int):
     return t, weights.astype(jnp.float32)
 
 
+def _stable_order(t: jax.Array, num_t: int) -> jax.Array:
+    """The permutation that sorts t [B] stably (batch order within equal t).
+
+    One sort of the packed int32 keys t·B + i (unique, so any sort is stable) where they fit:
+    on XLA:CPU a one-operand sort of int32 keys is ~5x faster than a key-value argsort.
+    """
+    batch = t.shape[0]
+    if num_t * batch < 2**31:
+        return jnp.sort(t * batch + jnp.arange(batch, dtype=jnp.int32)) % batch
+    return jnp.argsort(t, stable=True)
+
+
 def update(state, t: jax.Array, losses: jax.Array):
     """Push each (t, L_t) of the batch into the history, oldest value first out.
 
-    The batch is processed in order (a scan), so repeated timesteps in a batch all enter the
-    history, as they would one at a time.
+    Equal to pushing the batch one item at a time in batch order: with n_t the number of items
+    of timestep t in the batch and r ∈ [0, n_t) an item's rank among them (batch order),
+
+        history'[t] = (history[t] ++ [L of t's items in rank order])[-K:],
+        counts'[t]  = min(counts[t] + n_t, K).
+
+    So the old values shift left by n_t (one gather) and the item of rank r lands in column
+    K − n_t + r when that is ≥ 0 (one scatter; items pushed out by later ones of the same t
+    are dropped). The ranks come from a stable sort by t: O(B log B + T·K) work with no loop
+    over the batch, where a scan over the items would be B sequential dependent updates of
+    the [T, K] array inside every train step. t, losses: [B].
     """
     if isinstance(state, UniformState):
         return state
     chex.assert_rank([t, losses], 1)
     chex.assert_equal_shape([t, losses])
-    k = state.loss_history.shape[1]
-
-    def push(carry, item):
-        history, counts = carry
-        ti, li = item
-        # Shift left and append: the row always holds the last k values in arrival order.
-        row = jnp.roll(history[ti], -1).at[k - 1].set(li.astype(jnp.float32))
-        return (history.at[ti].set(row), counts.at[ti].set(jnp.minimum(counts[ti] + 1, k))), None
-
-    (history, counts), _ = jax.lax.scan(
-        push, (state.loss_history, state.counts),
-        (t.astype(jnp.int32), jax.lax.stop_gradient(losses)))
+    num_t, k = state.loss_history.shape
+    t = t.astype(jnp.int32)
+    losses = jax.lax.stop_gradient(losses).astype(jnp.float32)
+    order = _stable_order(t, num_t)
+    t_sorted, losses_sorted = t[order], losses[order]
+    batch = t.shape[0]
+    position = jnp.arange(batch, dtype=jnp.int32)
+    # rank = position − (position of the first item of the same t), via a running maximum.
+    starts = jnp.concatenate([jnp.ones((1,), bool), t_sorted[1:] != t_sorted[:-1]])
+    rank = position - jax.lax.cummax(jnp.where(starts, position, 0))
+    n_per_t = jnp.zeros((num_t,), jnp.int32).at[t].add(1)  # [T]
+    # Shift: column j takes old column j + n_t; columns that old values no longer reach are
+    # all overwritten by the scatter below (the last min(n_t, K) columns).
+    source = jnp.arange(k, dtype=jnp.int32)[None, :] + n_per_t[:, None]  # [T, K]
+    shifted = jnp.take_along_axis(state.loss_history, jnp.minimum(source, k - 1), axis=1)
+    shifted = jnp.where(source < k, shifted, 0.0)
+    column = k - n_per_t[t_sorted] + rank
+    # Items with column < 0 were pushed out by later items of their t: send them out of range,
+    # to distinct columns K + rank so that every (row, column) pair of the scatter is unique.
+    column = jnp.where(column >= 0, column, k + rank)
+    history = shifted.at[t_sorted, column].set(losses_sorted, mode='drop', unique_indices=True)
+    counts = jnp.minimum(state.counts + n_per_t, k)
     return state.replace(loss_history=history, counts=counts)

@@ -15,6 +15,7 @@ samples/<step>/ema_grid.{png,npz}.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -47,6 +48,7 @@ class TrainState:
     ema_params: Any  # exponential moving average of params (used to sample and evaluate)
     opt_state: Any  # optax state
     sampler_state: Any  # timestep sampler state (diffusion_jax.timestep_sampling)
+    skipped: jax.Array  # int32 scalar: steps whose loss or gradient was non-finite
 
 
 def default_workdir(config) -> str:
@@ -54,18 +56,22 @@ def default_workdir(config) -> str:
 
 
 def create_optimizer(optim_config):
-    """Adam(W) with linear warm-up from 0 and global-norm clipping: (transform, lr schedule)."""
+    """AdamW with linear warm-up from 0 and global-norm clipping: (transform, lr schedule).
+
+    The chain is the same whatever the values: clip_by_global_norm(∞) when optim.grad_clip = 0
+    and AdamW with weight_decay 0 are the identity and Adam exactly (u + 0·θ = u), so turning
+    clipping or decay on or off between runs keeps the optimiser state's structure and a resume
+    works.
+    """
     o = optim_config
     if o.warmup_steps > 0:
         schedule = optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
     else:
         schedule = optax.constant_schedule(o.learning_rate)
-    chain = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-    if o.weight_decay > 0:
-        chain.append(optax.adamw(schedule, o.b1, o.b2, o.eps, weight_decay=o.weight_decay))
-    else:
-        chain.append(optax.adam(schedule, o.b1, o.b2, o.eps))
-    return optax.chain(*chain), schedule
+    clip = o.grad_clip if o.grad_clip > 0 else math.inf
+    return optax.chain(
+        optax.clip_by_global_norm(clip),
+        optax.adamw(schedule, o.b1, o.b2, o.eps, weight_decay=o.weight_decay)), schedule
 
 
 def create_train_state(config, model, optimizer, rng) -> TrainState:
@@ -76,7 +82,8 @@ def create_train_state(config, model, optimizer, rng) -> TrainState:
         # Copies, so that params and EMA never share a buffer (both are donated).
         ema_params=jax.tree.map(jnp.copy, params), opt_state=optimizer.init(params),
         sampler_state=timestep_sampling.init(config.diffusion.timestep_sampler,
-                                             config.diffusion.num_timesteps))
+                                             config.diffusion.num_timesteps),
+        skipped=jnp.zeros((), jnp.int32))
 
 
 def abstract_train_state(config, model, optimizer, mesh) -> TrainState:
@@ -86,7 +93,8 @@ def abstract_train_state(config, model, optimizer, mesh) -> TrainState:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                           opt_state=optimizer.init(params),
                           sampler_state=timestep_sampling.init(config.diffusion.timestep_sampler,
-                                                               config.diffusion.num_timesteps))
+                                                               config.diffusion.num_timesteps),
+                          skipped=jnp.zeros((), jnp.int32))
     shapes = jax.eval_shape(build, models.param_shapes(model)['params'])
     repl = sharding.replicated(mesh)
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
@@ -105,14 +113,16 @@ def _labels(labels, num_classes: int, label_dropout: float, rng):
     return labels
 
 
-def _step_metrics(loss, terms, t, grads, lr, num_timesteps: int) -> dict:
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _step_metrics(loss, terms, t, grad_norm, lr, num_timesteps: int) -> dict:
     """Scalars of one step; per-quartile sums and counts so intervals can be averaged exactly."""
     quartile = (t * NUM_QUARTILES) // num_timesteps
     onehot = jax.nn.one_hot(quartile, NUM_QUARTILES, dtype=jnp.float32)
-    grad_norm = optax.global_norm(grads)
     out = dict(loss=loss, grad_norm=grad_norm, learning_rate=lr,
-               q_sum=onehot.T @ terms['loss'], q_count=jnp.sum(onehot, axis=0),
-               finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+               q_sum=onehot.T @ terms['loss'], q_count=jnp.sum(onehot, axis=0))
     for name in ('mse', 'vb', 'accuracy'):
         if name in terms:
             out[name] = jnp.mean(terms[name])
@@ -133,7 +143,16 @@ def _classifier_loss(model, diffusion, x0, t, noise, labels, dropout_rng, params
 
 
 def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
-    """train_step(state, batch, rng) -> (state, metrics); pure, to be jitted over a mesh."""
+    """train_step(state, batch, rng) -> (state, metrics); pure, to be jitted over a mesh.
+
+    A step whose loss, gradient or new parameters are not all finite changes nothing but
+    state.step and state.skipped: params, EMA, optimiser and sampler state are selected from
+    the input state (jnp.where inside the program, so no NaN ever reaches them). Once
+    state.skipped exceeds training.skip_nonfinite_steps (default 0) every further step is
+    such a no-op too, so the state the loop stops with is the one before the offending step;
+    metrics['halt'] tells the loop to stop.
+    """
+    max_skips = config.training.get('skip_nonfinite_steps', 0)
     num_classes = config.model.get('num_classes', 0)
     label_dropout = config.training.label_dropout
     is_classifier = config.model.name == 'classifier'
@@ -165,10 +184,19 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
         # The loss-aware sampler tracks L_t itself: the 'vb' term where there is one.
         sampler_state = timestep_sampling.update(state.sampler_state, t,
                                                  terms.get('vb', terms['loss']))
-        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
-                                  opt_state=opt_state, sampler_state=sampler_state)
-        return new_state, _step_metrics(loss, terms, t, grads, schedule(state.step),
-                                        diffusion.num_timesteps)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
+        apply = finite & (state.skipped <= max_skips)
+        skipped = state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+        new_state = state.replace(
+            step=state.step + 1, params=keep(params, state.params),
+            ema_params=keep(ema, state.ema_params), opt_state=keep(opt_state, state.opt_state),
+            sampler_state=keep(sampler_state, state.sampler_state), skipped=skipped)
+        metrics = _step_metrics(loss, terms, t, grad_norm, schedule(state.step),
+                                diffusion.num_timesteps)
+        metrics.update(finite=finite, skipped=skipped, halt=skipped > max_skips)
+        return new_state, metrics
 
     return train_step
 
@@ -193,15 +221,17 @@ def make_sample_fn(config, model, diffusion, num: int, mesh=None) -> Callable:
     shape = (num, *models.example_shape(model))
     num_classes = config.model.get('num_classes', 0)
     y = jnp.arange(num, dtype=jnp.int32) % num_classes if num_classes else None
-    options = {k: s[k] for k in ('method', 'eta', 'clip_denoised') if k in s}
+    options = {k: s[k] for k in ('method', 'eta', 'clip_denoised', 'langevin_snr',
+                                 'langevin_steps', 'ddim_guidance', 'dynamic_threshold') if k in s}
     if mesh is not None and num % mesh.devices.size == 0:
         options['mesh'] = mesh
 
     def sample_fn(params, rng):
         variables = {'params': params}
         if y is not None and s.get('guidance_scale', 0.0):
-            model_fn = guidance.classifier_free_model_fn(model.apply, variables, y,
-                                                         s.guidance_scale, num_classes)
+            model_fn = guidance.classifier_free_model_fn(
+                model.apply, variables, y, s.guidance_scale, num_classes,
+                guidance_rescale=s.get('guidance_rescale', 0.0))
         else:
             model_fn = guidance.bind_model(model.apply, variables, y)
         return samplers.sample(diffusion, model_fn, rng, shape, **options)['samples']
@@ -235,132 +265,206 @@ def write_samples(workdir: str, step: int, samples, writer) -> str:
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Run:
+    config: Any  # the validated config, derived fields filled in (what config.json stores)
     model: Any
     diffusion: diffusion_lib.GaussianDiffusion
     mesh: Any
     train_ds: input_pipeline.Dataset
 
 
-def _check_data_matches_model(config) -> None:
-    data, model = config.data, config.model
-    if 'data_dim' in model:
-        return
-    for data_field, model_field in (('image_size', 'image_size'), ('channels', 'in_channels')):
-        if data[data_field] != model[model_field]:
-            raise ValueError(
-                f'data.{data_field}={data[data_field]} but model.{model_field}='
-                f'{model[model_field]}: set both to the same value.')
-    if model.get('num_classes', 0) and model.num_classes != data.num_classes:
-        raise ValueError(f'model.num_classes={model.num_classes} but data.num_classes='
-                         f'{data.num_classes}: a conditional model needs the dataset\'s labels.')
-
-
 def prepare_run(config, workdir: str) -> _Run:
-    """Every check of config and workdir, in the order a user would fix them; writes nothing."""
-    if config.diffusion.timestep_sampler not in SAMPLERS:
-        raise ValueError(f'diffusion.timestep_sampler={config.diffusion.timestep_sampler!r} is '
-                         f'not valid; choose one of {", ".join(SAMPLERS)}.')
+    """Every check of config and workdir, in the order a user would fix them; writes nothing.
+
+    The config is validated whole (diffusion_jax.config_validation) and, when the workdir holds
+    a run, must keep its model/diffusion/data/optim sections (diffusion_jax.run.check_resume).
+    """
+    # pylint: disable-next=import-outside-toplevel
+    from diffusion_jax import config_validation, run as run_lib
+    config = config_validation.resolve(config, 'train')
     model = models.get_model(config.model)
     diffusion = diffusion_lib.create_diffusion(config.diffusion)
-    _check_data_matches_model(config)
     mesh = sharding.make_mesh()
     sharding.check_global_batch(config.training.batch_size, mesh, 'training.batch_size')
+    run_lib.check_resume(workdir, config)
+    checkpointing.check_compatible(workdir, models.param_shapes(model)['params'])
     train_ds = input_pipeline.get_dataset(config.data, config.data.train_split)
-    checkpointing.check_compatible(workdir, config, models.param_shapes(model)['params'])
-    return _Run(model, diffusion, mesh, train_ds)
+    return _Run(config, model, diffusion, mesh, train_ds)
 
 
 def _write_config(config, workdir: str) -> None:
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        image_utils.atomic_write(
-            os.path.join(workdir, checkpointing.CONFIG_FILE),
-            config.to_json(indent=2, sort_keys=True).encode())
+    """config.json; on a resume with changed cadence/length the old one is kept (run.py)."""
+    from diffusion_jax import run as run_lib  # pylint: disable=import-outside-toplevel
+    run_lib.write_config(workdir, config, resumed_step=checkpointing.latest_step(workdir))
 
 
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves and returns at the next step (exit status 0)."""
+    """SIGTERM and SIGINT ask the loop to stop: it saves at the current step, waits for the
+    write and returns (exit status 0). A second signal exits at once (status 128 + signum).
+
+    Several processes stop at one agreed step: JAX's preemption notifier owns SIGTERM there
+    (multihost_utils.reached_preemption_sync_point, asked at every step, returns True on every
+    process at the same step), and a SIGINT flag is OR-ed over the processes at steps that all
+    processes visit alike (`sync=True`: log, sample and checkpoint steps).
+    """
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            signums = [signal.SIGINT]
+            if jax.process_count() == 1:  # else JAX's preemption notifier handles SIGTERM
+                signums.append(signal.SIGTERM)
+            self._previous = {s: signal.signal(s, self._handle) for s in signums}
         return self
 
     def _handle(self, signum, frame):  # pylint: disable=unused-argument
-        logger.warning('SIGTERM: saving a checkpoint and stopping.')
+        name = signal.Signals(signum).name
+        if self.requested:
+            logger.warning('%s again: exiting now, without saving.', name)
+            os._exit(128 + signum)  # pylint: disable=protected-access
+        logger.warning('%s: saving a checkpoint at the current step and stopping (send it '
+                       'again to exit at once).', name)
         self.requested = True
 
-    def should_stop(self, step: int) -> bool:
-        if jax.process_count() > 1:  # every host must stop at the same step
-            from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-            return self.requested or multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
+    def should_stop(self, step: int, sync: bool) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        preempted = multihost_utils.reached_preemption_sync_point(step)
+        return (sharding.any_process(self.requested) if sync else False) or preempted
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
-def _summarize(pending: list[dict], step: int) -> dict:
-    """Mean metrics of the steps since the last report; raises on a non-finite loss/gradient."""
+def _summarize(pending: list[dict]) -> dict:
+    """Mean metrics of the applied (finite) steps since the last report, and how many steps
+    were skipped as non-finite."""
     host = jax.device_get(pending)
-    bad = [i for i, m in enumerate(host) if not m['finite']]
-    if bad:
-        m = host[bad[0]]
-        raise FloatingPointError(
-            f'the loss or gradient became non-finite at step {step - len(host) + 1 + bad[0]} '
-            f'(loss={m["loss"]}, grad_norm={m["grad_norm"]}): lower optim.learning_rate, set '
-            'optim.grad_clip > 0, or check the data.')
-    out = {k: float(np.mean([m[k] for m in host]))
-           for k in ('loss', 'mse', 'vb', 'accuracy', 'grad_norm')
-           if k in host[0]}
-    q_sum, q_count = (np.sum([m[k] for m in host], axis=0) for k in ('q_sum', 'q_count'))
+    good = [m for m in host if m['finite']]
+    out = {'skipped_steps': float(host[-1]['skipped'])} if host[-1]['skipped'] else {}
+    if not good:
+        return out
+    out.update({k: float(np.mean([m[k] for m in good]))
+                for k in ('loss', 'mse', 'vb', 'accuracy', 'grad_norm') if k in good[0]})
+    q_sum, q_count = (np.sum([m[k] for m in good], axis=0) for k in ('q_sum', 'q_count'))
     out.update({f'loss_q{i}': float(q_sum[i] / q_count[i]) for i in range(NUM_QUARTILES)
                 if q_count[i] > 0})
     out['learning_rate'] = float(host[-1]['learning_rate'])
     return out
 
 
+def _check_finite(metrics, step: int, max_skips: int, ckpt) -> None:
+    """Warns about a skipped non-finite step; raises FloatingPointError when the run must stop
+    (the state then is the one before `step`: make_train_step)."""
+    m = jax.device_get({k: metrics[k] for k in metrics if k not in ('q_sum', 'q_count')})
+    if m['finite']:
+        return
+    terms = ', '.join(f'{k}={float(m[k]):.4g}' for k in ('loss', 'mse', 'vb', 'grad_norm')
+                      if k in m)
+    if not m['halt']:
+        logger.warning('step %d: non-finite loss or gradient (%s): update skipped (%d of '
+                       'training.skip_nonfinite_steps=%d)', step, terms, int(m['skipped']),
+                       max_skips)
+        return
+    ckpt.wait()
+    last = (f'step {ckpt.last_good} in {checkpointing.checkpoint_dir(ckpt.workdir)}'
+            if ckpt.last_good is not None else 'none')
+    count = f'; {int(m["skipped"])} non-finite steps' if max_skips else ''
+    raise FloatingPointError(
+        f'training stopped at step {step}: the loss or gradient is non-finite ({terms}'
+        f'{count}); last good '
+        f'checkpoint: {last}. Lower optim.learning_rate, set optim.grad_clip > 0, check the '
+        'data, or set training.skip_nonfinite_steps=N to skip up to N such steps.')
+
+
+@jax.jit
+def snapshot(state: TrainState) -> TrainState:
+    """A copy of state in fresh buffers (same shardings), one dispatch for the whole pytree: what
+    `train_and_evaluate` hands its on_step hook, since the next step donates state's buffers."""
+    return jax.tree.map(jnp.copy, state)
+
+
+class _Throughput:
+    """Steps/s and images/s of the train steps alone: time spent sampling, checkpointing and
+    on the on_step hook (inside `excluded`) is not counted."""
+
+    def __init__(self, step: int, batch_size: int, num_steps: int):
+        self.start, self.step, self.paused = time.perf_counter(), step, 0.0
+        self.batch_size, self.num_steps = batch_size, num_steps
+
+    @contextlib.contextmanager
+    def excluded(self, state):
+        jax.block_until_ready(state)  # the steps dispatched so far are train time
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - t0
+
+    def report(self, summary: dict, step: int) -> str:
+        """Adds steps_per_sec and images_per_sec since the last report; returns the ETA."""
+        now = time.perf_counter()
+        rate = (step - self.step) / max(now - self.start - self.paused, 1e-9)
+        summary['steps_per_sec'] = rate
+        summary['images_per_sec'] = rate * self.batch_size
+        self.start, self.step, self.paused = now, step, 0.0
+        return logging_utils.format_duration(
+            (self.num_steps - step) / rate if rate > 0 else math.inf)
+
+
+def _initial_state(config, run, optimizer, ckpt, init_rng) -> TrainState:
+    """The newest readable checkpoint's state, or a fresh one; replicated over the mesh."""
+    state = ckpt.restore(abstract_train_state(config, run.model, optimizer, run.mesh))
+    if state is None:
+        return sharding.replicate(create_train_state(config, run.model, optimizer, init_rng),
+                                  run.mesh)
+    logger.info('resumed from %s at step %d', checkpointing.checkpoint_dir(ckpt.workdir),
+                int(state.step))
+    return state
+
+
 def train_and_evaluate(config, workdir: str | None = None, *,
                        on_step: Callable[[int, TrainState], None] | None = None) -> TrainState:
-    """Trains config's model in workdir (resuming from its latest checkpoint); returns the state.
+    """Trains config's model in workdir (resuming from its newest readable checkpoint);
+    returns the state.
 
     on_step(step, state), if given, runs after every step (step = steps done): a hook for
-    notebooks and tests.
+    notebooks and tests. Its state is a copy (`snapshot`), safe to keep: the loop's own state
+    is donated to the next step, which would leave a kept reference reading deleted buffers.
+    A SIGTERM/SIGINT stops the run at the current step with a checkpoint (_Preemption); a
+    non-finite step stops it (FloatingPointError) unless training.skip_nonfinite_steps allows
+    skipping it; a failed save raises checkpointing.SaveError.
     """
     workdir = workdir or default_workdir(config)
     run = prepare_run(config, workdir)
+    config = run.config  # validated, derived fields filled in
     _write_config(config, workdir)
     writer = logging_utils.MetricWriter(workdir)
-    ckpt = checkpointing.Checkpointer(workdir, config.training.keep_checkpoints)
     tc, mesh = config.training, run.mesh
+    max_skips = tc.get('skip_nonfinite_steps', 0)
     optimizer, schedule = create_optimizer(config.optim)
     init_rng, train_rng, sample_rng = jax.random.split(jax.random.key(tc.seed), 3)
-    if ckpt.latest_step() is None:
-        state = sharding.replicate(create_train_state(config, run.model, optimizer, init_rng),
-                                   mesh)
-    else:
-        state = ckpt.restore(abstract_train_state(config, run.model, optimizer, mesh))
-        logger.info('resumed from %s at step %d', checkpointing.checkpoint_dir(workdir),
-                    int(state.step))
-    start = int(jax.device_get(state.step))
-    logger.info('%s: %s parameters, %d devices, global batch %d, workdir %s', config.get('name'),
-                f'{models.count_params(state.params):,}', mesh.devices.size, tc.batch_size,
-                workdir)
-    batches = input_pipeline.prefetch(input_pipeline.train_iterator(
-        run.train_ds, tc.batch_size, tc.seed, start, config.data.random_flip),
-        config.data.get('prefetch', 2))
-    sample_fn = None
-    can_sample = bool(tc.sample_every_steps) and config.model.name != 'classifier'
-    pending, step, last_saved = [], start, None
+    ckpt = checkpointing.Checkpointer(workdir, tc.keep_checkpoints)
+    batches = None
     try:
+        state = _initial_state(config, run, optimizer, ckpt, init_rng)
+        start = int(jax.device_get(state.step))
+        logger.info('%s: %s parameters, %d devices, global batch %d, workdir %s',
+                    config.get('name'), f'{models.count_params(state.params):,}',
+                    mesh.devices.size, tc.batch_size, workdir)
+        batches = input_pipeline.prefetch(input_pipeline.train_iterator(
+            run.train_ds, tc.batch_size, tc.seed, start, config.data.random_flip),
+            config.data.get('prefetch', 2))
+        sample_fn, previous = None, None
+        can_sample = bool(tc.sample_every_steps) and config.model.name != 'classifier'
+        pending, step, last_saved = [], start, None
         with _Preemption() as preemption:
             for step in range(start + 1, tc.num_train_steps + 1):
                 batch = sharding.shard_batch(next(batches), mesh)
@@ -371,47 +475,53 @@ def train_and_evaluate(config, workdir: str | None = None, *,
                         make_train_step(config, run.model, run.diffusion, optimizer, schedule),
                         mesh, state, batch, train_rng)
                     logger.info('compiled in %.1fs', time.perf_counter() - t0)
-                    timer = (time.perf_counter(), start)
+                    throughput = _Throughput(start, tc.batch_size, tc.num_train_steps)
                 state, metrics = train_step(state, batch, train_rng)
                 pending.append(metrics)
+                if previous is not None:  # one step behind: the device stays busy meanwhile
+                    _check_finite(previous, step - 1, max_skips, ckpt)
+                previous = metrics
                 if on_step is not None:
-                    on_step(step, state)
-                stop = preemption.should_stop(step) or step == tc.num_train_steps
-                if step % tc.log_every_steps == 0 or stop:
-                    summary = _summarize(pending, step)
+                    with throughput.excluded(state):
+                        on_step(step, snapshot(state))
+                sample_now = can_sample and (step % tc.sample_every_steps == 0
+                                             or step == tc.num_train_steps)
+                save_now = step % tc.checkpoint_every_steps == 0
+                log_now = step % tc.log_every_steps == 0
+                # Checked before sampling, so that a pending stop does not wait for it.
+                preempted = preemption.should_stop(step, sync=log_now or save_now or sample_now)
+                if preempted:
+                    logger.warning('stopping at step %d (process %d of %d): saving a checkpoint',
+                                   step, jax.process_index(), jax.process_count())
+                stop = preempted or step == tc.num_train_steps
+                if log_now or save_now or sample_now or stop:
+                    _check_finite(metrics, step, max_skips, ckpt)
+                    previous = None  # checked
+                if log_now or stop:
+                    summary = _summarize(pending)
                     pending = []
-                    timer, eta = _add_throughput(summary, timer, step, tc)
+                    eta = throughput.report(summary, step)
                     writer.scalars(step, summary, note=f'ETA {eta}')
-                # A noisy classifier has nothing to sample.
-                if can_sample and (step % tc.sample_every_steps == 0
-                                              or step == tc.num_train_steps):
-                    sample_fn = sample_fn or make_sample_fn(config, run.model, run.diffusion,
-                                                            tc.num_sample_images, mesh)
-                    samples = sample_fn(state.ema_params, jax.random.fold_in(sample_rng, step))
-                    logger.info('samples: %s', write_samples(workdir, step, samples, writer))
-                if step % tc.checkpoint_every_steps == 0 or stop:
-                    if pending:
-                        _summarize(pending, step)  # never save a non-finite state
-                    ckpt.save(state)
+                if sample_now and (step == tc.num_train_steps or not stop):
+                    with throughput.excluded(state):
+                        sample_fn = sample_fn or make_sample_fn(
+                            config, run.model, run.diffusion, tc.num_sample_images, mesh)
+                        samples = sample_fn(state.ema_params,
+                                            jax.random.fold_in(sample_rng, step))
+                        logger.info('samples: %s', write_samples(workdir, step, samples, writer))
+                if save_now or stop:
+                    with throughput.excluded(state):
+                        ckpt.save(state)  # finite: _check_finite passed at this step
                     last_saved = step
                 if stop:
                     break
+        ckpt.wait()
     finally:
-        batches.close()
+        if batches is not None:
+            batches.close()
         ckpt.close()
         writer.close()
     if last_saved is not None:
         logger.info('checkpoint at step %d in %s', last_saved,
                     checkpointing.checkpoint_dir(workdir))
     return state
-
-
-def _add_throughput(summary: dict, timer, step: int, tc):
-    """Adds steps/s and images/s since the last report; returns (new timer, ETA text)."""
-    now = time.perf_counter()
-    t_prev, step_prev = timer
-    rate = (step - step_prev) / max(now - t_prev, 1e-9)
-    summary['steps_per_sec'] = rate
-    summary['images_per_sec'] = rate * tc.batch_size
-    eta = (tc.num_train_steps - step) / rate if rate > 0 else math.inf
-    return (now, step), logging_utils.format_duration(eta)

@@ -7,7 +7,7 @@ DDIM-50 and DDIM-10 on the devices at hand (random parameters: speed does not de
 For each schedule: one call compiles (reported), then --repeats timed calls of the whole jitted
 sampler (x_T drawn inside, batch sharded over every device). FLOPs come from XLA's cost analysis
 of one network evaluation on the same batch, times the network evaluations per sample (one per
-step for 'ancestral' and 'ddim'); the sampler's own arithmetic is negligible next to the UNet's.
+step for 'ancestral', 'ddim' and 'dpmpp_2m'); the sampler's own arithmetic is negligible next to the UNet's.
 Estimates for schedules not run are scaled from the measured per-step time (--estimate).
 """
 from __future__ import annotations
@@ -33,7 +33,9 @@ from diffusion_jax.respace import space_timesteps  # noqa: E402
 
 # name -> (method, respacing): Ho et al.'s 1000-step ancestral sampler and DDIM's strided ones.
 SCHEDULES = {'ddpm1000': ('ancestral', ''), 'ddim50': ('ddim', 'ddim50'),
-             'ddim10': ('ddim', 'ddim10')}
+             'ddim10': ('ddim', 'ddim10'),
+             # DPM-Solver++(2M) (Lu et al. 2022) at 20 evenly spaced steps, one network call each.
+             'dpmpp2m20': ('dpmpp_2m', 'ddim20')}
 
 
 def _flops(compiled) -> float:
@@ -55,7 +57,10 @@ def forward_flops(model, variables, batch: int, mesh) -> float:
 
 def run(args) -> list[dict]:
     config = cifar10.get_config()
-    model_config = model_configs.ddpm_cifar10()
+    # --tiny: a small UNet so that the script itself can be checked on a CPU in seconds.
+    model_config = (model_configs.tiny_unet(image_size=32, in_channels=3)
+                    if getattr(args, 'tiny', False)
+                    else model_configs.ddpm_cifar10())
     model_config.dtype = 'bfloat16' if args.bf16 else 'float32'
     model = models.get_model(model_config)
     mesh = sharding.make_mesh()
@@ -119,6 +124,7 @@ def main(argv=None):
     parser.add_argument('--repeats', type=int, default=2, help='timed calls after the compile')
     parser.add_argument('--bf16', action='store_true', help='bfloat16 compute in the UNet')
     parser.add_argument('--out', default='', help='also write the results as JSON here')
+    parser.add_argument('--tiny', action='store_true', help='a tiny UNet (checks the script)')
     args = parser.parse_args(argv)
     results = run(args)
     for r in results:

@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
-from diffusion_jax import checkpointing, generate, image_utils, sharding  # noqa: E402
+from diffusion_jax import checkpointing, generate, image_utils, run, sharding  # noqa: E402
 from diffusion_jax.evaluation import evaluate, sample_quality  # noqa: E402
 
 # Where the shared digits artefacts live unless a flag says otherwise.
@@ -86,9 +86,8 @@ class SampleScorer:
             self.config.eval.reference_split = 'train'
             self.config.eval.reference_dir = reference_dir
         self.mesh = sharding.make_mesh()
-        variables, self.step = checkpointing.load_params_for_inference(self.config, workdir,
-                                                                       use_ema=True)
-        self.variables = sharding.replicate(variables, self.mesh)
+        loaded = run.load(workdir, self.config, use_ema=True, mesh=self.mesh)
+        self.config, self.step, self.variables = loaded.config, loaded.step, loaded.variables
         self.space = sample_quality.FeatureSpace(self.config.eval)
 
     def score(self, num_samples: int, batch_size: int = 250, grid_path: str | None = None,

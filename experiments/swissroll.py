@@ -43,15 +43,14 @@ def nearest_distance(a, b):
 
 def main(_):
     from configs import swissroll  # pylint: disable=import-outside-toplevel
-    from diffusion_jax import checkpointing, guidance, input_pipeline, models, samplers  # pylint: disable=import-outside-toplevel
-    from diffusion_jax.diffusion import create_diffusion  # pylint: disable=import-outside-toplevel
+    from diffusion_jax import guidance, input_pipeline, run, samplers  # pylint: disable=import-outside-toplevel
     out, n = FLAGS.workdir, SCALES[FLAGS.scale]
     config = swissroll.get_config()
     model_dir = os.path.join(out, 'model')
     t_train = C.ensure_trained(config, model_dir)
-    variables, step = checkpointing.load_params_for_inference(config, model_dir, use_ema=True)
-    model = models.get_model(config.model)
-    diffusion = create_diffusion(config.diffusion)
+    loaded = run.load(model_dir, use_ema=True)
+    variables, step, model, diffusion = (loaded.variables, loaded.step, loaded.model,
+                                         loaded.diffusion)
     model_fn = guidance.bind_model(model.apply, variables)
     T = diffusion.num_timesteps
     # The roll's arms lie ~0.15 apart and √(1-ᾱ_t) is already 0.19 at t = 5 (T = 100, linear):

@@ -33,7 +33,7 @@ def test_classifier_learns_and_guides_sampling(tmp_path):
 
     # The guided sampler loads this run's classifier from its workdir.
     c.sampling.update(classifier_workdir=workdir, classifier_scale=1.0)
-    grad_fn, num_classes = generate._load_classifier(c.sampling)  # pylint: disable=protected-access
+    grad_fn, num_classes = generate._load_classifier(c)  # pylint: disable=protected-access
     assert num_classes == 10
     x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
     grad = grad_fn(x, jax.numpy.array([0, 5, 10, 19]), jax.numpy.array([0, 1, 2, 3]))

@@ -101,3 +101,109 @@ def test_missing_feature_net_is_a_clear_error(tmp_path):
         c.eval.feature_space = 'lenet'
     with pytest.raises(ValueError, match='eval.feature_space'):
         sample_quality.FeatureSpace(c.eval)
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming and eval.samples_path
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def random_feature_net(tmp_path_factory):
+    """A feature net with random weights (the metrics' identities hold in any feature space)."""
+    folder = str(tmp_path_factory.mktemp('fn'))
+    model = feature_net.FeatureNet(10, 32)
+    params = model.init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32))['params']
+    feature_net.save_feature_net(folder, params, dict(num_classes=10, feature_dim=32,
+                                                      dataset='digits', test_accuracy=0.0))
+    return folder
+
+
+def _file_config(fn_dir, samples_path, reference_dir):
+    c = digits.get_config()
+    with c.unlocked():
+        c.eval.update(feature_space='feature_net', feature_net_dir=fn_dir, batch_size=64,
+                      samples_path=str(samples_path), reference_dir=str(reference_dir))
+    return c
+
+
+def test_streamed_statistics_equal_all_at_once(random_feature_net):
+    c = _file_config(random_feature_net, '', '')
+    space = sample_quality.FeatureSpace(c.eval)
+    images = np.random.default_rng(0).integers(0, 256, (150, 8, 8, 1), dtype=np.uint8)
+    sizes = [7, 64, 1, 50, 28]  # uneven batches
+    batches = np.split(images, np.cumsum(sizes)[:-1])
+    stream = sample_quality.stream_features(space, batches, max_keep=100)
+    whole = space(images)
+    mu, cov = fid.RunningStats.from_features([whole['features']]).mean_cov()
+    s_mu, s_cov = stream.stats.mean_cov()
+    # float32 features of a batch of 7 and of 150 differ in the last bits (XLA picks other
+    # kernels per shape): 1e-5 relative; a lost or doubled batch moves them by ~1e-1.
+    np.testing.assert_allclose(s_mu, mu, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(s_cov, cov, rtol=1e-5, atol=1e-8)
+    got = stream.features()
+    np.testing.assert_allclose(got['features'], whole['features'][:100], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got['logits'], whole['logits'], rtol=1e-5, atol=1e-7)
+    assert stream.num_samples == 150 and len(stream.images()) == 64
+
+
+def test_samples_file_equals_fid_computed_directly(random_feature_net, tmp_path):
+    """An OpenAI-style npz (arr_0 images, arr_1 labels, compressed) scored from the file equals
+    FID / IS / precision-recall computed from the same arrays at once."""
+    rng = np.random.default_rng(1)
+    fake = rng.integers(0, 256, (130, 8, 8, 1), dtype=np.uint8)
+    path = tmp_path / 'openai_samples.npz'
+    np.savez_compressed(path, fake, rng.integers(0, 10, 130))
+    c = _file_config(random_feature_net, path, tmp_path / 'ref')
+    out = sample_quality.evaluate_samples_file(c, str(tmp_path / 'work'))
+    space = sample_quality.FeatureSpace(c.eval)
+    from diffusion_jax import image_utils, input_pipeline  # pylint: disable=import-outside-toplevel
+    real_ds = input_pipeline.get_dataset(c.data, 'train')
+    real = space(image_utils.to_uint8(real_ds.get(np.arange(len(real_ds)))['image']))['features']
+    fake_out = space(fake)
+    assert out['fid'] == pytest.approx(fid.fid_from_features(real, fake_out['features']),
+                                       rel=1e-7)
+    is_mean, _ = fid.inception_score(fake_out['logits'])
+    assert out['inception_score'] == pytest.approx(is_mean, rel=1e-6)
+    precision, recall = fid.precision_recall(real[:130], fake_out['features'])
+    assert (out['precision'], out['recall']) == (precision, recall)
+    assert out['num_samples'] == 130 and out['array'] == 'arr_0'
+    with open(tmp_path / 'work' / 'eval' / 'samples_file_openai_samples.json') as f:
+        assert json.load(f)['fid'] == out['fid']
+    # Our own layout ('images' next to 'labels', uncompressed) reads the same pixels.
+    ours = tmp_path / 'samples.npz'
+    np.savez(ours, images=fake, labels=np.zeros(130, np.int32))
+    batches = list(sample_quality.SamplesFile(str(ours), 8, 1).batches(64))
+    assert [len(b) for b in batches] == [64, 64, 2]
+    np.testing.assert_array_equal(np.concatenate(batches), fake)
+
+
+@pytest.mark.parametrize('arrays,match', [
+    (None, 'does not exist'),
+    (dict(images=np.zeros((20, 8, 8, 1), np.float32)), 'is float32, not uint8'),
+    (dict(images=np.zeros((20, 8, 8, 3), np.uint8)), r'must be NHWC \[N, 8, 8, 1\]'),
+    (dict(images=np.zeros((20, 8, 8), np.uint8)), 'must be NHWC'),
+    (dict(a=np.zeros((20, 8, 8, 1), np.uint8), b=np.zeros(3)), "none is named 'images'"),
+    (dict(images=np.zeros((5, 8, 8, 1), np.uint8)), 'at least 10'),
+])
+def test_samples_file_errors_name_the_field(random_feature_net, tmp_path, arrays, match):
+    path = tmp_path / 'bad.npz'
+    if arrays is not None:
+        np.savez(path, **arrays)
+    c = _file_config(random_feature_net, path, tmp_path / 'ref')
+    with pytest.raises((ValueError, FileNotFoundError), match='eval.samples_path=') as err:
+        sample_quality.evaluate_samples_file(c, str(tmp_path / 'work'))
+    assert err.match(match)
+    assert not (tmp_path / 'work').exists() and not (tmp_path / 'ref').exists()
+
+
+def test_sample_batches_stream_the_samples_draw_samples_returns(trained_run):
+    """uint8 batches from the device (batch i + 1 dispatched before batch i is fetched) are the
+    to_uint8 of draw_samples' floats, cut to num_samples."""
+    from diffusion_jax import generate, image_utils, run, sharding  # pylint: disable=import-outside-toplevel
+    c, workdir = trained_run
+    mesh = sharding.make_mesh()
+    loaded = run.load(workdir, mesh=mesh)
+    whole, _ = generate.draw_samples(loaded.config, loaded.variables, mesh, 20)
+    batches = [x for x, _ in generate.sample_batches(loaded.config, loaded.variables, mesh, 20,
+                                                     uint8=True)]
+    assert [b.shape[0] for b in batches] == [16, 4] and batches[0].dtype == np.uint8
+    np.testing.assert_array_equal(np.concatenate(batches), image_utils.to_uint8(whole))

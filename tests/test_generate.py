@@ -1,7 +1,7 @@
 """run_sampling end to end on tiny networks with random parameters, on the 8 fake CPU devices.
 
-The checkpoint loader (checkpointing.load_params_for_inference, tested with the training code) is
-replaced by random initialisation: these tests are about what the sampling driver writes.
+The run loader (diffusion_jax.run.load, tested in test_run.py) is replaced by random
+initialisation: these tests are about what the sampling driver writes.
 """
 import json
 import os
@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from configs import cifar10, model_configs
-from diffusion_jax import generate, guidance, models
-from diffusion_jax.diffusion import GaussianDiffusion
+from diffusion_jax import generate, guidance, models, run
+from diffusion_jax.diffusion import GaussianDiffusion, create_diffusion
 
 STEP = 7
 
@@ -25,6 +25,12 @@ def _config(model, **sampling):
     config.diffusion.num_timesteps = 40
     config.sampling = generate.default_sampling_config()
     config.sampling.update(sampling)
+    # The data the model was "trained" on: the shapes and classes the validation checks.
+    if 'data_dim' not in model:
+        config.data.update(image_size=model.image_size, channels=model.in_channels)
+    config.data.num_classes = model.num_classes or config.data.num_classes
+    if config.sampling.guidance_scale:
+        config.training.label_dropout = 0.1  # classifier-free guidance needs the null label
     return config
 
 
@@ -34,9 +40,11 @@ def random_params(monkeypatch):
     # programs); the four-step chains run fast either way.
     previous = jax.config.read('jax_disable_most_optimizations')
     jax.config.update('jax_disable_most_optimizations', True)
-    def load(config, workdir):  # pylint: disable=unused-argument
+    def load(config, workdir, mesh):  # pylint: disable=unused-argument
         model = models.get_model(config.model)
-        return models.init_params(model, jax.random.key(0)), STEP
+        return run.Loaded(config=config, variables=models.init_params(model, jax.random.key(0)),
+                          step=STEP, model=model, diffusion=create_diffusion(config.diffusion),
+                          workdir=workdir)
     monkeypatch.setattr(generate, '_load_params', load)
     yield
     jax.config.update('jax_disable_most_optimizations', previous)
@@ -99,7 +107,7 @@ def test_classifier_guidance_with_a_flax_classifier(tmp_path, random_params, mon
     got, want = jax.jit(lambda x: (grad_fn(x, t, y), want_fn(x)))(x)  # eager would take 10 s
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
-    monkeypatch.setattr(generate, '_load_classifier', lambda sampling_config: (grad_fn, 3))
+    monkeypatch.setattr(generate, '_load_classifier', lambda config: (grad_fn, 3))
     config = _config(model_configs.tiny_unet(image_size=8, in_channels=1, ch_mult=(1,),
                                              attn_resolutions=()), num_steps='ddim3',
                      num_samples=8, batch_size=8, classifier_scale=2.0, labels='1')

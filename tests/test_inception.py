@@ -112,7 +112,8 @@ def test_features_match_pytorch_fid(torch_fid_net, state_dict):
     errors = {k: _relative_error(ours[k], ref[k]) for k in ref}
     print("max relative error vs pytorch-fid:", errors)
     assert np.std(ref["pool"]) > 1e-2  # the random network is not degenerate
-    assert all(e <= 1e-4 for e in errors.values()), errors
+    # Measured ~1e-6 (fp32 through ~95 layers); 1e-5 leaves room for other BLAS kernels.
+    assert all(e <= 1e-5 for e in errors.values()), errors
 
 
 @pytest.mark.parametrize("shape", [(37, 41), (400, 350), (299, 299), (8, 8), (1024, 768)])

@@ -185,3 +185,29 @@ def test_real_fashion_mnist_idx_files():
     batch = test.get(np.arange(256))['image']
     assert batch.shape == (256, 28, 28, 1) and batch.min() == -1.0 and batch.max() == 1.0
 
+
+
+def test_parallel_decoding_gives_the_same_batches_and_resumes():
+    """data.num_workers threads: batch s is still the same pure function of (seed, s), so a
+    run resumed with another worker count reads exactly the batches of an uninterrupted one."""
+    data = celeba64.get_config().data  # 218x178 images: crop and PIL resize in every get
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+        serial = input_pipeline.get_dataset(data, data.train_split)
+        with data.unlocked():
+            data.num_workers = 3
+        parallel = input_pipeline.get_dataset(data, data.train_split)
+        assert parallel.get is not serial.get
+        expect = input_pipeline.train_iterator(serial, 5, seed=2, random_flip=True)
+        expect = [next(expect) for _ in range(4)]  # 20 positions: crosses an epoch boundary
+        resumed = input_pipeline.train_iterator(parallel, 5, seed=2, start_step=2,
+                                                random_flip=True)
+        for want in expect[2:]:
+            got = next(resumed)
+            np.testing.assert_array_equal(got['image'], want['image'])
+            np.testing.assert_array_equal(got['label'], want['label'])
+        whole = parallel.get(np.arange(12))
+        np.testing.assert_array_equal(whole['image'], serial.get(np.arange(12))['image'])
+        with data.unlocked():
+            data.num_workers = -1
+        with pytest.raises(ValueError, match='data.num_workers=-1'):
+            input_pipeline.get_dataset(data, data.train_split)

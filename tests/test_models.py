@@ -296,3 +296,73 @@ def test_unknown_field_raises():
     cfg.num_res_block = 2  # a typo must not be silently ignored
     with pytest.raises(ValueError, match='num_res_block'):
         models.get_model(cfg)
+
+
+# --- options for the published checkpoints; the attention kernel ------------------------------
+
+@pytest.mark.parametrize('requested, dtype, head_dim, platform, expected', [
+    ('auto', jnp.bfloat16, 64, 'gpu', 'cudnn'),
+    ('auto', jnp.float16, 128, 'gpu', 'cudnn'),
+    ('auto', jnp.float32, 64, 'gpu', 'xla'),  # cuDNN's fused kernel takes fp16/bf16 only
+    ('auto', jnp.bfloat16, 60, 'gpu', 'xla'),  # head dim not a multiple of 8
+    ('auto', jnp.bfloat16, 256, 'gpu', 'xla'),  # above 128
+    ('auto', jnp.bfloat16, 64, 'cpu', 'xla'),
+    ('auto', jnp.bfloat16, 64, 'tpu', 'xla'),
+    ('xla', jnp.bfloat16, 64, 'gpu', 'xla'),
+    ('cudnn', jnp.bfloat16, 64, 'gpu', 'cudnn'),
+])
+def test_attention_implementation_selection(requested, dtype, head_dim, platform, expected):
+    assert layers.select_attention_implementation(requested, dtype, head_dim,
+                                                  platform) == expected
+
+
+@pytest.mark.parametrize('dtype, head_dim, platform, reason', [
+    (jnp.float32, 64, 'gpu', 'float32'), (jnp.bfloat16, 64, 'cpu', "'cpu'"),
+    (jnp.bfloat16, 12, 'gpu', 'head dimension 12')])
+def test_cudnn_where_it_cannot_run_is_an_error(dtype, head_dim, platform, reason):
+    with pytest.raises(ValueError, match=f"model_config.attention_implementation='cudnn'.*{reason}"):
+        layers.select_attention_implementation('cudnn', dtype, head_dim, platform)
+
+
+def test_default_fields_keep_todays_networks():
+    """The new fields' defaults are today's network: same parameter tree, same outputs."""
+    cfg = model_configs.ddpm_cifar10()
+    assert (cfg.norm_epsilon, cfg.downsample_padding, cfg.timestep_scale, cfg.qkv_order,
+            cfg.num_heads_upsample) == (1e-6, 'symmetric', 1.0, 'new', 0)
+    for name in ('norm_epsilon', 'downsample_padding', 'timestep_scale', 'qkv_order',
+                 'num_heads_upsample', 'attention_implementation'):
+        del cfg[name]
+    assert models.count_params(models.param_shapes(models.get_model(cfg))) == 35_746_307
+
+
+def test_reference_options_change_the_function(tiny):
+    """Each option is live: ε, padding, timestep scale and qkv order each change the output."""
+    args = (tiny['params'], tiny['x'], tiny['t'], tiny['y'])
+    base = tiny['eval'](*args, tiny['key'])
+    for field, value in (('norm_epsilon', 1e-1), ('timestep_scale', 0.25),
+                         ('qkv_order', 'legacy')):
+        other = models.get_model(tiny_config(**{field: value}))
+        out = fast_jit(other.apply, *args)(*args)
+        assert np.abs(out - base).mean() > 1e-3 * np.abs(base).mean(), field
+    # The padding of the strided convs (tiny's resblock_updown has none).
+    strided = [models.get_model(tiny_config(resblock_updown=False, downsample_padding=p))
+               for p in ('symmetric', 'same')]
+    params = perturbed(models.init_params(strided[0], jax.random.key(0)))
+    args = (params, *args[1:])
+    outs = [fast_jit(m.apply, *args)(*args) for m in strided]
+    assert np.abs(outs[1] - outs[0]).mean() > 1e-3 * np.abs(outs[0]).mean()
+
+
+@pytest.mark.parametrize('overrides, field', [
+    (dict(downsample_padding='valid'), 'downsample_padding'),
+    (dict(qkv_order='heads_first'), 'qkv_order'),
+    (dict(attention_implementation='flash'), 'attention_implementation'),
+    (dict(norm_epsilon=0.0), 'norm_epsilon'),
+    (dict(timestep_scale=-1.0), 'timestep_scale'),
+    (dict(num_heads_upsample=3), 'num_heads_upsample'),
+])
+def test_invalid_reference_option_raises_naming_the_field(overrides, field):
+    cfg = model_configs.improved_ddpm_cifar10()
+    cfg.update(overrides)
+    with pytest.raises(ValueError, match=f'model_config.{field}'):
+        models.get_model(cfg)

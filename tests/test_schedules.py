@@ -79,3 +79,57 @@ def test_small_T_with_scaled_default_endpoints_is_refused():
     with pytest.raises(ValueError, match='pass beta_start/beta_end explicitly'):
         schedules.get_beta_schedule('linear', 20)
     assert schedules.get_beta_schedule('linear', 20, beta_end=0.3)[-1] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize('name,T', [('linear', 1000), ('cosine', 1000), ('linear', 50)])
+def test_rescale_zero_terminal_snr_matches_its_definition(name, T):
+    """Lin et al. 2023, Alg. 1: √ᾱ' = (√ᾱ - √ᾱ_T)·√ᾱ_1/(√ᾱ_1 - √ᾱ_T): ᾱ'_T = 0 exactly, √ᾱ_1
+    unchanged, √ᾱ' an affine function of √ᾱ."""
+    betas = (schedules.get_beta_schedule(name, T) if T == 1000
+             else schedules.get_beta_schedule(name, T, beta_start=1e-3, beta_end=0.2))
+    rescaled = schedules.rescale_zero_terminal_snr(betas)
+    assert rescaled.shape == (T,) and np.all(rescaled > 0) and np.all(rescaled <= 1)
+    assert rescaled[-1] == 1.0 and rescaled[0] == betas[0]
+    abar_new = np.cumprod(1 - rescaled)
+    assert abar_new[-1] == 0.0
+    s, s_new = np.sqrt(np.cumprod(1 - betas)), np.sqrt(abar_new)
+    expected = (s - s[-1]) * s[0] / (s[0] - s[-1])
+    np.testing.assert_allclose(s_new[:-1], expected[:-1], rtol=1e-9, atol=1e-12)
+    slope, intercept = np.polyfit(s, s_new, 1)
+    np.testing.assert_allclose(slope * s + intercept, s_new, atol=1e-9)
+
+
+def test_zero_terminal_snr_refuses_eps_and_gives_a_finite_bound_for_v():
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    from diffusion_jax import diffusion as dl
+    config = ml_collections.ConfigDict(dict(
+        beta_schedule='linear', num_timesteps=50, beta_start=1e-3, beta_end=0.2,
+        model_mean_type='eps', model_var_type='fixed_large', loss_type='mse',
+        rescale_zero_terminal_snr=True))
+    with pytest.raises(ValueError, match="rescale_zero_terminal_snr=True with diffusion.model_mean"
+                                         "_type='eps'.*use model_mean_type='v'"):
+        dl.create_diffusion(config)
+    config.model_mean_type = 'v'
+    d = dl.create_diffusion(config)
+    assert d.alphas_cumprod[-1] == 0.0 and d.betas[-1] == 1.0
+    # The exact v of Gaussian data N(μ, s²): v = √ᾱ ε - √(1-ᾱ) x̂0 with the posterior mean x̂0.
+    mu, s2 = 0.1, 0.09
+    abar_all = jnp.asarray(d.alphas_cumprod, jnp.float32)
+
+    def v_fn(x_t, t):
+        abar = abar_all[t].reshape((-1,) + (1,) * (x_t.ndim - 1))
+        var = abar * s2 + 1 - abar
+        x0_hat = mu + jnp.sqrt(abar) * s2 * (x_t - jnp.sqrt(abar) * mu) / var
+        eps = jnp.sqrt(1 - abar) * (x_t - jnp.sqrt(abar) * mu) / var
+        return jnp.sqrt(abar) * eps - jnp.sqrt(1 - abar) * x0_hat
+    x0 = jnp.clip(jnp.round((mu + 0.3 * jax.random.normal(jax.random.key(0), (8, 2, 2, 1)) + 1)
+                            * 127.5), 0, 255) / 127.5 - 1
+    out = jax.jit(lambda x: d.calc_bpd_loop(v_fn, x, jax.random.key(1)))(x0)
+    for name, value in out.items():
+        assert np.all(np.isfinite(np.asarray(value))), name
+    np.testing.assert_array_equal(out['prior_bpd'], 0.0)  # q(x_T|x_0) = N(0, I) exactly
+    # At t = T-1, x_T holds no signal: x̂0 = -v = E[x0] = μ, and the KL term is finite.
+    assert float(out['xstart_mse'][:, -1].mean()) == pytest.approx(
+        float(jnp.mean(jnp.square(x0 - mu))), rel=1e-4)

@@ -45,3 +45,28 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
     mesh = sharding.make_mesh()
     with pytest.raises(ValueError, match='batch_size=12 is not divisible by the 8 devices'):
         sharding.check_global_batch(12, mesh)
+
+
+def test_make_mesh_spans_every_device_with_automatic_axes():
+    mesh = sharding.make_mesh()
+    assert mesh.axis_names == ('data',) and mesh.devices.size == 8
+    assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
+    assert sharding.make_mesh(jax.devices()[:2]).devices.size == 2
+
+
+@pytest.mark.parametrize('args, match', [
+    (('127.0.0.1:1234', None, None), '--num_processes, --process_id missing'),
+    ((None, 2, 0), '--coordinator_address missing'),
+    (('127.0.0.1:1234', 2, 2), r'--process_id=2 is not in \[0, --num_processes=2\)'),
+])
+def test_incomplete_or_inconsistent_distributed_flags_are_refused(args, match):
+    with pytest.raises(ValueError, match=match):
+        sharding.initialize_distributed(*args)
+
+
+def test_no_flags_and_no_cluster_is_a_single_process_run(monkeypatch):
+    for var in ('SLURM_JOB_ID', 'SLURM_NTASKS', 'SLURM_PROCID', 'TPU_WORKER_HOSTNAMES'):
+        monkeypatch.delenv(var, raising=False)
+    assert sharding.initialize_distributed() is False
+    assert jax.process_count() == 1
+    assert sharding.any_process(True) and not sharding.any_process(False)

@@ -77,3 +77,50 @@ def test_update_inside_sharded_jit_agrees_with_host():
 def test_unknown_sampler_name():
     with pytest.raises(ValueError, match="'uniform' or 'loss_aware'"):
         ts.init('importance', 10)
+
+
+def _reference_update(history, counts, t, losses):
+    """The definition, one item at a time in batch order (plain numpy)."""
+    history, counts = np.array(history), np.array(counts)
+    k = history.shape[1]
+    for ti, li in zip(np.asarray(t), np.asarray(losses, np.float32)):
+        history[ti] = np.append(history[ti][1:], li)
+        counts[ti] = min(counts[ti] + 1, k)
+    return history, counts
+
+
+def _scan_update(state, t, losses):
+    """The previous implementation (a scan over the batch), kept as a second reference."""
+    k = state.loss_history.shape[1]
+
+    def push(carry, item):
+        history, counts = carry
+        ti, li = item
+        row = jnp.roll(history[ti], -1).at[k - 1].set(li)
+        return (history.at[ti].set(row), counts.at[ti].set(jnp.minimum(counts[ti] + 1, k))), None
+
+    (history, counts), _ = jax.lax.scan(push, (state.loss_history, state.counts),
+                                        (t, losses.astype(jnp.float32)))
+    return history, counts
+
+
+@pytest.mark.parametrize('num_t,history,batch', [(7, 3, 40), (50, 10, 64), (1000, 10, 128)])
+def test_vectorised_update_equals_one_item_at_a_time(num_t, history, batch):
+    """Random batches with repeats (more repeats of a t than the history holds, for small T),
+    from a random partly filled state, several updates in a row."""
+    rng = np.random.default_rng(num_t)
+    state = ts.LossAwareState(
+        loss_history=jnp.asarray(rng.gamma(2.0, size=(num_t, history)), jnp.float32),
+        counts=jnp.asarray(rng.integers(0, history + 1, num_t), jnp.int32))
+    ref_h, ref_c = np.asarray(state.loss_history), np.asarray(state.counts)
+    update = jax.jit(ts.update)
+    for _ in range(3):
+        t = rng.integers(0, num_t, batch).astype(np.int32)
+        losses = rng.gamma(2.0, size=batch).astype(np.float32)
+        scan_h, scan_c = _scan_update(state, jnp.asarray(t), jnp.asarray(losses))
+        state = update(state, jnp.asarray(t), jnp.asarray(losses))
+        ref_h, ref_c = _reference_update(ref_h, ref_c, t, losses)
+        np.testing.assert_array_equal(state.loss_history, ref_h)
+        np.testing.assert_array_equal(state.counts, ref_c)
+        np.testing.assert_array_equal(scan_h, ref_h)
+        np.testing.assert_array_equal(scan_c, ref_c)

@@ -39,13 +39,16 @@ sum_i x_i x_i^T [D, D]; partial statistics (devices, hosts, shards of a dataset)
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
+import json
 import os
 from typing import BinaryIO, Callable, Iterable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 
@@ -253,27 +256,69 @@ def stats_from_arrays(arrays: Mapping[str, np.ndarray]) -> RunningStats:
     return RunningStats(*(np.asarray(arrays[f], np.float64) for f in RunningStats._fields))
 
 
+def cache_key_suffix(key: Mapping | None) -> str:
+    """A short hash of `key` (JSON, sorted) for the cache file's name: '' without a key."""
+    if not key:
+        return ''
+    text = json.dumps({k: str(v) for k, v in key.items()}, sort_keys=True)
+    return '_' + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def reference_stats(cache_path: str | os.PathLike,
-                    compute_fn: Callable[[], Mapping[str, np.ndarray] | RunningStats]
-                    ) -> dict[str, np.ndarray]:
+                    compute_fn: Callable[[], Mapping[str, np.ndarray] | RunningStats],
+                    key: Mapping | None = None) -> dict[str, np.ndarray]:
     """Load the arrays cached at ``cache_path`` (.npz), or compute, save and return them.
 
     ``compute_fn()`` returns a mapping of arrays (e.g. statistics plus the features needed for
     precision/recall) or a RunningStats (saved via ``stats_to_arrays``). The file is written
     with ``atomic_write``, so a crash or exception never leaves a partial cache that a later
     run would trust.
+
+    key: everything that changes the statistics (dataset, split, image size, crop, feature
+    space and its weights' identity); its hash goes into the file name (cache_key_suffix) and
+    the key itself into the file ('cache_key', JSON), and a file whose stored key differs is
+    not used. Several processes: all of them compute (compute_fn may hold collectives) unless
+    every one sees the cache; process 0 alone writes it, and the others wait at a barrier until
+    it is in place.
     """
-    cache_path = os.fspath(cache_path)
-    if os.path.exists(cache_path):
-        with np.load(cache_path) as data:
-            return {k: data[k] for k in data.files}
+    cache_path = epath.Path(os.fspath(cache_path))
+    if key:
+        cache_path = cache_path.with_name(cache_path.stem + cache_key_suffix(key)
+                                          + cache_path.suffix)
+    key_text = json.dumps({k: str(v) for k, v in (key or {}).items()}, sort_keys=True)
+    cached = _load_cache(cache_path, key_text if key else None)
+    if not _every_process(cached is not None):
+        cached = None
+    if cached is not None:
+        return cached
     arrays = compute_fn()
     if isinstance(arrays, RunningStats):
         arrays = stats_to_arrays(arrays)
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
-    os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-    atomic_write(cache_path, lambda f: np.savez(f, **arrays))
+    if jax.process_index() == 0:
+        stored = dict(arrays, cache_key=np.asarray(key_text)) if key else arrays
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache_path, lambda f: np.savez(f, **stored))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f'fid.reference_stats:{cache_path.name}')
     return arrays
+
+
+def _load_cache(path: epath.Path, key_text: str | None) -> dict[str, np.ndarray] | None:
+    if not path.exists():
+        return None
+    with path.open('rb') as f, np.load(f) as data:
+        arrays = {k: data[k] for k in data.files}
+    stored_key = arrays.pop('cache_key', None)
+    if key_text is not None and (stored_key is None or str(stored_key) != key_text):
+        return None
+    return arrays
+
+
+def _every_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:

@@ -16,10 +16,18 @@ Features come from one of two spaces (config.eval.feature_space):
 The reference statistics of (dataset, split, feature space) are computed once and cached in
 config.eval.reference_dir (default workdir/eval) as .npz, with up to num_samples real features kept
 for precision/recall.
+
+Streaming: samples arrive as uint8 batches (generate.sample_batches, or batches read from an
+.npz), each batch's features go into float64 running statistics (fid.RunningStats) and only
+the features themselves are kept (for precision/recall and IS), so host memory is O(N·D) for
+D-dim features, never O(N·H·W·C) for the pixels. `evaluate_samples_file` scores an existing
+samples.npz (eval.samples_path) the same way without loading a model.
 """
 from __future__ import annotations
 
 import os
+import zipfile
+from typing import Iterable, Iterator
 
 import jax
 import numpy as np
@@ -89,10 +97,63 @@ def reference_features(config, space: FeatureSpace, max_keep: int, folder: str) 
     return fid.reference_stats(os.path.join(folder, name), compute)
 
 
-def sample_metrics(fake_features: dict, ref: dict, k: int = 3, is_splits: int = 10) -> dict:
-    """FID, IS and precision/recall of fake features against reference arrays."""
-    fake_stats = fid.RunningStats.zeros(fake_features['features'].shape[1]).update(
-        fake_features['features'])
+class FeatureStream:
+    """Running statistics of streamed feature batches, plus the features kept for
+    precision/recall (the first max_keep), the logits for IS and the first grid images.
+
+    add(images uint8 [b, H, W, C]) runs the feature space on one batch; host memory is the
+    kept features and logits, O(N·D).
+    """
+
+    def __init__(self, space: FeatureSpace, max_keep: int, keep_images: int = 64):
+        self.space, self.max_keep, self.keep_images = space, max_keep, keep_images
+        self.stats = None
+        self._features, self._logits, self._images = [], [], []
+
+    def add(self, images) -> None:
+        images = np.asarray(images)
+        out = self.space(images)
+        feats = np.asarray(out['features'], np.float32)
+        self.stats = (self.stats or fid.RunningStats.zeros(feats.shape[1])).update(feats)
+        kept = sum(len(f) for f in self._features)
+        if kept < self.max_keep:
+            self._features.append(feats[:self.max_keep - kept])
+        self._logits.append(np.asarray(out['logits'], np.float32))
+        shown = sum(len(i) for i in self._images)
+        if shown < self.keep_images:
+            self._images.append(images[:self.keep_images - shown])
+
+    @property
+    def num_samples(self) -> int:
+        return 0 if self.stats is None else int(self.stats.n)
+
+    def features(self) -> dict:
+        return dict(features=np.concatenate(self._features), logits=np.concatenate(self._logits))
+
+    def images(self) -> np.ndarray:
+        return np.concatenate(self._images)
+
+
+def stream_features(space: FeatureSpace, image_batches: Iterable, max_keep: int) -> FeatureStream:
+    """Feeds uint8 image batches [b, H, W, C] through the feature space, one at a time."""
+    stream = FeatureStream(space, max_keep)
+    for images in image_batches:
+        stream.add(images)
+    if stream.num_samples == 0:
+        raise ValueError('no samples to evaluate')
+    return stream
+
+
+def sample_metrics(fake_features: dict, ref: dict, k: int = 3, is_splits: int = 10,
+                   fake_stats: fid.RunningStats | None = None) -> dict:
+    """FID, IS and precision/recall of fake features against reference arrays.
+
+    fake_stats: the statistics of all fake features when they were streamed (else computed
+    from fake_features['features']); precision/recall uses the first len(ref['features']).
+    """
+    if fake_stats is None:
+        fake_stats = fid.RunningStats.zeros(fake_features['features'].shape[1]).update(
+            fake_features['features'])
     fid_value = fid.fid_from_stats(fid.stats_from_arrays(ref), fake_stats)
     is_mean, is_std = fid.inception_score(fake_features['logits'], num_splits=is_splits)
     real = ref['features']
@@ -100,28 +161,158 @@ def sample_metrics(fake_features: dict, ref: dict, k: int = 3, is_splits: int = 
     precision, recall = fid.precision_recall(real, fake, k=k)
     return dict(fid=float(fid_value), inception_score=float(is_mean),
                 inception_score_std=float(is_std), precision=float(precision),
-                recall=float(recall), num_samples=int(fake_features['features'].shape[0]),
+                recall=float(recall), num_samples=int(fake_stats.n),
                 num_reference_for_pr=int(len(real)))
 
 
+def _reference_folder(config, workdir: str) -> str:
+    return config.eval.get('reference_dir', '') or os.path.join(workdir, 'eval')
+
+
 def evaluate_samples(config, workdir: str, variables, step: int, mesh) -> dict:
-    """Draws config.eval.num_samples samples and scores them; writes eval/samples_<step>.json."""
+    """Draws config.eval.num_samples samples and scores them; writes eval/samples_<step>.json.
+
+    The samples stream: each batch is drawn as uint8 on the device, its features enter the
+    running statistics, and the pixels are dropped (the next batch is already being drawn).
+    """
     from diffusion_jax import generate  # pylint: disable=import-outside-toplevel
     e = config.eval
     space = FeatureSpace(e)
     num = int(e.get('num_samples', 50_000))
-    samples, _ = generate.draw_samples(config, variables, mesh, num)
-    images = image_utils.to_uint8(samples)
-    fake = space(images)
-    ref = reference_features(config, space, max_keep=num,
-                             folder=e.get('reference_dir', '') or os.path.join(workdir, 'eval'))
-    result = dict(sample_metrics(fake, ref), step=step, feature_space=space.name,
-                  sampler=config.sampling.method, num_steps=str(config.sampling.num_steps),
-                  eta=float(config.sampling.eta), dataset=config.data.dataset)
+    batches = (x for x, _ in generate.sample_batches(config, variables, mesh, num, uint8=True))
+    stream = stream_features(space, batches, max_keep=num)
+    ref = reference_features(config, space, max_keep=num, folder=_reference_folder(config, workdir))
+    result = dict(sample_metrics(stream.features(), ref, fake_stats=stream.stats), step=step,
+                  feature_space=space.name, sampler=config.sampling.method,
+                  num_steps=str(config.sampling.num_steps), eta=float(config.sampling.eta),
+                  dataset=config.data.dataset)
     if jax.process_index() == 0:
         folder = os.path.join(workdir, 'eval')
         image_utils.write_json(os.path.join(folder, f'samples_{step}.json'), result)
-        image_utils.save_grid(os.path.join(folder, f'samples_{step}.png'), images[:64])
+        image_utils.save_grid(os.path.join(folder, f'samples_{step}.png'), stream.images())
     logging.info('sample quality at step %d: %s', step, result)
     return result
 
+
+# ----------------------------------------------------------------------------------------------
+# An existing samples file (eval.samples_path)
+# ----------------------------------------------------------------------------------------------
+def _pick_key(names: list[str], path: str) -> str:
+    """'images' (ours), else 'arr_0' (OpenAI's guided-diffusion/ADM npz), else the sole array."""
+    for key in ('images', 'arr_0'):
+        if key in names:
+            return key
+    if len(names) == 1:
+        return names[0]
+    raise ValueError(f'eval.samples_path={path!r} holds arrays {names}: none is named \'images\' '
+                     "or 'arr_0' and there is more than one; save the samples as 'images'.")
+
+
+class SamplesFile:
+    """The uint8 NHWC image array of a .npz (or .npy) file, read batch by batch.
+
+    A member of an .npz is a .npy file inside a zip archive; its header gives dtype and shape,
+    and its rows are read in order straight from the archive (compressed or not), so a 50k
+    LSUN-256 file (9.8 GB of pixels) never sits in memory whole.
+    """
+
+    def __init__(self, path: str, image_size: int, channels: int):
+        self.path = path
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'eval.samples_path={path!r} does not exist: point it at a '
+                                    'samples .npz (e.g. <workdir>/samples/<step>/samples.npz).')
+        if path.endswith('.npy'):
+            self._open = lambda: open(path, 'rb')
+            self.key = None
+        else:
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    names = [n[:-4] for n in archive.namelist() if n.endswith('.npy')]
+            except zipfile.BadZipFile as err:
+                raise ValueError(f'eval.samples_path={path!r} is not an .npz file ({err}): '
+                                 'write it with numpy.savez.') from err
+            self.key = _pick_key(names, path)
+            self._open = lambda: _ZipMember(path, self.key + '.npy')
+        with self._open() as f:
+            self.shape, self._fortran, dtype = _npy_header(f, path)
+        expect = (image_size, image_size, channels)
+        if dtype != np.uint8:
+            raise ValueError(f'eval.samples_path={path!r}: array {self.key!r} is {dtype}, not '
+                             'uint8: save pixels 0..255 as uint8 (image_utils.to_uint8).')
+        if len(self.shape) != 4 or tuple(self.shape[1:]) != expect or self._fortran:
+            raise ValueError(
+                f'eval.samples_path={path!r}: array {self.key!r} has shape {self.shape}; it must '
+                f'be NHWC [N, {image_size}, {image_size}, {channels}] (C order) to match '
+                f'data.image_size={image_size} and data.channels={channels}.')
+        self.num_samples = int(self.shape[0])
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        row = int(np.prod(self.shape[1:]))
+        with self._open() as f:
+            _npy_header(f, self.path)
+            for start in range(0, self.num_samples, batch_size):
+                n = min(batch_size, self.num_samples - start)
+                data = f.read(n * row)
+                if len(data) != n * row:
+                    raise ValueError(f'eval.samples_path={self.path!r} is truncated: expected '
+                                     f'{self.num_samples} images, the data ends at {start}.')
+                yield np.frombuffer(data, np.uint8).reshape((n, *self.shape[1:]))
+
+
+class _ZipMember:
+    def __init__(self, path, name):
+        self._archive = zipfile.ZipFile(path)
+        self._file = self._archive.open(name)
+
+    def read(self, n=-1):
+        return self._file.read(n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+        self._archive.close()
+
+
+def _npy_header(f, path):
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(f)
+        return np.lib.format.read_array_header_2_0(f)
+    except ValueError as err:
+        raise ValueError(f'eval.samples_path={path!r} holds no readable .npy array ({err}).'
+                         ) from err
+
+
+def evaluate_samples_file(config, workdir: str) -> dict:
+    """FID / IS / precision-recall of the images in config.eval.samples_path against the
+    configured reference statistics (eval.reference_split of data.dataset in
+    eval.feature_space), without a model; writes eval/samples_file_<name>.json.
+
+    The file: an .npz with uint8 NHWC images under 'images' (ours), 'arr_0' (OpenAI's), or as
+    its sole array (or an .npy of that array), [N, data.image_size, data.image_size,
+    data.channels]. All N images are scored; precision/recall uses min(N, ...) of them, as
+    evaluate_samples does with eval.num_samples.
+    """
+    e, d = config.eval, config.data
+    path = os.fspath(e.get('samples_path', '') or '')
+    if not path:
+        raise ValueError("eval.samples_path='' names no file: set it to a samples .npz.")
+    samples = SamplesFile(path, int(d.image_size), int(d.channels))
+    if samples.num_samples < 10:
+        raise ValueError(f'eval.samples_path={path!r} holds {samples.num_samples} images: the '
+                         'Inception Score needs at least 10 (its 10 splits).')
+    space = FeatureSpace(e)
+    num = samples.num_samples
+    stream = stream_features(space, samples.batches(int(e.batch_size)), max_keep=num)
+    ref = reference_features(config, space, max_keep=num, folder=_reference_folder(config, workdir))
+    result = dict(sample_metrics(stream.features(), ref, fake_stats=stream.stats),
+                  samples_path=path, array=samples.key, feature_space=space.name,
+                  dataset=d.dataset)
+    if jax.process_index() == 0:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        image_utils.write_json(os.path.join(workdir, 'eval', f'samples_file_{stem}.json'), result)
+    logging.info('sample quality of %s: %s', path, result)
+    return result

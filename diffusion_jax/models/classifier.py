@@ -6,7 +6,11 @@ The trunk is the UNet's down path and middle block (same fields, same blocks); t
     'attention': GN -> swish -> attention pooling (ADM's AttentionPool2d, from CLIP): the spatial
                  mean is prepended as an extra token, a learned positional embedding is added, and
                  the mean token's multi-head attention output is projected to the logits;
-    'spatial':   GN -> swish -> mean over H, W -> dense to the logits (ADM's 'adaptive' head).
+    'adaptive':  GN -> swish -> mean over H, W -> zero-initialised dense to the logits (ADM's
+                 'adaptive' head: AdaptiveAvgPool2d then a 1x1 conv);
+    'spatial':   the spatial means of every down-path output (conv_in included) and of the middle
+                 block, concatenated -> dense(2048) -> ReLU -> dense to the logits (ADM's
+                 'spatial' head).
 
 Classifier guidance needs ∇_{x_t} log p_phi(y | x_t, t), which `classifier_log_prob_grad` returns.
 """
@@ -19,14 +23,16 @@ import jax.numpy as jnp
 from diffusion_jax.models import layers
 from diffusion_jax.models import unet
 
-POOLS = ('attention', 'spatial')
+POOLS = ('attention', 'adaptive', 'spatial')
+# Hidden width of ADM's 'spatial' head (guided-diffusion unet.py, EncoderUNetModel).
+SPATIAL_HEAD_WIDTH = 2048
 
 
 class AttentionPool(nn.Module):
     """[B, H, W, C] -> [B, out_dim]: the mean token attends over itself and all H·W positions."""
     num_heads: int
     out_dim: int
-    implementation: str | None = None
+    implementation: str = 'auto'
     dtype: layers.Dtype = jnp.float32
 
     @nn.compact
@@ -39,10 +45,13 @@ class AttentionPool(nn.Module):
                          (height * width + 1, c), jnp.float32)
         tokens = tokens + pos.astype(self.dtype)
         qkv = layers.dense(3 * c, self.dtype, 'qkv')(tokens)
-        qkv = qkv.reshape(b, height * width + 1, 3, self.num_heads, c // self.num_heads)
+        # ADM's AttentionPool2d always uses the 'new' (3, heads, C/heads) channel order.
+        q, k, v = layers.split_qkv(qkv, self.num_heads, 'new')
         # Only the mean token's output is read, so only its query is needed.
-        q, k, v = qkv[:, :1, 0], qkv[:, :, 1], qkv[:, :, 2]
-        a = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        q = q[:, :1]
+        impl = layers.select_attention_implementation(self.implementation, self.dtype,
+                                                      q.shape[-1])
+        a = jax.nn.dot_product_attention(q, k, v, implementation=impl)
         return layers.dense(self.out_dim, self.dtype, 'c_proj')(a.reshape(b, c))
 
 
@@ -64,8 +73,12 @@ class Classifier(nn.Module):
     timestep_embedding: str = 'improved'
     pool: str = 'attention'
     num_groups: int = 32
-    attention_implementation: str | None = None
+    attention_implementation: str = 'auto'
     dtype: str = 'float32'
+    norm_epsilon: float = layers.GROUPNORM_EPSILON
+    downsample_padding: str = 'symmetric'
+    timestep_scale: float = 1.0
+    qkv_order: str = 'new'
 
     def __post_init__(self):
         unet.validate_unet_fields(self)
@@ -81,18 +94,24 @@ class Classifier(nn.Module):
         unet.check_input(self, x)
         dtype = layers.compute_dtype(self.dtype)
         t = jnp.broadcast_to(t, x.shape[:1])
-        emb = layers.TimeEmbedding(self.ch, unet.EMB_MULT * self.ch, self.timestep_embedding,
-                                   dtype, name='temb')(t)
-        h, _ = unet.encode(self, x, emb, train)
+        emb = unet.time_embedding(self, t)
+        h, hs = unet.encode(self, x, emb, train)
         h = unet.middle(self, h, emb, train)
-        h = nn.swish(layers.GroupNorm(self.num_groups, dtype, name='norm_out')(h))
+        if self.pool == 'spatial':
+            means = [a.astype(jnp.float32).mean(axis=(1, 2)) for a in (*hs, h)]
+            feats = jnp.concatenate(means, axis=-1).astype(dtype)
+            feats = nn.relu(layers.dense(SPATIAL_HEAD_WIDTH, dtype, 'head_0')(feats))
+            return layers.dense(self.num_classes, dtype, 'head_1')(feats).astype(jnp.float32)
+        h = nn.swish(layers.GroupNorm(self.num_groups, dtype, self.norm_epsilon,
+                                      name='norm_out')(h))
         if self.pool == 'attention':
             heads = layers.resolve_num_heads(h.shape[-1], self.num_heads, self.num_head_channels)
             logits = AttentionPool(heads, self.num_classes, self.attention_implementation, dtype,
                                    name='pool')(h)
         else:
             pooled = h.astype(jnp.float32).mean(axis=(1, 2)).astype(dtype)
-            logits = layers.dense(self.num_classes, dtype, 'head')(pooled)
+            # Zero init as ADM's zero_module: a fresh classifier is uniform over the classes.
+            logits = layers.dense(self.num_classes, dtype, 'head', init_scale=0.0)(pooled)
         return logits.astype(jnp.float32)
 
 

@@ -17,6 +17,13 @@ By configuration this is Ho et al.'s CIFAR-10 model (35,746,307 parameters), imp
 (52,546,438: num_res_blocks=3, 4 heads, attention at 16 and 8, scale-shift norm, 6 outputs) and
 ADM (num_head_channels, resblock_updown, class conditioning). The output conv is zero-initialised,
 so a fresh model predicts exactly 0.
+
+Fields that exist so that the published checkpoints load into the same network (configs/
+pretrained.py sets each preset's value; the defaults keep the configs of configs/*.py unchanged):
+norm_epsilon (GroupNorm ε), downsample_padding ('symmetric' | 'same'), timestep_scale (the
+embedding sees t·timestep_scale; callers always pass the integer timesteps of the diffusion),
+num_heads_upsample (heads of the up path's attention; 0: num_heads), qkv_order ('new' | 'legacy'),
+attention_implementation ('auto' | 'xla' | 'cudnn', see layers.select_attention_implementation).
 """
 from __future__ import annotations
 
@@ -38,6 +45,19 @@ def validate_unet_fields(m) -> None:
     """Raises one ValueError naming the offending model_config field and the fix."""
     layers.compute_dtype(m.dtype)
     layers.check_choice('timestep_embedding', m.timestep_embedding, layers.TIMESTEP_EMBEDDINGS)
+    layers.check_choice('downsample_padding', m.downsample_padding, layers.DOWNSAMPLE_PADDINGS)
+    layers.check_choice('qkv_order', m.qkv_order, layers.QKV_ORDERS)
+    layers.check_choice('attention_implementation', m.attention_implementation,
+                        layers.ATTENTION_IMPLEMENTATIONS)
+    if not m.norm_epsilon > 0:
+        raise ValueError(f'model_config.norm_epsilon={m.norm_epsilon} must be > 0: use 1e-6 '
+                         "(Ho et al.'s TF GroupNorm) or 1e-5 (PyTorch's GroupNorm).")
+    if not m.timestep_scale > 0:
+        raise ValueError(f'model_config.timestep_scale={m.timestep_scale} must be > 0: use 1, or '
+                         '1000/T for a model trained with rescaled timesteps.')
+    if getattr(m, 'num_heads_upsample', 0) < 0:
+        raise ValueError(f'model_config.num_heads_upsample={m.num_heads_upsample} must be >= 0 '
+                         '(0: the same as num_heads).')
     factor = 2 ** (len(m.ch_mult) - 1)
     if m.image_size % factor:
         raise ValueError(
@@ -59,13 +79,18 @@ def validate_unet_fields(m) -> None:
             raise ValueError(
                 f'model_config.attn_resolutions contains {res}, which is not a resolution of this '
                 f'UNet ({resolutions}): use only those values.')
-    for level_ch in [m.ch * mult for mult in m.ch_mult]:
-        heads = layers.resolve_num_heads(level_ch, m.num_heads, m.num_head_channels)
-        head_ch = m.num_head_channels or level_ch // max(heads, 1)
-        if heads < 1 or level_ch % heads or level_ch % head_ch:
-            raise ValueError(
-                f'model_config.num_heads={m.num_heads} / num_head_channels={m.num_head_channels} '
-                f'do not divide the {level_ch} channels of a level: pick a divisor.')
+    head_counts = {'num_heads': m.num_heads}
+    if getattr(m, 'num_heads_upsample', 0):
+        head_counts['num_heads_upsample'] = m.num_heads_upsample
+    for field, num_heads in head_counts.items():
+        for level_ch in [m.ch * mult for mult in m.ch_mult]:
+            heads = layers.resolve_num_heads(level_ch, num_heads, m.num_head_channels)
+            head_ch = m.num_head_channels or level_ch // max(heads, 1)
+            if heads < 1 or level_ch % heads or level_ch % head_ch:
+                raise ValueError(
+                    f'model_config.{field}={num_heads} / num_head_channels='
+                    f'{m.num_head_channels} do not divide the {level_ch} channels of a level: '
+                    'pick a divisor.')
     if not 0.0 <= m.dropout < 1.0:
         raise ValueError(f'model_config.dropout={m.dropout} is outside [0, 1): pick a rate in it.')
 
@@ -81,13 +106,24 @@ def check_input(m, x) -> None:
 
 def res_block(m, out_ch: int, name: str, resample: str | None = None) -> layers.ResBlock:
     return layers.ResBlock(out_ch, m.dropout, m.use_scale_shift_norm, m.rescale_skip, resample,
-                           m.num_groups, layers.compute_dtype(m.dtype), name=name)
+                           m.num_groups, layers.compute_dtype(m.dtype),
+                           norm_epsilon=m.norm_epsilon, name=name)
 
 
-def attn_block(m, channels: int, name: str) -> layers.AttentionBlock:
-    heads = layers.resolve_num_heads(channels, m.num_heads, m.num_head_channels)
+def attn_block(m, channels: int, name: str, upsample: bool = False) -> layers.AttentionBlock:
+    """Attention with num_heads (num_heads_upsample on the up path, when set) or num_head_channels."""
+    num_heads = (getattr(m, 'num_heads_upsample', 0) or m.num_heads) if upsample else m.num_heads
+    heads = layers.resolve_num_heads(channels, num_heads, m.num_head_channels)
     return layers.AttentionBlock(heads, m.rescale_skip, m.num_groups, m.attention_implementation,
-                                 layers.compute_dtype(m.dtype), name=name)
+                                 layers.compute_dtype(m.dtype), qkv_order=m.qkv_order,
+                                 norm_epsilon=m.norm_epsilon, name=name)
+
+
+def time_embedding(m, t):
+    """The conditioning embedding [B, 4·ch] of the integer timesteps t [B]."""
+    dtype = layers.compute_dtype(m.dtype)
+    return layers.TimeEmbedding(m.ch, EMB_MULT * m.ch, m.timestep_embedding, dtype,
+                                timestep_scale=m.timestep_scale, name='temb')(t)
 
 
 def encode(m, x, emb, train: bool):
@@ -107,7 +143,8 @@ def encode(m, x, emb, train: bool):
             if m.resblock_updown:
                 h = res_block(m, h.shape[-1], f'down_{level}_downsample', 'down')(h, emb, train)
             else:
-                h = layers.Downsample(dtype, name=f'down_{level}_downsample')(h)
+                h = layers.Downsample(dtype, m.downsample_padding,
+                                      name=f'down_{level}_downsample')(h)
             hs.append(h)
     return h, hs
 
@@ -130,7 +167,7 @@ def decode(m, h, hs, emb, train: bool):
             h = jnp.concatenate([h, hs.pop()], axis=-1)
             h = res_block(m, out_ch, f'up_{level}_block_{i}')(h, emb, train)
             if level in attn_levels:
-                h = attn_block(m, out_ch, f'up_{level}_attn_{i}')(h)
+                h = attn_block(m, out_ch, f'up_{level}_attn_{i}', upsample=True)(h)
         if level != 0:
             if m.resblock_updown:
                 h = res_block(m, out_ch, f'up_{level}_upsample', 'up')(h, emb, train)
@@ -161,8 +198,13 @@ class UNet(nn.Module):
     timestep_embedding: str = 'ddpm'
     num_classes: int = 0
     num_groups: int = 32
-    attention_implementation: str | None = None
+    attention_implementation: str = 'auto'
     dtype: str = 'float32'
+    norm_epsilon: float = layers.GROUPNORM_EPSILON
+    downsample_padding: str = 'symmetric'
+    timestep_scale: float = 1.0
+    num_heads_upsample: int = 0
+    qkv_order: str = 'new'
 
     def __post_init__(self):
         validate_unet_fields(self)
@@ -174,13 +216,13 @@ class UNet(nn.Module):
         check_input(self, x)
         dtype = layers.compute_dtype(self.dtype)
         t = jnp.broadcast_to(t, x.shape[:1])
-        emb = layers.TimeEmbedding(self.ch, EMB_MULT * self.ch, self.timestep_embedding, dtype,
-                                   name='temb')(t)
+        emb = time_embedding(self, t)
         emb = layers.add_label_embedding(emb, y, self.num_classes, dtype)
         h, hs = encode(self, x, emb, train)
         h = middle(self, h, emb, train)
         h = decode(self, h, hs, emb, train)
-        h = nn.swish(layers.GroupNorm(self.num_groups, dtype, name='norm_out')(h))
+        h = nn.swish(layers.GroupNorm(self.num_groups, dtype, self.norm_epsilon,
+                                      name='norm_out')(h))
         # Zero init: the untrained model predicts 0, a safe start for eps- or x0-prediction.
         h = layers.conv3x3(self.out_channels, dtype, 'conv_out', init_scale=0.0)(h)
         return h.astype(jnp.float32)

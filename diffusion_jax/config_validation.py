@@ -1,0 +1,221 @@
+"""The whole config checked up front, before anything compiles, reads data or writes a file.
+
+    config = config_validation.resolve(config, mode='train', typed={'diffusion.model_var_type':
+                                                                     'learned_range'})
+
+`resolve` returns a new ConfigDict with the derived fields filled in, or raises one ValueError
+whose message starts with `section.field=value`, says what is wrong and how to fix it (main.py
+prints it as one `error:` line). The checks, in the order a user would fix them, are listed in
+CHECKS (the README's table is made from the same list).
+
+Derived fields ("typed once"): the model's input size and channels follow `data.image_size` /
+`data.channels`, and its output channels follow `diffusion.model_var_type` (2·C for a learned
+variance, C otherwise; for the MLP: out_dim from data_dim). A field is derived when it is None or
+when the user typed the field it follows but not the field itself (`typed`, the dotted paths given
+on the command line); a value set explicitly that does not fit is an error naming both fields.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+MODES = ('train', 'eval', 'sample')
+LEARNED_VARIANCES = ('learned', 'learned_range')
+BATCH_FIELDS = ('training.batch_size', 'sampling.batch_size', 'eval.batch_size')
+# Integer fields that may be -1: "the latest checkpoint".
+LATEST_ALLOWED = ('sampling.checkpoint_step', 'eval.checkpoint_step')
+
+CHECKS = (
+    ('--mode', 'one of train, eval, sample'),
+    ('any count (`*batch_size`, `*_steps`, `num_*`, `keep_checkpoints`, ...)', 'not negative'),
+    ('training/sampling/eval.batch_size', '> 0'),
+    ('training.num_train_steps, log_every_steps, checkpoint_every_steps (train)', '> 0'),
+    ('diffusion.*', 'a valid schedule, mean/variance/loss type, timestep sampler'),
+    ('model.image_size / in_channels', 'equal data.image_size / data.channels (derived)'),
+    ('model.out_channels (out_dim)', '2·C for a learned diffusion.model_var_type, C otherwise '
+     '(derived)'),
+    ('model.num_classes', '0 or data.num_classes'),
+    ('sampling.method', 'a registered sampler (diffusion_jax.samplers)'),
+    ('sampling.num_steps', 'a valid respacing of diffusion.num_timesteps'),
+    ('sampling.guidance_scale > 0', 'model.num_classes > 0 and training.label_dropout > 0'),
+    ('training.label_dropout > 0', 'model.num_classes > 0'),
+    ('eval.nll_estimator / eval.feature_space', 'a known name'),
+)
+
+
+def _is_count(name: str) -> bool:
+    return (name.endswith('batch_size') or name.endswith('_steps') or name.startswith('num_')
+            or name.endswith('_every') or name == 'keep_checkpoints'
+            or name.endswith('_per_image') or name.endswith('_step'))
+
+
+def _leaves(tree, prefix=''):
+    for key, value in tree.items():
+        if isinstance(value, (dict, ml_collections.ConfigDict)):
+            yield from _leaves(value, f'{prefix}{key}.')
+        else:
+            yield f'{prefix}{key}', value
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f'--mode={mode!r} is not a mode: use one of {", ".join(MODES)}.')
+
+
+def _check_counts(config, mode: str) -> None:
+    for path in BATCH_FIELDS:
+        section, field = path.split('.')
+        if section in config and field in config[section] and config[section][field] <= 0:
+            raise ValueError(f'{path}={config[section][field]} must be > 0: the number of '
+                             'examples per step (a multiple of the device count).')
+    for path, value in _leaves(config):
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue
+        low = -1 if path in LATEST_ALLOWED else 0
+        if _is_count(path.rsplit('.', 1)[-1]) and value < low:
+            raise ValueError(f'{path}={value} is negative: counts and step numbers cannot be; '
+                             f'set it to a number >= 0'
+                             f'{" (or -1 for the latest checkpoint)" if low < 0 else ""}.')
+    if mode == 'train':
+        t = config.training
+        for field, why in (('num_train_steps', 'the number of optimiser steps to train for'),
+                           ('log_every_steps', 'how often metrics are written'),
+                           ('checkpoint_every_steps', 'how often a checkpoint is saved')):
+            if t[field] <= 0:
+                raise ValueError(f'training.{field}={t[field]} must be > 0: {why} '
+                                 f'(e.g. --config.training.{field}=1000).')
+
+
+def _check_diffusion(config) -> None:
+    from diffusion_jax import train  # pylint: disable=import-outside-toplevel
+    from diffusion_jax.diffusion import create_diffusion  # pylint: disable=import-outside-toplevel
+    d = config.diffusion
+    if d.get('timestep_sampler', 'uniform') not in train.SAMPLERS:
+        raise ValueError(f'diffusion.timestep_sampler={d.timestep_sampler!r} is not valid; '
+                         f'choose one of {", ".join(train.SAMPLERS)}.')
+    try:
+        create_diffusion(d)
+    except ValueError as err:
+        text = str(err)
+        raise ValueError(text if text.startswith('diffusion.') else f'diffusion.{text}') from err
+
+
+def _expected_out(model, config) -> tuple[str, int]:
+    """(the output field of this network, its value implied by the variance type)."""
+    learned = config.diffusion.model_var_type in LEARNED_VARIANCES
+    if 'data_dim' in model:
+        return 'out_dim', int(model.data_dim) * (2 if learned else 1)
+    return 'out_channels', int(model.in_channels) * (2 if learned else 1)
+
+
+def _derive_model(config, typed) -> None:
+    """Fills in / checks the model fields that follow data and diffusion (config is unlocked)."""
+    model, data = config.model, config.data
+    if model.get('name') == 'mlp' or 'data_dim' in model:
+        pairs = ()
+    else:
+        pairs = (('image_size', 'image_size'), ('channels', 'in_channels'))
+    for data_field, model_field in pairs:
+        if model_field not in model or data_field not in data:
+            continue
+        follows = f'data.{data_field}' in typed and f'model.{model_field}' not in typed
+        if model[model_field] is None or follows:
+            model[model_field] = data[data_field]
+            typed = typed | {f'model.{model_field}'}  # what follows from it is re-derived
+        elif model[model_field] != data[data_field]:
+            raise ValueError(f'model.{model_field}={model[model_field]} does not fit data.'
+                             f'{data_field}={data[data_field]}: set both to the same value (or '
+                             f'leave model.{model_field} unset to derive it).')
+    if model.get('name') == 'classifier':
+        return  # a classifier's output is its logits
+    field, want = _expected_out(model, config)
+    if field not in model:
+        return
+    sources = ('diffusion.model_var_type', 'model.in_channels', 'model.data_dim')
+    follows = any(s in typed for s in sources) and f'model.{field}' not in typed
+    if model[field] is None or follows:
+        model[field] = want
+    elif model[field] != want:
+        kind = 'a learned' if config.diffusion.model_var_type in LEARNED_VARIANCES else 'a fixed'
+        raise ValueError(
+            f'model.{field}={model[field]} does not fit diffusion.model_var_type='
+            f'{config.diffusion.model_var_type!r}: {kind} variance needs {want} output channels; '
+            f'set --config.model.{field}={want} (or leave it unset to derive it).')
+    classes = model.get('num_classes', 0) or 0
+    if classes and classes != data.get('num_classes', 0):
+        raise ValueError(f'model.num_classes={classes} does not fit data.num_classes='
+                         f'{data.get("num_classes", 0)}: a conditional model needs the dataset\'s '
+                         'labels; set model.num_classes to 0 or to data.num_classes.')
+
+
+def sampler_names() -> tuple[str, ...]:
+    """The registered sampler names (diffusion_jax.samplers)."""
+    from diffusion_jax import samplers  # pylint: disable=import-outside-toplevel
+    return tuple(samplers.METHODS)
+
+
+def _check_sampling(config) -> None:
+    s = config.sampling
+    names = sampler_names()
+    if s.method not in names:
+        raise ValueError(f'sampling.method={s.method!r} is not a sampler: use one of '
+                         f'{", ".join(names)}.')
+    from diffusion_jax import generate  # pylint: disable=import-outside-toplevel
+    from diffusion_jax.diffusion import create_diffusion  # pylint: disable=import-outside-toplevel
+    try:
+        generate.respaced(create_diffusion(config.diffusion), s.num_steps)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f'sampling.num_steps={s.num_steps!r} is not a respacing of '
+                         f'diffusion.num_timesteps={config.diffusion.num_timesteps}: {err}') from err
+
+
+def check_guidance(config) -> None:
+    """Guidance against the (trained) run: classifier-free guidance needs a class-conditional
+    model trained with label dropout; label dropout needs a class-conditional model."""
+    classes = config.model.get('num_classes', 0) or 0
+    dropout = config.training.get('label_dropout', 0.0)
+    if dropout > 0 and not classes:
+        raise ValueError(f'training.label_dropout={dropout} needs a class-conditional model: set '
+                         'model.num_classes (to data.num_classes) or label_dropout to 0.')
+    scale = config.sampling.get('guidance_scale', 0.0)
+    if scale > 0 and not classes:
+        raise ValueError(f'sampling.guidance_scale={scale} needs a class-conditional model, but '
+                         'model.num_classes=0: set sampling.guidance_scale=0.')
+    if scale > 0 and dropout <= 0:
+        raise ValueError(f'sampling.guidance_scale={scale} needs a model trained with '
+                         f'training.label_dropout > 0 (this one: {dropout}), so that it knows '
+                         'the null label; set sampling.guidance_scale=0 or train with '
+                         '--config.training.label_dropout=0.1.')
+
+
+def _check_eval(config) -> None:
+    e = config.eval
+    from diffusion_jax.evaluation import evaluate  # pylint: disable=import-outside-toplevel
+    estimator = e.get('nll_estimator', 'full')
+    if estimator not in evaluate.ESTIMATORS:
+        raise ValueError(f'eval.nll_estimator={estimator!r}: use one of '
+                         f'{", ".join(evaluate.ESTIMATORS)}.')
+    from diffusion_jax.evaluation import sample_quality  # pylint: disable=import-outside-toplevel
+    space = e.get('feature_space', 'inception')
+    if space not in sample_quality.FEATURE_SPACES:
+        raise ValueError(f'eval.feature_space={space!r}: use one of '
+                         f'{", ".join(sample_quality.FEATURE_SPACES)}.')
+
+
+def resolve(config, mode: str = 'train', typed=()) -> ml_collections.ConfigDict:
+    """A validated copy of config with the derived fields filled in; ValueError otherwise.
+
+    typed: the dotted paths the user typed (a field whose source was typed but which was not
+    typed itself is re-derived). Reads nothing from disk.
+    """
+    check_mode(mode)
+    typed = set(typed or ())
+    config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
+    _check_counts(config, mode)
+    _check_diffusion(config)
+    _derive_model(config, typed)
+    if 'sampling' in config:
+        _check_sampling(config)
+        check_guidance(config)
+    if 'eval' in config:
+        _check_eval(config)
+    return config

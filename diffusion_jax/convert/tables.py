@@ -1,0 +1,220 @@
+"""Name tables: every source (PyTorch) key of a checkpoint -> our parameter path and transform.
+
+A table is a list of `Entry(sources, path, transform)`. It is built by walking the source
+network's module layout in the order its constructor creates modules, beside the names our
+UNet / Classifier give the same layers; which optional layers exist (a residual block's 1x1 skip,
+the label embedding) is read from our parameter tree, so a layer one side has and the other lacks
+shows up as a missing or an unexpected key, never as a silent partial load.
+
+Layouts:
+  'openai':    improved-diffusion's and guided-diffusion's UNetModel / EncoderUNetModel
+               (input_blocks.K.J, middle_block.J, output_blocks.K.J, out.J, time_embed.J).
+  'diffusers': diffusers' UNet2DModel with DownBlock2D / AttnDownBlock2D blocks (the DDPM port).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+# -- transforms: (to_ours(arrays) -> array, source_shapes(our_shape) -> list of shapes) ---------
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    name: str
+    to_ours: Callable[..., np.ndarray]
+    source_shapes: Callable[[tuple], list[tuple]]
+
+
+COPY = Transform('copy', lambda a: a, lambda s: [tuple(s)])
+# torch Conv2d [O, I, kh, kw] -> flax Conv [kh, kw, I, O]
+CONV = Transform('conv', lambda a: a.transpose(2, 3, 1, 0), lambda s: [(s[3], s[2], s[0], s[1])])
+# torch Linear [O, I] -> flax Dense [I, O]
+LINEAR = Transform('linear', lambda a: a.T, lambda s: [(s[1], s[0])])
+# a 1x1 Conv2d [O, I, 1, 1] / Conv1d [O, I, 1] used as a dense layer -> [I, O]
+CONV1X1 = Transform('conv1x1', lambda a: a[:, :, 0, 0].T, lambda s: [(s[1], s[0], 1, 1)])
+CONV1D = Transform('conv1d', lambda a: a[:, :, 0].T, lambda s: [(s[1], s[0], 1)])
+# [C, T] -> [T, C] (AttentionPool2d's positional embedding is stored channels first)
+TRANSPOSE = Transform('transpose', lambda a: a.T, lambda s: [(s[1], s[0])])
+# nn.Embedding [N, E] -> our table [N + 1, E]: the appended zero row is the null label of
+# classifier-free guidance, which the source model was never trained with.
+EMBED_NULL_ROW = Transform(
+    'embed+null', lambda a: np.concatenate([a, np.zeros_like(a[:1])], 0),
+    lambda s: [(s[0] - 1, s[1])])
+# diffusers' separate to_q / to_k / to_v Linear layers -> one qkv Dense [C, 3C] ('new' order)
+QKV_LINEARS = Transform('q,k,v', lambda q, k, v: np.concatenate([q.T, k.T, v.T], 1),
+                        lambda s: [(s[1] // 3, s[0])] * 3)
+QKV_BIASES = Transform('q,k,v', lambda q, k, v: np.concatenate([q, k, v]),
+                       lambda s: [(s[0] // 3,)] * 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    sources: tuple[str, ...]
+    path: tuple[str, ...]
+    transform: Transform
+
+
+def _split(path: str) -> tuple[str, ...]:
+    return tuple(path.split('/'))
+
+
+def conv(src: str, ours: str, kind: Transform = CONV) -> list[Entry]:
+    return [Entry((f'{src}.weight',), _split(ours) + ('kernel',), kind),
+            Entry((f'{src}.bias',), _split(ours) + ('bias',), COPY)]
+
+
+def linear(src: str, ours: str) -> list[Entry]:
+    return conv(src, ours, LINEAR)
+
+
+def group_norm(src: str, ours: str) -> list[Entry]:
+    """Our GroupNorm wrapper holds flax's GroupNorm as 'norm' (scale, bias)."""
+    return [Entry((f'{src}.weight',), _split(ours) + ('norm', 'scale'), COPY),
+            Entry((f'{src}.bias',), _split(ours) + ('norm', 'bias'), COPY)]
+
+
+def _has(tree, path: str) -> bool:
+    node = tree
+    for part in path.split('/'):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+# -- OpenAI (improved-diffusion / guided-diffusion) ---------------------------------------------
+
+def _openai_resblock(src: str, ours: str, tree) -> list[Entry]:
+    entries = (group_norm(f'{src}.in_layers.0', f'{ours}/norm1')
+               + conv(f'{src}.in_layers.2', f'{ours}/conv1')
+               + linear(f'{src}.emb_layers.1', f'{ours}/temb_proj')
+               + group_norm(f'{src}.out_layers.0', f'{ours}/norm2')
+               + conv(f'{src}.out_layers.3', f'{ours}/conv2'))
+    if _has(tree, f'{ours}/skip'):  # in != out channels: a 1x1 conv, else the identity
+        entries += conv(f'{src}.skip_connection', f'{ours}/skip', CONV1X1)
+    return entries
+
+
+def _openai_attention(src: str, ours: str) -> list[Entry]:
+    return (group_norm(f'{src}.norm', f'{ours}/norm') + conv(f'{src}.qkv', f'{ours}/qkv', CONV1D)
+            + conv(f'{src}.proj_out', f'{ours}/proj_out', CONV1D))
+
+
+def _levels(m):
+    from diffusion_jax.models import unet  # pylint: disable=import-outside-toplevel
+    resolutions = unet.level_resolutions(m['image_size'], m['ch_mult'])
+    return [(level, resolutions[level] in tuple(m['attn_resolutions']))
+            for level in range(len(m['ch_mult']))]
+
+
+def _openai_encoder(m, tree) -> list[Entry]:
+    entries = linear('time_embed.0', 'temb/dense0') + linear('time_embed.2', 'temb/dense1')
+    entries += conv('input_blocks.0.0', 'conv_in')
+    k, last = 1, len(m['ch_mult']) - 1
+    for level, attn in _levels(m):
+        for i in range(m['num_res_blocks']):
+            entries += _openai_resblock(f'input_blocks.{k}.0', f'down_{level}_block_{i}', tree)
+            if attn:
+                entries += _openai_attention(f'input_blocks.{k}.1', f'down_{level}_attn_{i}')
+            k += 1
+        if level != last:
+            if m['resblock_updown']:
+                entries += _openai_resblock(f'input_blocks.{k}.0', f'down_{level}_downsample',
+                                            tree)
+            else:
+                entries += conv(f'input_blocks.{k}.0.op', f'down_{level}_downsample/conv')
+            k += 1
+    entries += _openai_resblock('middle_block.0', 'mid_block_1', tree)
+    entries += _openai_attention('middle_block.1', 'mid_attn')
+    entries += _openai_resblock('middle_block.2', 'mid_block_2', tree)
+    return entries
+
+
+def openai_unet_table(m, tree) -> list[Entry]:
+    """improved-/guided-diffusion UNetModel keys for our UNet of model config m (a dict)."""
+    entries = _openai_encoder(m, tree)
+    if m.get('num_classes', 0):
+        entries.append(Entry(('label_emb.weight',), ('label_emb', 'embedding'), EMBED_NULL_ROW))
+    k = 0
+    for level, attn in reversed(_levels(m)):
+        for i in range(m['num_res_blocks'] + 1):
+            entries += _openai_resblock(f'output_blocks.{k}.0', f'up_{level}_block_{i}', tree)
+            j = 1
+            if attn:
+                entries += _openai_attention(f'output_blocks.{k}.1', f'up_{level}_attn_{i}')
+                j = 2
+            if level and i == m['num_res_blocks']:
+                if m['resblock_updown']:
+                    entries += _openai_resblock(f'output_blocks.{k}.{j}', f'up_{level}_upsample',
+                                                tree)
+                else:
+                    entries += conv(f'output_blocks.{k}.{j}.conv', f'up_{level}_upsample/conv')
+            k += 1
+    return entries + group_norm('out.0', 'norm_out') + conv('out.2', 'conv_out')
+
+
+def openai_classifier_table(m, tree) -> list[Entry]:
+    """guided-diffusion EncoderUNetModel keys for our Classifier of model config m (a dict)."""
+    entries = _openai_encoder(m, tree)
+    if m['pool'] == 'attention':
+        return entries + group_norm('out.0', 'norm_out') + [
+            Entry(('out.2.positional_embedding',), ('pool', 'positional_embedding'), TRANSPOSE),
+            *conv('out.2.qkv_proj', 'pool/qkv', CONV1D), *conv('out.2.c_proj', 'pool/c_proj',
+                                                              CONV1D)]
+    if m['pool'] == 'adaptive':
+        return entries + group_norm('out.0', 'norm_out') + conv('out.3', 'head', CONV1X1)
+    return entries + linear('out.0', 'head_0') + linear('out.2', 'head_1')  # 'spatial'
+
+
+# -- diffusers UNet2DModel ------------------------------------------------------------------------
+
+def _diffusers_resnet(src: str, ours: str, tree) -> list[Entry]:
+    entries = (group_norm(f'{src}.norm1', f'{ours}/norm1') + conv(f'{src}.conv1', f'{ours}/conv1')
+               + linear(f'{src}.time_emb_proj', f'{ours}/temb_proj')
+               + group_norm(f'{src}.norm2', f'{ours}/norm2') + conv(f'{src}.conv2', f'{ours}/conv2'))
+    if _has(tree, f'{ours}/skip'):
+        entries += conv(f'{src}.conv_shortcut', f'{ours}/skip', CONV1X1)
+    return entries
+
+
+def _diffusers_attention(src: str, ours: str) -> list[Entry]:
+    return group_norm(f'{src}.group_norm', f'{ours}/norm') + [
+        Entry(tuple(f'{src}.to_{n}.weight' for n in 'qkv'), _split(ours) + ('qkv', 'kernel'),
+              QKV_LINEARS),
+        Entry(tuple(f'{src}.to_{n}.bias' for n in 'qkv'), _split(ours) + ('qkv', 'bias'),
+              QKV_BIASES),
+        *linear(f'{src}.to_out.0', f'{ours}/proj_out')]
+
+
+def diffusers_unet_table(m, tree) -> list[Entry]:
+    """diffusers UNet2DModel keys (DDPM-style blocks, no class embedding) for our UNet."""
+    entries = (linear('time_embedding.linear_1', 'temb/dense0')
+               + linear('time_embedding.linear_2', 'temb/dense1') + conv('conv_in', 'conv_in'))
+    levels = _levels(m)
+    last = len(levels) - 1
+    for level, attn in levels:
+        for i in range(m['num_res_blocks']):
+            entries += _diffusers_resnet(f'down_blocks.{level}.resnets.{i}',
+                                         f'down_{level}_block_{i}', tree)
+            if attn:
+                entries += _diffusers_attention(f'down_blocks.{level}.attentions.{i}',
+                                                f'down_{level}_attn_{i}')
+        if level != last:
+            entries += conv(f'down_blocks.{level}.downsamplers.0.conv',
+                            f'down_{level}_downsample/conv')
+    entries += _diffusers_resnet('mid_block.resnets.0', 'mid_block_1', tree)
+    entries += _diffusers_attention('mid_block.attentions.0', 'mid_attn')
+    entries += _diffusers_resnet('mid_block.resnets.1', 'mid_block_2', tree)
+    for j, (level, attn) in enumerate(reversed(levels)):
+        for i in range(m['num_res_blocks'] + 1):
+            entries += _diffusers_resnet(f'up_blocks.{j}.resnets.{i}', f'up_{level}_block_{i}',
+                                         tree)
+            if attn:
+                entries += _diffusers_attention(f'up_blocks.{j}.attentions.{i}',
+                                                f'up_{level}_attn_{i}')
+        if level:
+            entries += conv(f'up_blocks.{j}.upsamplers.0.conv', f'up_{level}_upsample/conv')
+    return entries + group_norm('conv_norm_out', 'norm_out') + conv('conv_out', 'conv_out')
