@@ -57,6 +57,8 @@ SOURCES = {
     'ddpm_cifar10_32': 'diffusers',
 }
 PRESETS = tuple(SOURCES)
+OPTIONS = PRESETS  # `--config=configs/pretrained.py:NAME`
+DEFAULT_PRESET = 'ddpm_cifar10_32'  # without a NAME: Ho et al.'s CIFAR-10 model
 
 
 def _improved_unet(image_size: int, ch_mult, num_res_blocks: int, dropout: float,
@@ -181,4 +183,4 @@ def preset_config(name: str) -> ml_collections.ConfigDict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """`--config=configs/pretrained.py:NAME` (fine-tuning or training from scratch)."""
-    return preset_config((arg or '').strip())
+    return preset_config((arg or '').strip() or DEFAULT_PRESET)

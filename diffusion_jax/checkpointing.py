@@ -3,7 +3,9 @@
 Layout: <workdir>/checkpoints/<step>/{params, ema_params, opt_state, extra}/, one orbax item
 each, so inference restores the (EMA) parameters alone without the optimiser state. `extra` holds
 the step, the timestep sampler's state and the non-finite-step count. Saves are asynchronous
-(training continues while the arrays are written); `wait()` before reading the files or exiting.
+(`save` returns once the arrays are copied off the devices); `wait()` blocks until the step is
+committed. Training waits at each checkpoint, so that a crash never loses more than one
+checkpoint interval.
 
 Damaged checkpoints. Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it to
 `<step>` after writing `commit_success.txt` into it, so a step folder is trusted only when it has

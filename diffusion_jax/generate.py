@@ -324,9 +324,14 @@ def _draw_batches(sampler, key, batch_shape, num_samples: int, labels, transform
     for i in range(num_batches):
         current, pending = pending, dispatch(i + 1) if i + 1 < num_batches else None
         x = np.asarray(sharding.to_host(current))
-        if i == 0 or (i + 1) % 10 == 0 or i + 1 == num_batches:
-            logging.info('batch %d/%d, %.2f samples/s', i + 1, num_batches,
-                         (i + 1) * batch / (time.time() - start))
+        if i == 0:  # the ETA as soon as there is one (this batch includes the compilation)
+            first = time.time() - start
+            logging.info('batch 1/%d took %.1fs (with compilation), ETA %s', num_batches, first,
+                         format_duration(first * (num_batches - 1)))
+        elif (i + 1) % 10 == 0 or i + 1 == num_batches:
+            per_batch = (time.time() - start - first) / i
+            logging.info('batch %d/%d, %.2f samples/s, ETA %s', i + 1, num_batches,
+                         batch / per_batch, format_duration(per_batch * (num_batches - i - 1)))
         yield x[:num_samples - i * batch]
 
 

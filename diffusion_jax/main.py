@@ -8,8 +8,9 @@
 Modes: train (diffusion_jax.train.train_and_evaluate), eval (NLL and sample quality,
 diffusion_jax.evaluation.evaluate.run_eval) and sample (diffusion_jax.generate.run_sampling).
 Train needs --config; sample and eval load the run's stored config.json (diffusion_jax.run), so
---config is optional for them and only `sampling.*` / `eval.*` (and training/optim) overrides
-apply: a typed model/diffusion/data override that differs from the trained run is refused.
+--config is optional for them (a file contributes its sampling/eval sections only), typed
+overrides apply, and a typed model/diffusion/data (or training.label_dropout) override that
+differs from the trained run is refused.
 The config is locked: overriding a field it does not have is an error, not a silent no-op.
 Without --workdir, the run lives in runs/<config.name>.
 

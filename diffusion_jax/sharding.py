@@ -4,6 +4,10 @@ One mesh axis, 'data', spans all devices (jax.devices() across hosts). Batches a
 their leading axis; parameters, optimiser state and other state are replicated. The same code runs
 on one CPU, 8 GPUs or a TPU pod: XLA's SPMD partitioner inserts the gradient all-reduce that pmap
 code writes by hand.
+
+Several processes (hosts) join through `initialize_distributed` (the --coordinator_address,
+--num_processes and --process_id flags of diffusion_jax.main, or JAX's cluster detection);
+`any_process` ORs a host-side flag over them (the agreed stop of a preempted run).
 """
 from __future__ import annotations
 

@@ -106,9 +106,10 @@ def update(state, t: jax.Array, losses: jax.Array):
 
     So the old values shift left by n_t (one gather) and the item of rank r lands in column
     K − n_t + r when that is ≥ 0 (one scatter; items pushed out by later ones of the same t
-    are dropped). The ranks come from a stable sort by t: O(B log B + T·K) work with no loop
-    over the batch, where a scan over the items would be B sequential dependent updates of
-    the [T, K] array inside every train step. t, losses: [B].
+    are dropped); n_t is a scatter-add of ones. The ranks come from a stable sort by t and a
+    running maximum: O(B log B + T·K) work with no loop over the batch, where a scan over the
+    items is B sequential dependent updates of the [T, K] array inside every train step (on
+    an accelerator, B dependent kernel sequences). t, losses: [B].
     """
     if isinstance(state, UniformState):
         return state

@@ -512,6 +512,8 @@ def train_and_evaluate(config, workdir: str | None = None, *,
                 if save_now or stop:
                     with throughput.excluded(state):
                         ckpt.save(state)  # finite: _check_finite passed at this step
+                        # Until it commits, a crash would fall back one more interval.
+                        ckpt.wait()
                     last_saved = step
                 if stop:
                     break

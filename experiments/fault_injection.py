@@ -10,9 +10,9 @@ with XLA's intra-op threads off, so that it costs one core. Every third kill wai
 asynchronous checkpoint write to be in flight (orbax's `<step>.orbax-checkpoint-tmp-*` folder
 present) and kills the process then; the others kill after a random number of steps. After the
 last kill the command runs to the end. Reported: kills delivered and survived (the next launch
-resumed from a valid checkpoint), kills that landed during a save, steps lost per kill (steps
-logged before the kill minus the step the next launch resumed from; must be <= the checkpoint
-interval), and whether params, EMA, optimiser state and timestep-sampler state equal an
+resumed from a valid checkpoint), kills that landed during a save, steps lost per kill (the
+last step the killed launch logged minus the step the next launch resumed from; must be <= the
+checkpoint interval, since training waits for each checkpoint to commit), and whether params, EMA, optimiser state and timestep-sampler state equal an
 uninterrupted run of the same command bit for bit.
 """
 from __future__ import annotations
@@ -57,20 +57,6 @@ def _env() -> dict:
                           '--xla_cpu_multi_thread_eigen=false')
 
 
-def _last_logged_step(workdir: str) -> int:
-    """The last step metrics.jsonl records (training logs every step here)."""
-    path = pathlib.Path(workdir, 'metrics.jsonl')
-    if not path.exists():
-        return 0
-    last = 0
-    for line in path.read_text(encoding='utf-8').splitlines():
-        try:
-            last = json.loads(line)['step']
-        except (ValueError, KeyError):
-            pass  # a line cut by the kill
-    return last
-
-
 def _tmp_folders(workdir: str) -> set[str]:
     folder = pathlib.Path(workdir, 'checkpoints')
     return {p.name for p in folder.glob('*.orbax-checkpoint-tmp*')} if folder.exists() else set()
@@ -96,30 +82,35 @@ def _resumed_step_of(log_text: str) -> int:
     return int(found[-1]) if found else 0
 
 
+def _logged_step(log_path, default: int) -> int:
+    """The last step this launch logged (training logs every step here), else `default`."""
+    found = re.findall(r'\] step (\d+): ', pathlib.Path(log_path).read_text(encoding='utf-8'))
+    return int(found[-1]) if found else default
+
+
 def _kill_one(proc, log_path, workdir: str, rng: random.Random, during_save: bool, every: int,
               start: int):
     """Waits for the moment, SIGKILLs proc; returns (killed, steps done, hit a save)."""
     before = _tmp_folders(workdir)
     target = start + rng.randint(1, every + every // 2)
     deadline = time.monotonic() + LAUNCH_TIMEOUT
-    # Training has (re)started once the step is compiled; metrics.jsonl rows before that may be
-    # the previous launch's.
+    # Random kills count steps from when this launch trains (its step is compiled).
     while (proc.poll() is None and time.monotonic() < deadline
            and 'compiled in' not in pathlib.Path(log_path).read_text(encoding='utf-8')):
         time.sleep(0.01)
     while proc.poll() is None and time.monotonic() < deadline:
         if during_save and _tmp_folders(workdir) - before:
             break
-        done = _last_logged_step(workdir)
-        # A save too quick to catch: kill anyway, two intervals on (not counted as in a save).
-        if done >= (start + 2 * every if during_save else target):
+        done = _logged_step(log_path, start)
+        # A save too quick to catch: kill anyway, past the next save (not counted as in one).
+        if done >= (start + every + every // 2 if during_save else target):
             break
         time.sleep(0.002 if during_save else 0.01)
     if proc.poll() is not None:
-        return False, _last_logged_step(workdir), False
+        return False, _logged_step(log_path, start), False
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    return True, _last_logged_step(workdir), bool(_tmp_folders(workdir) - before)
+    return True, _logged_step(log_path, start), bool(_tmp_folders(workdir) - before)
 
 
 def _final_state(workdir: str, steps: int):
@@ -145,18 +136,22 @@ def _final_state(workdir: str, steps: int):
             for k, v in out.items()}
 
 
-def run(workdir: str, kills: int = 20, steps: int = 200, every: int = 10, seed: int = 0) -> dict:
-    """The experiment in workdir (reference/ and faulted/ under it); returns the report."""
+def run(workdir: str, kills: int = 20, steps: int = 200, every: int = 10, seed: int = 0,
+        reference: str = '') -> dict:
+    """The experiment in workdir (reference/ and faulted/ under it); returns the report.
+    reference: the workdir of an uninterrupted run of the same command to compare with
+    (default: made here first)."""
     import numpy as np  # pylint: disable=import-outside-toplevel
     rng = random.Random(seed)
     root = pathlib.Path(workdir)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    reference, faulted = str(root / 'reference'), str(root / 'faulted')
-    t0 = time.monotonic()
-    proc, log = _launch(command(reference, steps, every), root / 'reference.log')
-    if _finish(proc, log) != 0:
-        raise RuntimeError(f'the uninterrupted run failed: see {root / "reference.log"}')
+    faulted, t0 = str(root / 'faulted'), time.monotonic()
+    if not reference:
+        reference = str(root / 'reference')
+        proc, log = _launch(command(reference, steps, every), root / 'reference.log')
+        if _finish(proc, log) != 0:
+            raise RuntimeError(f'the uninterrupted run failed: see {root / "reference.log"}')
     records, start, launches, final_rc = [], 0, 0, None
     for k in range(kills):
         log_path = root / f'launch_{launches:02d}.log'
@@ -211,9 +206,12 @@ def main():
     parser.add_argument('--steps', type=int, default=200)
     parser.add_argument('--checkpoint_every', type=int, default=10)
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--reference', default='',
+                        help='workdir of an uninterrupted run of the same command (else made)')
     parser.add_argument('--out', default='', help='also write the report (JSON) here')
     args = parser.parse_args()
-    report = run(args.workdir, args.kills, args.steps, args.checkpoint_every, args.seed)
+    report = run(args.workdir, args.kills, args.steps, args.checkpoint_every, args.seed,
+                 args.reference)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

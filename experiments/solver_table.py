@@ -49,11 +49,11 @@ flags.DEFINE_float('budget_s', 0, 'Skip the remaining cells once this many secon
 SCALES = {'cpu': 500, 'full': 10_000}
 # Published CIFAR-10 figures (50k samples, Inception FID, other models): orientation only.
 PUBLISHED = (
-    'Published, NOT comparable (CIFAR-10 32x32, Inception FID of 50k samples, their own '
+    'Published, NOT comparable (CIFAR-10 32x32, Inception FID, their own continuous-time '
     'score-based models): DPM-Solver (Lu et al. 2022, "DPM-Solver: A Fast ODE Solver for Diffusion '
-    'Probabilistic Model Sampling in Around 10 Steps", NeurIPS 2022, arXiv:2206.00927, abstract '
-    'and Table 1) FID 4.70 at NFE = 10 and 2.87 at NFE = 20; UniPC (Zhao et al. 2023, "UniPC: A '
-    'Unified Predictor-Corrector Framework for Fast Sampling of Diffusion Models", NeurIPS 2023, '
+    'Probabilistic Model Sampling in Around 10 Steps", NeurIPS 2022, arXiv:2206.00927, abstract) '
+    'FID 4.70 at NFE = 10 and 2.87 at NFE = 20; UniPC (Zhao et al. 2023, "UniPC: A '
+    'Unified Predictor-Corrector Framework for Fast Sampling of Diffusion Models", '
     'arXiv:2302.04867, abstract) FID 3.87 at NFE = 10 (unconditional CIFAR-10).')
 
 

@@ -1,7 +1,9 @@
 """--mode=eval end to end on a tiny trained run: the NLL over the whole test split (padding not
 counted, parts adding up, the sampled estimate agreeing) and sample quality in a feature space."""
+import hashlib
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -73,7 +75,14 @@ def test_sample_quality_in_feature_net_space(trained_run, tmp_path):
     assert 0 <= out['precision'] <= 1 and 0 <= out['recall'] <= 1
     assert os.path.exists(os.path.join(workdir, 'eval', 'samples_3.png'))
     cached = [f for f in os.listdir(os.path.join(workdir, 'eval')) if f.startswith('ref_')]
-    assert cached == ['ref_digits_train_feature_net_32.npz']
+    # The cache is keyed on what changes the statistics, the feature net's weights included.
+    assert len(cached) == 1 and re.fullmatch(r'ref_digits_train_feature_net_32_[0-9a-f]{12}\.npz',
+                                             cached[0])
+    with np.load(os.path.join(workdir, 'eval', cached[0])) as f:
+        key = json.loads(str(f['cache_key']))
+    with open(tmp_path / 'fn' / feature_net.PARAMS_FILE, 'rb') as f:
+        assert key['weights'] == hashlib.sha256(f.read()).hexdigest()
+    assert key['dataset'] == 'digits' and key['image_size'] == '8'
 
 
 def test_sample_metrics_of_the_reference_against_itself():

@@ -336,14 +336,13 @@ def test_default_fields_keep_todays_networks():
 
 
 def test_reference_options_change_the_function(tiny):
-    """Each option is live: ε, padding, timestep scale and qkv order each change the output."""
+    """GroupNorm ε and the stride-2 padding are live (timestep_scale and qkv_order are shown
+    live by tests/test_convert.py's equality with reference networks that need them)."""
     args = (tiny['params'], tiny['x'], tiny['t'], tiny['y'])
     base = tiny['eval'](*args, tiny['key'])
-    for field, value in (('norm_epsilon', 1e-1), ('timestep_scale', 0.25),
-                         ('qkv_order', 'legacy')):
-        other = models.get_model(tiny_config(**{field: value}))
-        out = fast_jit(other.apply, *args)(*args)
-        assert np.abs(out - base).mean() > 1e-3 * np.abs(base).mean(), field
+    other = models.get_model(tiny_config(norm_epsilon=1e-1))
+    out = fast_jit(other.apply, *args)(*args)
+    assert np.abs(out - base).mean() > 1e-3 * np.abs(base).mean()
     # The padding of the strided convs (tiny's resblock_updown has none).
     strided = [models.get_model(tiny_config(resblock_updown=False, downsample_padding=p))
                for p in ('symmetric', 'same')]

@@ -294,7 +294,7 @@ def test_fault_injection_short_version(tmp_path):
     """experiments/fault_injection.py with 3 SIGKILLs (one during an async save)."""
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / 'experiments'))
     import fault_injection  # pylint: disable=import-outside-toplevel
-    report = fault_injection.run(str(tmp_path / 'fi'), kills=3, steps=30, every=10, seed=1)
+    report = fault_injection.run(str(tmp_path / 'fi'), kills=3, steps=40, every=10, seed=1)
     assert report['kills_delivered'] == report['kills_survived'] == 3, report
     assert report['final_exit_status'] == 0
     assert 0 <= report['max_steps_lost'] <= 10, report

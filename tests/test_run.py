@@ -1,6 +1,7 @@
 """A run on disk is one object (diffusion_jax.run): sample and eval take the stored config, resume
 refuses a changed run, metrics stay unique, converted parameters become a run (create)."""
 import json
+import logging as py_logging
 import os
 import pathlib
 import shutil
@@ -9,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from absl import logging as absl_logging
 
 from diffusion_jax import generate, guidance, main, models, run, samplers, train
 from diffusion_jax.diffusion import create_diffusion
@@ -52,11 +54,18 @@ def trained(tmp_path_factory):
     return workdir, state
 
 
-def test_sample_with_the_plain_config_runs_the_stored_run(trained):
+def test_sample_with_the_plain_config_runs_the_stored_run(trained, caplog):
     workdir, state = trained
     plain = swissroll.get_config()  # T = 100, eps, 4 x 256: none of it was trained
     config, _ = main.resolve_command(plain, workdir, 'sample', SAMPLING)
-    folder = main.run(config, workdir, 'sample')
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.INFO)
+    try:
+        with caplog.at_level(py_logging.INFO):
+            folder = main.run(config, workdir, 'sample')
+    finally:
+        absl_logging.set_verbosity(verbosity)
+    assert 'batch 1/1 took' in caplog.text and 'ETA' in caplog.text  # the ETA after batch 1
     assert folder == os.path.join(workdir, 'samples', '4')
     with open(os.path.join(folder, 'sampling_config.json'), encoding='utf-8') as f:
         written = json.load(f)

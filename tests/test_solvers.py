@@ -306,6 +306,34 @@ def test_registry_lists_the_methods_and_their_nfe():
                         method='euler')
 
 
+class _Calls:
+    """A call counter (a plain object, so it is a static leaf of the model pytree)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def add(self):
+        self.count += 1
+
+
+def _counted_mixture(calls, x_t, t):
+    jax.debug.callback(calls.add)
+    return mixture_model(0.0)(x_t, t)
+
+
+def test_network_calls_at_run_time_are_the_registered_nfe():
+    """Each network evaluation runs a host callback once: heun's skipped second evaluation at
+    the last step (lax.cond) and the Langevin corrector loops are counted as they execute."""
+    d = spaced('ddim4')
+    for method in samplers.METHODS:
+        calls = _Calls()
+        x = samplers.sample(d, Partial(_counted_mixture, calls), jax.random.key(0), (8, 2),
+                            method=method, langevin_steps=2)['samples']
+        jax.block_until_ready(x)
+        jax.effects_barrier()
+        assert calls.count == samplers.nfe(method, 4, 2), method
+
+
 @pytest.mark.parametrize('method', SOLVERS)
 def test_one_compile_per_method_steps_and_shape(method):
     traces = []

@@ -126,16 +126,10 @@ def config_names() -> list[str]:
 
 
 def variants(name: str) -> list[str | None]:
-    """The config args to document: None (the plain file), or, for a file that needs an arg
+    """The config args to document: None (the plain file), or, for a file of presets
     (configs/pretrained.py:PRESET), each of its PRESETS."""
-    module = _module(name)
-    presets = getattr(module, 'PRESETS', None)
-    if presets is not None:
-        try:
-            module.get_config()
-        except ValueError:
-            return list(presets)
-    return [None]
+    presets = getattr(_module(name), 'PRESETS', None)
+    return [None] if presets is None else list(presets)
 
 
 def _label(name: str, arg: str | None) -> str:
@@ -246,10 +240,13 @@ def generate() -> str:
         if not changed:
             lines += ['The template itself.' if name == TEMPLATE else 'No changes.', '']
             continue
-        lines += ['| field | value | template |', '|---|---|---|']
+        own = field_comments(ROOT / 'configs' / f'{file}.py')  # why this file changes it
+        lines += ['| field | value | template | why (the comment in this file) |',
+                  '|---|---|---|---|']
         for key, value in changed:
             base = _fmt(template[key]) if key in template else '—'
-            lines.append(f'| `{".".join(key)}` | {_fmt(value)} | {base} |')
+            lines.append(f'| `{".".join(key)}` | {_fmt(value)} | {base} | '
+                         f'{_cell(own.get(key, ""))} |')
         lines.append('')
     return '\n'.join(lines).rstrip() + '\n'
 

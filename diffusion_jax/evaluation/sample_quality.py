@@ -51,6 +51,7 @@ class FeatureSpace:
             from diffusion_jax.evaluation import inception  # pylint: disable=import-outside-toplevel
             path = eval_config.get('inception_weights', '') or ''
             self._variables = inception.load_pytorch_fid_weights(path)
+            self.identity = _file_identity(path)
             self._fn = lambda images: _rename(inception.inception_features(self._variables, images))
         else:
             from diffusion_jax.evaluation import feature_net  # pylint: disable=import-outside-toplevel
@@ -61,10 +62,24 @@ class FeatureSpace:
                     'python -m diffusion_jax.evaluation.feature_net --dataset=<dataset> --out=DIR '
                     'and set --config.eval.feature_net_dir=DIR.')
             model, params, self.meta = feature_net.load_feature_net(folder)
+            self.identity = _file_identity(os.path.join(folder, feature_net.PARAMS_FILE))
             self._fn = lambda images: feature_net.feature_net_features(model, params, images)
 
     def __call__(self, images_uint8) -> dict:
         return self._fn(images_uint8)
+
+
+def _file_identity(path: str) -> str:
+    """What identifies a weights file for the cache key: its sha256 (the file is read once;
+    a re-converted or retrained feature space must not reuse statistics of the old one)."""
+    import hashlib  # pylint: disable=import-outside-toplevel
+    if not path or not os.path.exists(path):
+        return f'{path}:absent'
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _rename(out: dict) -> dict:
@@ -94,7 +109,13 @@ def reference_features(config, space: FeatureSpace, max_keep: int, folder: str) 
         arrays['features'] = np.concatenate(kept)[:max_keep].astype(np.float32)
         return arrays
 
-    return fid.reference_stats(os.path.join(folder, name), compute)
+    # Everything that changes the statistics keys the cache (fid.reference_stats).
+    d = config.data
+    key = dict(dataset=d.dataset, split=split, image_size=d.image_size,
+               channels=d.get('channels', 0), crop_size=d.get('crop_size', 0),
+               feature_space=space.name, weights=getattr(space, 'identity', ''),
+               max_keep=max_keep)
+    return fid.reference_stats(os.path.join(folder, name), compute, key=key)
 
 
 class FeatureStream:
