@@ -282,3 +282,18 @@ def test_converted_run_samples_and_evaluates(tmp_path):
     total = np.asarray(result['nll']['total_bpd'] if 'total_bpd' in result['nll']
                        else result['nll']['bpd'])
     assert np.all(np.isfinite(total)) and np.all(total > 0)
+
+
+def test_preset_names_are_the_issue_s_api():
+    """The preset names and sources are public API (issue #10): spelled exactly so."""
+    assert pretrained.SOURCES == {
+        'cifar10_uncond_50M_500K': 'improved-diffusion',
+        'cifar10_uncond_vlb_50M_500K': 'improved-diffusion',
+        'imagenet64_uncond_100M_1500K': 'improved-diffusion',
+        '64x64_diffusion': 'guided-diffusion',
+        '64x64_classifier': 'guided-diffusion',
+        '256x256_diffusion_uncond': 'guided-diffusion',
+        '256x256_classifier': 'guided-diffusion',
+        '128x128_diffusion': 'guided-diffusion',
+        'ddpm_cifar10_32': 'diffusers',
+    }
