@@ -73,6 +73,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Non-finite loss/gradient: 0 stops the run at that step; N > 0 skips up to N such updates
     # (params, EMA and optimiser left unchanged) and stops at the (N+1)-th.
     t.skip_nonfinite_steps = 0
+    # Train steps per jitted call (a lax.scan, as VDM does): K > 1 saves K - 1 dispatches per
+    # call where they dominate (small models, CPU); the loop acts between calls, so
+    # num_train_steps and the log/checkpoint/sample cadences must be multiples of K.
+    t.steps_per_call = 1
 
     config.optim = o = ml_collections.ConfigDict()
     o.learning_rate = 2e-4  # Ho et al. 2020, App. B (2e-4 for 32x32 images)

@@ -29,6 +29,8 @@ CHECKS = (
     ('any count (`*batch_size`, `*_steps`, `num_*`, `keep_checkpoints`, ...)', 'not negative'),
     ('training/sampling/eval.batch_size', '> 0'),
     ('training.num_train_steps, log_every_steps, checkpoint_every_steps (train)', '> 0'),
+    ('training.steps_per_call (train)', '>= 1; num_train_steps and the log/checkpoint/sample '
+     'cadences multiples of it; a resumed checkpoint step too'),
     ('diffusion.*', 'a valid schedule, mean/variance/loss type, timestep sampler'),
     ('model.image_size / in_channels', 'equal data.image_size / data.channels (derived)'),
     ('model.out_channels (out_dim)', '2·C for a learned diffusion.model_var_type, C otherwise '
@@ -83,6 +85,25 @@ def _check_counts(config, mode: str) -> None:
             if t[field] <= 0:
                 raise ValueError(f'training.{field}={t[field]} must be > 0: {why} '
                                  f'(e.g. --config.training.{field}=1000).')
+        _check_steps_per_call(t)
+
+
+def _check_steps_per_call(t) -> None:
+    """The loop acts between calls of training.steps_per_call steps (train.make_multi_step)."""
+    k = t.get('steps_per_call', 1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f'training.steps_per_call={k!r} must be an integer >= 1: the train steps '
+                         'run per jitted call (1: one step per call).')
+    for field in ('num_train_steps', 'log_every_steps', 'checkpoint_every_steps',
+                  'sample_every_steps'):
+        value = t.get(field, 0)
+        if value % k:
+            lower, upper = value // k * k, (value // k + 1) * k
+            other = f' (or {lower})' if lower else ''
+            raise ValueError(
+                f'training.{field}={value} is not a multiple of training.steps_per_call={k}: '
+                f'the loop logs, saves, samples and stops only between calls of {k} steps; set '
+                f'--config.training.{field}={upper}{other} or a steps_per_call that divides it.')
 
 
 def _check_diffusion(config) -> None:

@@ -346,6 +346,18 @@ def eval_iterator(ds: Dataset, global_batch_size: int, num_batches: int | None =
         yield batch
 
 
+def stack_batches(iterator: Iterator[dict], k: int) -> Iterator[dict]:
+    """Groups k consecutive batches into one with a new leading axis: {key: [k, B, ...]}, the
+    input of k train steps in one call (training.steps_per_call). k = 1 passes batches through
+    unchanged (no extra axis)."""
+    if k == 1:
+        yield from iterator
+        return
+    while True:
+        group = [next(iterator) for _ in range(k)]
+        yield {key: np.stack([b[key] for b in group]) for key in group[0]}
+
+
 def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
     """Runs `iterator` in a daemon thread, `size` items ahead (decoding overlaps the step).
 

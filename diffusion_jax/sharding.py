@@ -81,9 +81,10 @@ def any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
-def data_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over 'data', the rest whole."""
-    return NamedSharding(mesh, P(DATA_AXIS))
+def data_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
+    """The batch axis (default: the leading one) split over 'data', the rest whole. batch_axis=1
+    is for stacked batches [K, B, ...] (K train steps per call: train.make_multi_step)."""
+    return NamedSharding(mesh, P(*([None] * batch_axis), DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -104,10 +105,11 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
     return global_batch_size // jax.process_count()
 
 
-def shard_batch(batch, mesh: Mesh):
-    """Host-local numpy arrays (leading axis = this host's share) -> global jax.Arrays sharded
-    over 'data'. On one host this is a device_put with the data sharding."""
-    sharding = data_sharding(mesh)
+def shard_batch(batch, mesh: Mesh, batch_axis: int = 0):
+    """Host-local numpy arrays (axis batch_axis = this host's share) -> global jax.Arrays
+    sharded over 'data' along that axis. On one host this is a device_put with the data
+    sharding."""
+    sharding = data_sharding(mesh, batch_axis)
     if jax.process_count() == 1:
         return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

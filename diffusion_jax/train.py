@@ -201,10 +201,28 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
     return train_step
 
 
-def compile_train_step(train_step, mesh, state, batch, rng):
-    """AOT-compiles the step for the mesh (batch over 'data', the rest replicated, state
-    donated). Calling the result never retraces: one compile per run, by construction."""
-    repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
+def make_multi_step(train_step: Callable, steps_per_call: int) -> Callable:
+    """K = steps_per_call train steps in one program: multi_step(state, batches, rng) ->
+    (state, metrics), batches {key: [K, B, ...]} (input_pipeline.stack_batches), each metric
+    stacked [K, ...] in step order. A lax.scan over train_step, so step k of the call sees
+    exactly the state, batch and randomness (fold_in(rng, state.step)) that the k-th of K
+    separate calls would: it saves K - 1 dispatches and host round trips per call, which is
+    what limits small models (VDM's steps per jitted call). K = 1 returns train_step itself.
+    """
+    if steps_per_call == 1:
+        return train_step
+
+    def multi_step(state: TrainState, batches: dict, rng: jax.Array):
+        return jax.lax.scan(lambda s, batch: train_step(s, batch, rng), state, batches)
+
+    return multi_step
+
+
+def compile_train_step(train_step, mesh, state, batch, rng, batch_axis: int = 0):
+    """AOT-compiles the step for the mesh (batch over 'data' along batch_axis, 1 for the
+    stacked batches of make_multi_step; the rest replicated, state donated). Calling the
+    result never retraces: one compile per run, by construction."""
+    repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh, batch_axis)
     jitted = jax.jit(train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
                      donate_argnums=0)
     return jitted.lower(state, batch, rng).compile()
@@ -287,8 +305,24 @@ def prepare_run(config, workdir: str) -> _Run:
     sharding.check_global_batch(config.training.batch_size, mesh, 'training.batch_size')
     run_lib.check_resume(workdir, config)
     checkpointing.check_compatible(workdir, models.param_shapes(model)['params'])
+    check_resume_step(checkpointing.latest_step(workdir),
+                      config.training.get('steps_per_call', 1), workdir)
     train_ds = input_pipeline.get_dataset(config.data, config.data.train_split)
     return _Run(config, model, diffusion, mesh, train_ds)
+
+
+def check_resume_step(step: int | None, steps_per_call: int, workdir: str) -> None:
+    """A call runs training.steps_per_call steps from a multiple of it: raise (one line) when
+    the checkpoint a run resumes from is not one."""
+    if step is None or step % steps_per_call == 0:
+        return
+    divisors = [d for d in range(1, steps_per_call) if step % d == 0 and steps_per_call % d == 0]
+    raise ValueError(
+        f'training.steps_per_call={steps_per_call} does not divide step {step}, the checkpoint '
+        f'in {checkpointing.checkpoint_dir(workdir)} this run resumes from (calls of '
+        f'{steps_per_call} steps start at multiples of {steps_per_call}): resume with '
+        f'--config.training.steps_per_call={divisors[-1]} and change it at a checkpoint that is '
+        f'a multiple of {steps_per_call}.')
 
 
 def _write_config(config, workdir: str) -> None:
@@ -343,10 +377,18 @@ class _Preemption:
             signal.signal(signum, previous)
 
 
-def _summarize(pending: list[dict]) -> dict:
-    """Mean metrics of the applied (finite) steps since the last report, and how many steps
-    were skipped as non-finite."""
-    host = jax.device_get(pending)
+def _per_step(metrics, steps_per_call: int) -> list[dict]:
+    """The host metrics of one call as one dict per step (make_multi_step stacks them [K])."""
+    host = jax.device_get(metrics)
+    if steps_per_call == 1:
+        return [host]
+    return [{k: v[i] for k, v in host.items()} for i in range(steps_per_call)]
+
+
+def _summarize(pending: list[dict], steps_per_call: int = 1) -> dict:
+    """Mean metrics of the applied (finite) steps since the last report (pending: the metrics
+    of each call), and how many steps were skipped as non-finite."""
+    host = [m for call in pending for m in _per_step(call, steps_per_call)]
     good = [m for m in host if m['finite']]
     out = {'skipped_steps': float(host[-1]['skipped'])} if host[-1]['skipped'] else {}
     if not good:
@@ -360,10 +402,17 @@ def _summarize(pending: list[dict]) -> dict:
     return out
 
 
-def _check_finite(metrics, step: int, max_skips: int, ckpt) -> None:
-    """Warns about a skipped non-finite step; raises FloatingPointError when the run must stop
-    (the state then is the one before `step`: make_train_step)."""
-    m = jax.device_get({k: metrics[k] for k in metrics if k not in ('q_sum', 'q_count')})
+def _check_finite(metrics, step: int, max_skips: int, ckpt, steps_per_call: int = 1) -> None:
+    """Warns about each skipped non-finite step of a call (metrics: the call's, `step`: its
+    last step); raises FloatingPointError at the first step that stops the run (the state then
+    is the one before that step: make_train_step)."""
+    scalars = {k: metrics[k] for k in metrics if k not in ('q_sum', 'q_count')}
+    first = step - steps_per_call + 1
+    for i, m in enumerate(_per_step(scalars, steps_per_call)):
+        _check_finite_step(m, first + i, max_skips, ckpt)
+
+
+def _check_finite_step(m: dict, step: int, max_skips: int, ckpt) -> None:
     if m['finite']:
         return
     terms = ', '.join(f'{k}={float(m[k]):.4g}' for k in ('loss', 'mse', 'vb', 'grad_norm')
@@ -435,10 +484,14 @@ def train_and_evaluate(config, workdir: str | None = None, *,
     """Trains config's model in workdir (resuming from its newest readable checkpoint);
     returns the state.
 
-    on_step(step, state), if given, runs after every step (step = steps done): a hook for
+    Each jitted call runs training.steps_per_call = K steps (make_multi_step; K = 1 by
+    default): the loop logs, samples, checkpoints, checks for non-finite steps and for a stop
+    request between calls, so those cadences and num_train_steps are multiples of K
+    (config_validation), and the parameters after any step are those of K = 1.
+    on_step(step, state), if given, runs after every call (step = steps done): a hook for
     notebooks and tests. Its state is a copy (`snapshot`), safe to keep: the loop's own state
-    is donated to the next step, which would leave a kept reference reading deleted buffers.
-    A SIGTERM/SIGINT stops the run at the current step with a checkpoint (_Preemption); a
+    is donated to the next call, which would leave a kept reference reading deleted buffers.
+    A SIGTERM/SIGINT stops the run after the current call with a checkpoint (_Preemption); a
     non-finite step stops it (FloatingPointError) unless training.skip_nonfinite_steps allows
     skipping it; a failed save raises checkpointing.SaveError.
     """
@@ -449,6 +502,8 @@ def train_and_evaluate(config, workdir: str | None = None, *,
     writer = logging_utils.MetricWriter(workdir)
     tc, mesh = config.training, run.mesh
     max_skips = tc.get('skip_nonfinite_steps', 0)
+    k = tc.get('steps_per_call', 1)
+    batch_axis = 0 if k == 1 else 1  # stacked batches are [K, B, ...]
     optimizer, schedule = create_optimizer(config.optim)
     init_rng, train_rng, sample_rng = jax.random.split(jax.random.key(tc.seed), 3)
     ckpt = checkpointing.Checkpointer(workdir, tc.keep_checkpoints)
@@ -456,30 +511,34 @@ def train_and_evaluate(config, workdir: str | None = None, *,
     try:
         state = _initial_state(config, run, optimizer, ckpt, init_rng)
         start = int(jax.device_get(state.step))
-        logger.info('%s: %s parameters, %d devices, global batch %d, workdir %s',
-                    config.get('name'), f'{models.count_params(state.params):,}',
-                    mesh.devices.size, tc.batch_size, workdir)
-        batches = input_pipeline.prefetch(input_pipeline.train_iterator(
-            run.train_ds, tc.batch_size, tc.seed, start, config.data.random_flip),
+        check_resume_step(start, k, workdir)  # an older checkpoint, if the newest was damaged
+        logger.info('%s: %s parameters, %d devices, global batch %d, %d step(s) per call, '
+                    'workdir %s', config.get('name'), f'{models.count_params(state.params):,}',
+                    mesh.devices.size, tc.batch_size, k, workdir)
+        batches = input_pipeline.prefetch(input_pipeline.stack_batches(
+            input_pipeline.train_iterator(run.train_ds, tc.batch_size, tc.seed, start,
+                                          config.data.random_flip), k),
             config.data.get('prefetch', 2))
         sample_fn, previous = None, None
         can_sample = bool(tc.sample_every_steps) and config.model.name != 'classifier'
         pending, step, last_saved = [], start, None
         with _Preemption() as preemption:
-            for step in range(start + 1, tc.num_train_steps + 1):
-                batch = sharding.shard_batch(next(batches), mesh)
-                if step == start + 1:
+            # step: the steps done after this call (calls end at multiples of k).
+            for step in range(start + k, tc.num_train_steps + 1, k):
+                batch = sharding.shard_batch(next(batches), mesh, batch_axis)
+                if step == start + k:
                     logger.info('compiling the train step (first step takes a while)...')
                     t0 = time.perf_counter()
                     train_step = compile_train_step(
-                        make_train_step(config, run.model, run.diffusion, optimizer, schedule),
-                        mesh, state, batch, train_rng)
+                        make_multi_step(make_train_step(config, run.model, run.diffusion,
+                                                        optimizer, schedule), k),
+                        mesh, state, batch, train_rng, batch_axis)
                     logger.info('compiled in %.1fs', time.perf_counter() - t0)
                     throughput = _Throughput(start, tc.batch_size, tc.num_train_steps)
                 state, metrics = train_step(state, batch, train_rng)
                 pending.append(metrics)
-                if previous is not None:  # one step behind: the device stays busy meanwhile
-                    _check_finite(previous, step - 1, max_skips, ckpt)
+                if previous is not None:  # one call behind: the device stays busy meanwhile
+                    _check_finite(previous, step - k, max_skips, ckpt, k)
                 previous = metrics
                 if on_step is not None:
                     with throughput.excluded(state):
@@ -495,10 +554,10 @@ def train_and_evaluate(config, workdir: str | None = None, *,
                                    step, jax.process_index(), jax.process_count())
                 stop = preempted or step == tc.num_train_steps
                 if log_now or save_now or sample_now or stop:
-                    _check_finite(metrics, step, max_skips, ckpt)
+                    _check_finite(metrics, step, max_skips, ckpt, k)
                     previous = None  # checked
                 if log_now or stop:
-                    summary = _summarize(pending)
+                    summary = _summarize(pending, k)
                     pending = []
                     eta = throughput.report(summary, step)
                     writer.scalars(step, summary, note=f'ETA {eta}')

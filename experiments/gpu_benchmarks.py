@@ -9,6 +9,8 @@ Prints, one JSON line each (and writes them all to --out):
   train           configs/cifar10.py's real train step (benchmark_train.benchmark), bfloat16,
                   at 128 images per device and at --large_batch per device: img/s, achieved
                   TFLOP/s (XLA's count) and its share of the measured matmul peak
+  steps_per_call  the same step with training.steps_per_call = 1, 4, 16 (a lax.scan over K
+                  steps per call; benchmark_steps_per_call), 128 images per device: steps/s
   sampling        DDPM-1000, DDIM-50 and DPM-Solver++(2M)-20 (benchmark_sampling.run), bf16,
                   with the time 50,000 CIFAR-10 samples take at that rate
   fid_features    FID-Inception features (pool + logits) of 32x32 uint8 images resized to 299
@@ -39,6 +41,7 @@ sys.path.insert(0, str(HERE))
 # pylint: disable=wrong-import-position
 import benchmark_input_pipeline  # noqa: E402
 import benchmark_sampling  # noqa: E402
+import benchmark_steps_per_call  # noqa: E402
 import benchmark_timestep_sampling  # noqa: E402
 import benchmark_train  # noqa: E402
 from configs import model_configs  # noqa: E402
@@ -76,6 +79,18 @@ def train(per_device_batches, steps: int, peak_tflops: float, smoke: bool) -> li
         result['share_of_measured_peak'] = result['achieved_tflops'] / peak_tflops
         out.append(dict(what='train', per_device_batch=per_device, **result))
     return out
+
+
+def steps_per_call(per_device: int, smoke: bool) -> list[dict]:
+    config = benchmark_train.load_config('configs/cifar10.py')
+    config.training.batch_size = per_device * jax.local_device_count()
+    if smoke:
+        config.model = model_configs.tiny_unet(image_size=32, in_channels=3)
+    config.model.dtype = 'bfloat16'
+    rows = benchmark_steps_per_call.measure_config(
+        config, (1, 4) if smoke else (1, 4, 16), 1 if smoke else 3, 4 if smoke else 64,
+        'configs/cifar10.py')
+    return [dict(what='steps_per_call', **r) for r in rows]
 
 
 def sampling(batch: int, smoke: bool) -> list[dict]:
@@ -146,6 +161,7 @@ def main():
     report(peak)
     report(train((2,) if smoke else (128, args.large_batch), 2 if smoke else 20,
                  peak['tflops'], smoke))
+    report(steps_per_call(2 if smoke else 128, smoke))
     report(sampling(2 if smoke else 256 * jax.local_device_count(), smoke))
     report(fid_features(2 if smoke else 500, 1 if smoke else 20))
     report(input_pipeline(args.data_dir, 16 if smoke else 512, 2 if smoke else 20,

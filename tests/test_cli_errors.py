@@ -111,9 +111,14 @@ def _override(**typed):
     (dict(data__channels=3, model__in_channels=1),
      'model.in_channels=1 does not fit data.channels=3: set both to the same value (or leave '
      'model.in_channels unset to derive it).'),
+    (dict(training__steps_per_call=8),
+     'training.num_train_steps=1500 is not a multiple of training.steps_per_call=8: the loop '
+     'logs, saves, samples and stops only between calls of 8 steps; set '
+     '--config.training.num_train_steps=1504 (or 1496) or a steps_per_call that divides it.'),
 ], ids=['zero_train_steps', 'negative_train_steps', 'unknown_sampler', 'learned_variance',
         'negative_batch', 'zero_sampling_batch', 'negative_cadence', 'negative_num_samples',
-        'bad_checkpoint_step', 'label_dropout_unconditional', 'channels_mismatch'])
+        'bad_checkpoint_step', 'label_dropout_unconditional', 'channels_mismatch',
+        'steps_per_call_cadence'])
 def test_config_mistakes_get_one_line_and_write_nothing(tmp_path, capsys, typed, message):
     config, typed = _override(**typed)
     workdir = tmp_path / 'run'

@@ -365,3 +365,114 @@ def test_invalid_reference_option_raises_naming_the_field(overrides, field):
     cfg.update(overrides)
     with pytest.raises(ValueError, match=f'model_config.{field}'):
         models.get_model(cfg)
+
+
+# --- the CPU-profiled implementations (issue #14): same function as the reference formulas -------
+
+import flax.linen as nn  # noqa: E402  (appended section; the tests above do not use flax directly)
+
+
+class _FlaxGroupNorm(layers.GroupNorm):
+    """layers.GroupNorm before issue #14 (flax's nn.GroupNorm, then h·(1 + scale) + shift)."""
+
+    @nn.compact
+    def __call__(self, x, scale=None, shift=None):
+        h = nn.GroupNorm(num_groups=self.num_groups, epsilon=self.epsilon, dtype=jnp.float32,
+                         param_dtype=jnp.float32, name='norm')(x.astype(jnp.float32))
+        if scale is not None:
+            h = h * (1.0 + scale.astype(jnp.float32)) + shift.astype(jnp.float32)
+        return h.astype(self.dtype)
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+
+
+@pytest.mark.parametrize('shape, adaptive', [((2, 4, 4, 64), False), ((2, 4, 4, 64), True),
+                                             ((3, 2, 6, 32), True), ((2, 5, 64), False)])
+def test_group_norm_matches_flax_forward_and_grad(shape, adaptive):
+    """Values and gradients (x, scale/bias, adaptive scale/shift) of layers.GroupNorm equal
+    those of flax's nn.GroupNorm formula, parameter tree included."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(3.0 * rng.standard_normal(shape) + 1.5, jnp.float32)
+    c = shape[-1]
+    ss = [jnp.asarray(0.3 * rng.standard_normal((shape[0],) + (1,) * (len(shape) - 2) + (c,)),
+                      jnp.float32) for _ in range(2)] if adaptive else [None, None]
+    new, old = layers.GroupNorm(16, epsilon=1e-5), _FlaxGroupNorm(16, epsilon=1e-5)
+    v_new, v_old = new.init(jax.random.key(0), x), old.init(jax.random.key(0), x)
+    assert jax.tree.structure(v_new) == jax.tree.structure(v_old)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(v_new), jax.tree.leaves(v_old)))
+    v = perturbed(v_new, 0.5)
+    probe = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+    def loss(module, v, x, s, t):
+        return jnp.sum(jnp.tanh(module.apply(v, x, s, t)) * probe)
+
+    assert _rel(new.apply(v, x, *ss), old.apply(v, x, *ss)) < 1e-5
+    argnums = (1, 2, 3, 4) if adaptive else (1, 2)
+    g_new = jax.grad(loss, argnums)(new, v, x, *ss)
+    g_old = jax.grad(loss, argnums)(old, v, x, *ss)
+    for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_old)):
+        assert _rel(a, b) < 1e-5
+
+
+def test_group_norm_bfloat16_output_dtype_and_channel_check():
+    x = jnp.ones((1, 2, 2, 64), jnp.bfloat16)
+    module = layers.GroupNorm(32, dtype=jnp.bfloat16)
+    variables = module.init(jax.random.key(0), x)
+    assert module.apply(variables, x).dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match='not divisible'):
+        layers.GroupNorm(32).init(jax.random.key(0), jnp.ones((1, 2, 2, 48)))
+
+
+def _upsample_then_conv_reference(x, kernel):
+    up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return jax.lax.conv_general_dilated(up, kernel, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@pytest.mark.parametrize('shape, out_ch', [((2, 4, 4, 8), 8), ((1, 3, 5, 4), 6)])
+def test_upsample_conv3x3_matches_upsample_then_conv(shape, out_ch):
+    """The folded conv equals nearest x2 + 3x3 conv: values, reverse-mode gradients in x and
+    the kernel, forward-mode (jvp) tangents."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, shape[-1], out_ch)), jnp.float32)
+    out = layers.upsample_conv3x3(x, kernel)
+    ref = _upsample_then_conv_reference(x, kernel)
+    assert out.shape == ref.shape == (shape[0], 2 * shape[1], 2 * shape[2], out_ch)
+    assert _rel(out, ref) < 1e-5
+    probe = jnp.asarray(rng.standard_normal(ref.shape), jnp.float32)
+    grads = [jax.grad(lambda x, k, f=f: jnp.sum(jnp.sin(f(x, k)) * probe), (0, 1))(x, kernel)
+             for f in (layers.upsample_conv3x3, _upsample_then_conv_reference)]
+    for a, b in zip(*grads):
+        assert _rel(a, b) < 1e-5
+    tangents = (jnp.asarray(rng.standard_normal(shape), jnp.float32),
+                jnp.asarray(rng.standard_normal(kernel.shape), jnp.float32))
+    for args, tans in [((x, kernel), tangents), ((x,), tangents[:1])]:
+        jvps = [jax.jvp(lambda *a, f=f: f(*a, *(() if len(a) == 2 else (kernel,))), args, tans)[1]
+                for f in (layers.upsample_conv3x3, _upsample_then_conv_reference)]
+        assert _rel(*jvps) < 1e-5
+
+
+def test_upsample_module_keeps_its_parameters_and_function():
+    """layers.Upsample: the parameter tree and initial values of the plain nn.Conv named 'conv',
+    and the output of conv3x3(upsample_nearest(x)) + bias; other conv settings are refused."""
+    x = jax.random.normal(jax.random.key(3), (2, 4, 4, 16))
+
+    class Plain(layers.Upsample):
+        @nn.compact
+        def __call__(self, x):
+            return layers.conv3x3(x.shape[-1], self.dtype, 'conv')(layers.upsample_nearest(x))
+
+    v_new = layers.Upsample().init(jax.random.key(0), x)
+    v_old = Plain().init(jax.random.key(0), x)
+    assert jax.tree.structure(v_new) == jax.tree.structure(v_old)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(v_new), jax.tree.leaves(v_old)))
+    v = perturbed(v_new, 0.5)
+    assert _rel(layers.Upsample().apply(v, x), Plain().apply(v, x)) < 1e-5
+    kernel = jnp.ones((3, 3, 16, 16))
+    with pytest.raises(ValueError, match='stride-1 3x3'):
+        layers.upsample_then_conv(x, kernel, (2, 2), ((1, 1), (1, 1)),
+                                  dimension_numbers=jax.lax.conv_dimension_numbers(
+                                      x.shape, kernel.shape, ('NHWC', 'HWIO', 'NHWC')))

@@ -34,12 +34,14 @@ GroupNorm statistics and the attention softmax are computed in float32.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 Dtype = Any
 
@@ -196,8 +198,57 @@ def add_label_embedding(emb, y, num_classes: int, dtype: Dtype):
     return emb + table(y)
 
 
+class GroupNormParams(nn.Module):
+    """The affine parameters of a GroupNorm over `features` channels: 'scale' (1), 'bias' (0).
+
+    Named 'norm' inside GroupNorm, so the parameter tree is the one flax's nn.GroupNorm makes
+    ({'norm': {'scale', 'bias'}}): checkpoints and the PyTorch converters depend on it.
+    """
+    features: int
+
+    @nn.compact
+    def __call__(self):
+        return (self.param('scale', nn.initializers.ones, (self.features,), jnp.float32),
+                self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32))
+
+
+def group_norm(x, gamma, beta, num_groups: int, epsilon: float, scale=None, shift=None):
+    """GroupNorm of x [B, ..., C] (groups of C/G consecutive channels) in float32.
+
+    The same function as flax's nn.GroupNorm (one-pass statistics: var = max(0, E[x²] - E[x]²))
+    followed by h·(1 + scale) + shift, up to float32 rounding; written for XLA:CPU, where it is
+    faster (experiments/profile_cpu.py): the statistics are per-channel sums over the positions
+    (a reduction over a major axis, vectorised across C) reduced over each group's C/G channels
+    afterwards, instead of a reduction over [B, H, W, G, C/G]'s axes (1, 2, 4); and the
+    normalisation, the affine parameters and the adaptive (scale, shift) are folded into one
+    per-(sample, channel) multiply-add y = x·a + d, with a = γ·rsqrt(var + ε)·(1 + scale) and
+    d = (β - mean·γ·rsqrt(var + ε))·(1 + scale) + shift.
+    """
+    b, c = x.shape[0], x.shape[-1]
+    if c % num_groups:
+        raise ValueError(f'GroupNorm: {c} channels are not divisible by {num_groups} groups.')
+    per_group = c // num_groups
+    x = x.astype(jnp.float32)
+    x3 = x.reshape(b, -1, c)
+    count = x3.shape[1] * per_group
+    mean = jnp.sum(x3, axis=1).reshape(b, num_groups, per_group).sum(-1) / count
+    mean2 = jnp.sum(jnp.square(x3), axis=1).reshape(b, num_groups, per_group).sum(-1) / count
+    inv = jax.lax.rsqrt(jnp.maximum(0.0, mean2 - jnp.square(mean)) + epsilon)   # [B, G]
+    a = jnp.repeat(inv, per_group, axis=-1) * gamma                              # [B, C]
+    d = beta - jnp.repeat(mean, per_group, axis=-1) * a
+    spatial = (1,) * (x.ndim - 2)
+    a, d = a.reshape(b, *spatial, c), d.reshape(b, *spatial, c)
+    if scale is not None:
+        scale = 1.0 + scale.astype(jnp.float32)
+        a, d = a * scale, d * scale + shift.astype(jnp.float32)
+    return x * a + d
+
+
 class GroupNorm(nn.Module):
-    """GroupNorm with float32 statistics and optional adaptive (scale, shift); returns `dtype`."""
+    """GroupNorm with float32 statistics and optional adaptive (scale, shift); returns `dtype`.
+
+    Parameters {'norm': {'scale', 'bias'}} as flax's nn.GroupNorm; computed by group_norm.
+    """
     num_groups: int = 32
     dtype: Dtype = jnp.float32
     epsilon: float = GROUPNORM_EPSILON
@@ -205,21 +256,103 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x, scale=None, shift=None):
         # bfloat16 keeps ~3 significant digits: too few for means and variances over H·W·C/G.
-        h = nn.GroupNorm(num_groups=self.num_groups, epsilon=self.epsilon,
-                         dtype=jnp.float32, param_dtype=jnp.float32,
-                         name='norm')(x.astype(jnp.float32))
-        if scale is not None:
-            h = h * (1.0 + scale.astype(jnp.float32)) + shift.astype(jnp.float32)
+        gamma, beta = GroupNormParams(x.shape[-1], name='norm')()
+        h = group_norm(x, gamma, beta, self.num_groups, self.epsilon, scale, shift)
         return h.astype(self.dtype)
 
 
+def _fold_upsample_kernel(kernel):
+    """3x3 kernel [3, 3, I, O] -> the 2x2 kernels [2, 2, I, 4·O] of the four output phases.
+
+    After a nearest x2, output row 2i+a of a (1, 1)-padded 3x3 conv sees input rows (i-1, i, i)
+    for a = 0 and (i, i, i+1) for a = 1, so along each axis the taps fold to (k0, k1 + k2) on the
+    rows (i-1, i) and (k0 + k1, k2) on the rows (i, i+1). The O-blocks are the phases (a, b) in
+    the order (0, 0), (0, 1), (1, 0), (1, 1). Folded in float32, then cast back.
+    """
+    k = kernel.astype(jnp.float32)
+
+    def fold(k, axis):
+        k0, k1, k2 = (jnp.take(k, i, axis=axis) for i in range(3))
+        return (jnp.stack([k0, k1 + k2], axis=axis), jnp.stack([k0 + k1, k2], axis=axis))
+
+    phases = [kab for ka in fold(k, 0) for kab in fold(ka, 1)]
+    return jnp.concatenate(phases, axis=-1).astype(kernel.dtype)
+
+
+def _conv_nhwc(x, kernel, padding, precision=None):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, precision=precision,
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _upsample_conv3x3_folded(x, kernel, precision=None):
+    b, height, width, _ = x.shape
+    out_ch = kernel.shape[-1]
+    y = _conv_nhwc(x, _fold_upsample_kernel(kernel), ((1, 1), (1, 1)), precision)
+    y = y.reshape(b, height + 1, width + 1, 2, 2, out_ch)       # [B, H+1, W+1, a, b, O]
+    rows = [jnp.stack([y[:, a:a + height, c:c + width, a, c] for c in range(2)], axis=3)
+            for a in range(2)]                                  # each [B, H, W, b, O]
+    return jnp.stack(rows, axis=2).reshape(b, 2 * height, 2 * width, out_ch)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def upsample_conv3x3(x, kernel, precision=None):
+    """conv3x3(upsample_nearest(x), kernel), (1, 1) padding, no bias: [B,H,W,I] -> [B,2H,2W,O].
+
+    Computed as one 2x2 conv on the low-resolution x with the four phases' folded kernels
+    (_fold_upsample_kernel) and an interleave: 16·(H+1)(W+1) instead of 36·HW multiply-adds per
+    (I, O) pair, the same function up to float32 rounding. Differentiation: the tangent in x goes
+    through the same folded conv; the tangent in the kernel is the plain 3x3 conv of the
+    upsampled x, because XLA:CPU's kernel gradient of the 2x2 conv is ~50x slower than that of
+    the 3x3 one. custom_jvp (not custom_vjp), so that forward mode (the likelihood's jax.jvp)
+    works too.
+    """
+    return _upsample_conv3x3_folded(x, kernel, precision)
+
+
+def _upsample_conv3x3_jvp(precision, primals, tangents):
+    x, kernel = primals
+    dx, dkernel = tangents
+    out = _upsample_conv3x3_folded(x, kernel, precision)
+    terms = []
+    if not isinstance(dx, SymbolicZero):
+        terms.append(_upsample_conv3x3_folded(dx, kernel, precision))
+    if not isinstance(dkernel, SymbolicZero):
+        terms.append(_conv_nhwc(upsample_nearest(x), dkernel, ((1, 1), (1, 1)), precision))
+    return out, (sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out))
+
+
+upsample_conv3x3.defjvp(_upsample_conv3x3_jvp, symbolic_zeros=True)
+
+
+def upsample_then_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                       dimension_numbers=None, feature_group_count=1, precision=None):
+    """lax.conv_general_dilated's signature, for nn.Conv(conv_general_dilated=...): the conv of
+    upsample_nearest(lhs) by upsample_conv3x3. Only the case Upsample uses (3x3 NHWC kernel,
+    stride 1, (1, 1) padding, no dilation or groups) is accepted."""
+    expected = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
+    if (tuple(window_strides) != (1, 1) or tuple(map(tuple, padding)) != ((1, 1), (1, 1))
+            or rhs.shape[:2] != (3, 3) or tuple(lhs_dilation or (1, 1)) != (1, 1)
+            or tuple(rhs_dilation or (1, 1)) != (1, 1) or feature_group_count != 1
+            or dimension_numbers != expected):
+        raise ValueError('upsample_then_conv only computes a stride-1 3x3 NHWC conv with '
+                         '(1, 1) padding.')
+    return upsample_conv3x3(lhs, rhs, precision)
+
+
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then 3x3 conv (no transposed conv, which makes checkerboards)."""
+    """Nearest-neighbour x2 then 3x3 conv (no transposed conv, which makes checkerboards).
+
+    The conv is flax's nn.Conv named 'conv' (parameters 'kernel' [3, 3, C, C], 'bias'), fed the
+    low-resolution x: its conv_general_dilated is upsample_then_conv, which upsamples and
+    convolves in one folded conv (upsample_conv3x3).
+    """
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        return conv3x3(x.shape[-1], self.dtype, 'conv')(upsample_nearest(x))
+        return nn.Conv(x.shape[-1], (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                       param_dtype=jnp.float32, kernel_init=default_init(1.0), name='conv',
+                       conv_general_dilated=upsample_then_conv)(x)
 
 
 class Downsample(nn.Module):
