@@ -10,6 +10,7 @@ import itertools
 import pathlib
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -368,9 +369,6 @@ def test_invalid_reference_option_raises_naming_the_field(overrides, field):
 
 
 # --- the CPU-profiled implementations (issue #14): same function as the reference formulas -------
-
-import flax.linen as nn  # noqa: E402  (appended section; the tests above do not use flax directly)
-
 
 class _FlaxGroupNorm(layers.GroupNorm):
     """layers.GroupNorm before issue #14 (flax's nn.GroupNorm, then h·(1 + scale) + shift)."""
