@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
-import json as json_lib
 import os
+import pathlib
 import statistics
 import sys
 import tempfile
@@ -108,7 +107,7 @@ def measure_loop(spec: str, ks, rounds: int, steps: int) -> list[dict]:
             with tempfile.TemporaryDirectory() as workdir:
                 train.train_and_evaluate(config, workdir)
                 with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-                    rows = [json_lib.loads(line) for line in f]
+                    rows = [json.loads(line) for line in f]
             rates[k].append(rows[-1]['steps_per_sec'])
     base = statistics.median(rates[ks[0]])
     config = load_config(spec)

@@ -10,7 +10,6 @@ import signal
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -20,7 +19,7 @@ from diffusion_jax import diffusion as diffusion_lib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 # pylint: disable-next=wrong-import-position
-from test_reliability import FIELDS, _nan_batches, assert_states_equal  # noqa: E402
+from test_reliability import FIELDS, _nan_batches  # noqa: E402
 from test_train import leaves, mlp_config, snapshot, unet_config  # noqa: E402  pylint: disable=wrong-import-position
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
@@ -153,7 +152,7 @@ def test_a_non_finite_step_inside_a_call_stops_the_run_at_that_step(monkeypatch,
     assert all(np.all(np.isfinite(x)) for x in leaves(seen[8].params))
 
 
-def test_skipped_steps_inside_a_call_are_counted(monkeypatch, tmp_path, caplog):
+def test_skipped_steps_inside_a_call_are_counted(monkeypatch, tmp_path):
     config = config_k(4)
     config.training.skip_nonfinite_steps = 2
     _nan_batches(monkeypatch, {2, 7})
