@@ -132,15 +132,10 @@ def evaluate_nll(config, workdir: str, variables, step: int, mesh) -> dict:
     acc = likelihood.BpdAccumulator()
     key = jax.random.key(config.training.seed + 1)
     start = time.time()
-    for i, batch in enumerate(input_pipeline.eval_iterator(ds, e.batch_size, num_batches)):
-        x0, y, mask = sharding.shard_batch((batch['image'], batch['label'], batch['mask']), mesh)
-        rng = jax.random.fold_in(key, i)
-        use_full = probs is None or (estimator == 'importance' and i == 0)
-        if estimator == 'ode':
-            out = ode_fn(variables, x0, y, rng)
-        else:
-            out = full_fn(variables, x0, y, rng) if use_full else sampled_fn(variables, x0, y, rng,
-                                                                              probs)
+
+    def consume(i, out, mask):
+        """Batch i's results fetched to the host and accumulated."""
+        nonlocal probs, ode_failed
         # The padding that fills the last batch is computed (one compiled shape) but not counted.
         out, mask = sharding.to_host((out, mask))
         mask = np.asarray(mask, bool)
@@ -158,6 +153,28 @@ def evaluate_nll(config, workdir: str, variables, step: int, mesh) -> dict:
         elapsed = time.time() - start
         logging.info('eval nll: batch %d/%d, %.4f bits/dim so far, %.1fs elapsed, ETA %.0fs',
                      i + 1, total, acc.mean('total'), elapsed, elapsed / (i + 1) * (total - i - 1))
+
+    # One batch in flight: batch i+1 is dispatched before batch i is fetched, so the device is
+    # not idle while the host accumulates. (The importance estimator's first batch sets p(t)
+    # for the rest, so it is fetched before the next one is dispatched.)
+    previous = None
+    for i, batch in enumerate(input_pipeline.eval_iterator(ds, e.batch_size, num_batches)):
+        x0, y, mask = sharding.shard_batch((batch['image'], batch['label'], batch['mask']), mesh)
+        rng = jax.random.fold_in(key, i)
+        use_full = probs is None or (estimator == 'importance' and i == 0)
+        if estimator == 'ode':
+            out = ode_fn(variables, x0, y, rng)
+        else:
+            out = full_fn(variables, x0, y, rng) if use_full else sampled_fn(variables, x0, y, rng,
+                                                                              probs)
+        if previous is not None:
+            consume(*previous)
+        previous = (i, out, mask)
+        if estimator == 'importance' and i == 0:
+            consume(*previous)
+            previous = None
+    if previous is not None:
+        consume(*previous)
     result = dict(acc.summary(), step=step, split=e.split, dataset=config.data.dataset,
                   estimator=estimator, num_timesteps=diffusion.num_timesteps)
     if estimator in ('sampled', 'importance'):
