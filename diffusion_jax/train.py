@@ -304,9 +304,8 @@ def prepare_run(config, workdir: str) -> _Run:
     mesh = sharding.make_mesh()
     sharding.check_global_batch(config.training.batch_size, mesh, 'training.batch_size')
     run_lib.check_resume(workdir, config)
-    checkpointing.check_compatible(workdir, models.param_shapes(model)['params'])
-    check_resume_step(checkpointing.latest_step(workdir),
-                      config.training.get('steps_per_call', 1), workdir)
+    resume_step = checkpointing.check_compatible(workdir, models.param_shapes(model)['params'])
+    check_resume_step(resume_step, config.training.get('steps_per_call', 1), workdir)
     train_ds = input_pipeline.get_dataset(config.data, config.data.train_split)
     return _Run(config, model, diffusion, mesh, train_ds)
 
@@ -316,12 +315,11 @@ def check_resume_step(step: int | None, steps_per_call: int, workdir: str) -> No
     the checkpoint a run resumes from is not one."""
     if step is None or step % steps_per_call == 0:
         return
-    divisors = [d for d in range(1, steps_per_call) if step % d == 0 and steps_per_call % d == 0]
     raise ValueError(
         f'training.steps_per_call={steps_per_call} does not divide step {step}, the checkpoint '
         f'in {checkpointing.checkpoint_dir(workdir)} this run resumes from (calls of '
         f'{steps_per_call} steps start at multiples of {steps_per_call}): resume with '
-        f'--config.training.steps_per_call={divisors[-1]} and change it at a checkpoint that is '
+        f'--config.training.steps_per_call={math.gcd(step, steps_per_call)} and change it at a checkpoint that is '
         f'a multiple of {steps_per_call}.')
 
 

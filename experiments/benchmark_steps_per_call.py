@@ -22,6 +22,7 @@ half (compilation excluded).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import pathlib
@@ -31,13 +32,13 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'experiments'))
-from benchmark_train import load_config  # noqa: E402
-from diffusion_jax import diffusion as diffusion_lib, models, sharding, train  # noqa: E402
+from benchmark_train import load_config, synthetic_batch  # noqa: E402
+from diffusion_jax import diffusion as diffusion_lib, input_pipeline, models, sharding  # noqa: E402
+from diffusion_jax import train  # noqa: E402
 
 
 def compiled_calls(config, ks):
@@ -46,22 +47,16 @@ def compiled_calls(config, ks):
     diffusion = diffusion_lib.create_diffusion(config.diffusion)
     optimizer, schedule = train.create_optimizer(config.optim)
     mesh = sharding.make_mesh(jax.local_devices())
-    batch_size = config.training.batch_size
-    sharding.check_global_batch(batch_size, mesh, 'training.batch_size')
+    sharding.check_global_batch(config.training.batch_size, mesh, 'training.batch_size')
     step_fn = train.make_train_step(config, model, diffusion, optimizer, schedule)
-    rng = np.random.default_rng(0)
-    shape = (batch_size, *models.example_shape(model))
-    one = dict(image=rng.uniform(-1, 1, shape).astype(np.float32),
-               label=rng.integers(0, max(config.data.num_classes, 1), batch_size).astype(np.int32))
+    one = synthetic_batch(config, model)
     out = {}
     for k in ks:
         state = sharding.replicate(
             train.create_train_state(config, model, optimizer, jax.random.key(0)), mesh)
-        if k == 1:
-            batch, axis = one, 0
-        else:
-            batch, axis = {key: np.stack([v] * k) for key, v in one.items()}, 1
-        batch = sharding.shard_batch(batch, mesh, axis)
+        axis = 0 if k == 1 else 1  # stack_batches adds the [K] axis only for K > 1
+        batch = sharding.shard_batch(
+            next(input_pipeline.stack_batches(itertools.repeat(one), k)), mesh, axis)
         call = train.compile_train_step(train.make_multi_step(step_fn, k), mesh, state, batch,
                                         jax.random.key(1), batch_axis=axis)
         state, _ = call(state, batch, jax.random.key(1))  # warm-up

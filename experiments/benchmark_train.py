@@ -43,6 +43,15 @@ def step_flops(compiled) -> float:
     return float(cost.get('flops', float('nan')))
 
 
+def synthetic_batch(config, model, seed: int = 0) -> dict:
+    """A fixed host batch of config.training.batch_size random images in [-1, 1] and labels."""
+    rng = np.random.default_rng(seed)
+    batch_size = config.training.batch_size
+    shape = (batch_size, *models.example_shape(model))
+    return dict(image=rng.uniform(-1, 1, shape).astype(np.float32),
+                label=rng.integers(0, max(config.data.num_classes, 1), batch_size).astype(np.int32))
+
+
 def benchmark(config, steps: int, warmup: int) -> dict:
     model = models.get_model(config.model)
     diffusion = diffusion_lib.create_diffusion(config.diffusion)
@@ -52,11 +61,7 @@ def benchmark(config, steps: int, warmup: int) -> dict:
     sharding.check_global_batch(batch_size, mesh, '--batch')
     state = sharding.replicate(
         train.create_train_state(config, model, optimizer, jax.random.key(0)), mesh)
-    rng = np.random.default_rng(0)
-    shape = (batch_size, *models.example_shape(model))
-    batch = sharding.shard_batch(dict(
-        image=rng.uniform(-1, 1, shape).astype(np.float32),
-        label=rng.integers(0, max(config.data.num_classes, 1), batch_size).astype(np.int32)), mesh)
+    batch = sharding.shard_batch(synthetic_batch(config, model), mesh)
     t0 = time.perf_counter()
     step = train.compile_train_step(
         train.make_train_step(config, model, diffusion, optimizer, schedule),
