@@ -38,7 +38,6 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "etils[epath]>=1.7",  # paths that may be gs://
         "diffrax>=0.6",  # adaptive ODE solving (probability-flow likelihood)
-        "grain>=0.2.10",  # parallel input pipeline workers
     ],
     extras_require={
         "test": _TEST,

@@ -23,15 +23,15 @@ def parse_arg(arg: str | None, allowed: tuple[str, ...], config_name: str) -> se
 
 
 def sampling_section() -> ml_collections.ConfigDict:
-    """The `sampling` section: the sampler defaults of diffusion_jax.generate."""
-    from diffusion_jax import generate  # pylint: disable=import-outside-toplevel
-    return generate.default_sampling_config()
+    """The `sampling` section: the sampler defaults of diffusion_jax.defaults."""
+    from diffusion_jax import defaults  # pylint: disable=import-outside-toplevel
+    return defaults.default_sampling_config()
 
 
 def eval_section() -> ml_collections.ConfigDict:
-    """The `eval` section: the evaluation defaults of diffusion_jax.evaluation.evaluate."""
-    from diffusion_jax.evaluation import evaluate  # pylint: disable=import-outside-toplevel
-    return evaluate.default_eval_config()
+    """The `eval` section: the evaluation defaults of diffusion_jax.defaults."""
+    from diffusion_jax import defaults  # pylint: disable=import-outside-toplevel
+    return defaults.default_eval_config()
 
 
 def shrink_for_local(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -38,7 +38,6 @@ from diffusion_jax import logging_utils
 logger = logging_utils.logger.getChild('checkpointing')
 
 ITEMS = ('params', 'ema_params', 'opt_state', 'extra')
-CONFIG_FILE = 'config.json'
 COMMIT_MARKER = 'commit_success.txt'  # orbax writes it last, before the rename (atomicity.py)
 STEP_METADATA = '_CHECKPOINT_METADATA'
 DAMAGED_DIR = 'checkpoints_damaged'
@@ -201,18 +200,21 @@ def _abstract(tree):
 
 def _stored_shapes(manager, step: int, item: str) -> dict[str, tuple]:
     meta = manager.item_metadata(step)[item]
-    tree = getattr(meta, 'tree', meta)
+    return shape_table(getattr(meta, 'tree', meta))
+
+
+def shape_table(tree) -> dict[str, tuple]:
+    """{'path': shape} of every leaf with a shape (arrays, ShapeDtypeStructs, orbax metadata)."""
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))[0]
     return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
 
 
-def _shape_mismatch(stored: dict, expected_params) -> str | None:
-    """First difference between stored and expected parameter shapes, as text."""
-    flat = jax.tree_util.tree_flatten_with_path(expected_params)[0]
-    expected = {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
-    for name in sorted(set(stored) | set(expected)):
-        if stored.get(name) != expected.get(name):
-            return (f'parameter {name} is {stored.get(name, "absent")} in the checkpoint and '
+def shape_mismatch(given: dict, expected: dict, where: str = 'in the checkpoint') -> str | None:
+    """The first parameter whose shape differs between two shape_tables, as text (None if
+    none): `where` names the given side."""
+    for name in sorted(set(given) | set(expected)):
+        if given.get(name) != expected.get(name):
+            return (f'parameter {name} is {given.get(name, "absent")} {where} and '
                     f'{expected.get(name, "absent")} in this model')
     return None
 
@@ -236,7 +238,7 @@ def check_compatible(workdir, abstract_params) -> int | None:
                                checkpoint_dir(workdir), _first_line(err))
         else:
             return steps[-1]
-        problem = _shape_mismatch(stored, abstract_params)
+        problem = shape_mismatch(stored, shape_table(abstract_params))
     finally:
         manager.close()
     if problem:

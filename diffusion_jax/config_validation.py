@@ -107,12 +107,12 @@ def _check_steps_per_call(t) -> None:
 
 
 def _check_diffusion(config) -> None:
-    from diffusion_jax import train  # pylint: disable=import-outside-toplevel
+    from diffusion_jax import timestep_sampling  # pylint: disable=import-outside-toplevel
     from diffusion_jax.diffusion import create_diffusion  # pylint: disable=import-outside-toplevel
     d = config.diffusion
-    if d.get('timestep_sampler', 'uniform') not in train.SAMPLERS:
+    if d.get('timestep_sampler', 'uniform') not in timestep_sampling.SAMPLERS:
         raise ValueError(f'diffusion.timestep_sampler={d.timestep_sampler!r} is not valid; '
-                         f'choose one of {", ".join(train.SAMPLERS)}.')
+                         f'choose one of {", ".join(timestep_sampling.SAMPLERS)}.')
     try:
         create_diffusion(d)
     except ValueError as err:
@@ -180,10 +180,10 @@ def _check_sampling(config) -> None:
     if s.method not in names:
         raise ValueError(f'sampling.method={s.method!r} is not a sampler: use one of '
                          f'{", ".join(names)}.')
-    from diffusion_jax import generate  # pylint: disable=import-outside-toplevel
     from diffusion_jax.diffusion import create_diffusion  # pylint: disable=import-outside-toplevel
+    from diffusion_jax.respace import respaced  # pylint: disable=import-outside-toplevel
     try:
-        generate.respaced(create_diffusion(config.diffusion), s.num_steps)
+        respaced(create_diffusion(config.diffusion), s.num_steps)
     except (ValueError, KeyError) as err:
         raise ValueError(f'sampling.num_steps={s.num_steps!r} is not a respacing of '
                          f'diffusion.num_timesteps={config.diffusion.num_timesteps}: {err}') from err
@@ -210,16 +210,15 @@ def check_guidance(config) -> None:
 
 def _check_eval(config) -> None:
     e = config.eval
-    from diffusion_jax.evaluation import evaluate  # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel
+    from diffusion_jax.evaluation.fid import FEATURE_SPACES
+    from diffusion_jax.evaluation.likelihood import ESTIMATORS
     estimator = e.get('nll_estimator', 'full')
-    if estimator not in evaluate.ESTIMATORS:
-        raise ValueError(f'eval.nll_estimator={estimator!r}: use one of '
-                         f'{", ".join(evaluate.ESTIMATORS)}.')
-    from diffusion_jax.evaluation import sample_quality  # pylint: disable=import-outside-toplevel
+    if estimator not in ESTIMATORS:
+        raise ValueError(f'eval.nll_estimator={estimator!r}: use one of {", ".join(ESTIMATORS)}.')
     space = e.get('feature_space', 'inception')
-    if space not in sample_quality.FEATURE_SPACES:
-        raise ValueError(f'eval.feature_space={space!r}: use one of '
-                         f'{", ".join(sample_quality.FEATURE_SPACES)}.')
+    if space not in FEATURE_SPACES:
+        raise ValueError(f'eval.feature_space={space!r}: use one of {", ".join(FEATURE_SPACES)}.')
 
 
 def resolve(config, mode: str = 'train', typed=()) -> ml_collections.ConfigDict:

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import respace as respace_lib
+
 MEAN_TYPES = ('eps', 'x0', 'v')
 VAR_TYPES = ('fixed_small', 'fixed_large', 'learned', 'learned_range')
 LOSS_TYPES = ('mse', 'kl', 'rescaled_kl', 'hybrid')
@@ -36,6 +38,19 @@ LOSS_TYPES = ('mse', 'kl', 'rescaled_kl', 'hybrid')
 HYBRID_VLB_WEIGHT = 0.001
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def wrap_model(model_fn: ModelFn, process) -> ModelFn:
+    """The one place where a chain's step index becomes the network's time input (as
+    improved-diffusion's _WrappedModel): (x_t, t) -> model_fn(x_t, process.model_time(t)).
+
+    t: [B] indices of `process`'s (possibly respaced) steps; process.model_time maps them to the
+    time the network was trained with (GaussianDiffusion: the original timestep, timestep_map[t]).
+    Every sampler, the bound, the ODE likelihood and the train step call the network through
+    this. The network's own timestep_scale (models.layers.TimeEmbedding) stays with the network:
+    it is a property of its embedding (converted weights), applied to whatever time it is given.
+    """
+    return lambda x_t, t: model_fn(x_t, process.model_time(t))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,11 +305,6 @@ class GaussianDiffusion:
         return (self._c('sqrt_one_minus_alphas_cumprod', t, x_t) * x_t
                 + self._c('sqrt_alphas_cumprod', t, x_t) * v)
 
-    def snr(self, t):
-        """Signal-to-noise ratio ᾱ_t/(1-ᾱ_t), shape of t (float32)."""
-        abar = jnp.asarray(self.alphas_cumprod)[t]
-        return (abar / (1.0 - abar)).astype(jnp.float32)
-
     def score_from_eps(self, x_t, t, eps):
         """∇_x log q(x_t) ≈ -ε_θ(x_t, t)/√(1-ᾱ_t) (the NCSN connection; survey eq. of the score)."""
         return -eps / self._c('sqrt_one_minus_alphas_cumprod', t, x_t)
@@ -374,40 +384,7 @@ class GaussianDiffusion:
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
         return dict(mean=mean, variance=variance, log_variance=log_variance, pred_x0=pred_x0)
 
-    # -- single reverse steps (the samplers' building blocks) ----------------------------------
-    def p_sample(self, model_output, x_t, t, noise, clip_denoised: bool = True):
-        """x_{t-1} = μ_θ + σ_t z, z ~ N(0, I), with no noise at t = 0 (DDPM Algorithm 2).
-
-        Returns dict(sample, pred_x0) of x_t's shape.
-        """
-        chex.assert_equal_shape([x_t, noise])
-        out = self.p_mean_variance(model_output, x_t, t, clip_denoised=clip_denoised)
-        nonzero = _extract((t != 0).astype(x_t.dtype), jnp.arange(t.shape[0]), x_t.shape, x_t.dtype)
-        sample = out['mean'] + nonzero * jnp.exp(0.5 * out['log_variance']) * noise
-        return dict(sample=sample, pred_x0=out['pred_x0'])
-
-    def ddim_sample(self, model_output, x_t, t, noise, eta: float = 0.0,
-                    clip_denoised: bool = True):
-        """One DDIM step (Song et al. 2021, eq. 12) from t to the previous kept step.
-
-        x_{t-1} = √ᾱ_{t-1} x̂_0 + √(1 - ᾱ_{t-1} - σ_t²) ε̂ + σ_t z,
-        σ_t = η √((1-ᾱ_{t-1})/(1-ᾱ_t)) √(1 - ᾱ_t/ᾱ_{t-1}) (so σ_t² = η² β̃_t),
-        ε̂ recomputed from the (clipped) x̂_0 so both stay consistent. η = 0 is deterministic and
-        η = 1 is the ancestral step with variance β̃_t.
-        """
-        chex.assert_equal_shape([x_t, noise])
-        out = self.p_mean_variance(model_output, x_t, t, clip_denoised=clip_denoised)
-        eps = self.predict_eps_from_x0(x_t, t, out['pred_x0'])
-        # σ_t² = η² (1-ᾱ_{t-1})/(1-ᾱ_t) (1 - ᾱ_t/ᾱ_{t-1}) = η² β̃_t; the float64 constants avoid
-        # the cancellation in 1 - ᾱ near t = 0.
-        sigma_sq = eta**2 * self._c('posterior_variance', t, x_t)
-        mean = (out['pred_x0'] * self._c('sqrt_alphas_cumprod_prev', t, x_t)
-                + jnp.sqrt(jnp.maximum(self._c('one_minus_alphas_cumprod_prev', t, x_t) - sigma_sq,
-                                       0.0)) * eps)
-        sigma = jnp.sqrt(sigma_sq)
-        nonzero = _extract((t != 0).astype(x_t.dtype), jnp.arange(t.shape[0]), x_t.shape, x_t.dtype)
-        return dict(sample=mean + nonzero * sigma * noise, pred_x0=out['pred_x0'])
-
+    # -- the DDIM encoding step (the samplers' steps live in diffusion_jax.samplers) -------
     def ddim_reverse_sample(self, model_output, x_t, t, clip_denoised: bool = True):
         """Deterministic DDIM encoding step t -> t+1 (the ODE run forward, η = 0):
         x_{t+1} = √ᾱ_{t+1} x̂_0 + √(1-ᾱ_{t+1}) ε̂."""
@@ -424,8 +401,20 @@ class GaussianDiffusion:
         β'_k = 1 - ᾱ_{t_k}/ᾱ_{t_{k-1}}. The new timestep_map sends step k to the original timestep
         the model was trained on. See diffusion_jax.respace.space_timesteps for the step sets.
         """
-        from diffusion_jax import respace as respace_lib  # pylint: disable=import-outside-toplevel
-        return respace_lib.respace_diffusion(self, use_timesteps)
+        kept = sorted(set(int(t) for t in use_timesteps))
+        if not kept or kept[0] < 0 or kept[-1] >= self.num_timesteps:
+            raise ValueError(f'use_timesteps must be a non-empty set of ints in [0, '
+                             f'{self.num_timesteps}); got {sorted(use_timesteps)[:5]}….')
+        betas = respace_lib.respaced_betas(np.asarray(self.alphas_cumprod, np.float64),
+                                           np.asarray(self.betas, np.float64), kept)
+        return GaussianDiffusion(betas, self.model_mean_type, self.model_var_type,
+                                 self.loss_type, timestep_map=np.asarray(self.timestep_map)[kept])
+
+    def model_time(self, t):
+        """The time input the network was trained with for (respaced) step t: timestep_map[t],
+        the original integer timestep. [B] int32 -> [B] int32. (A continuous-time process
+        defines its own, e.g. EDM's c_noise(σ); wrap_model reads it from the process.)"""
+        return jnp.asarray(self.timestep_map)[t]
 
     # -- the variational bound ----------------------------------------------------------------
     def vb_terms_bpd(self, model_output, x0, x_t, t, clip_denoised: bool = False):
@@ -473,7 +462,7 @@ class GaussianDiffusion:
         """
         self._check_t(x0, t)
         x_t = self.q_sample(x0, t, noise)
-        model_output = model_fn(x_t, jnp.asarray(self.timestep_map)[t])
+        model_output = wrap_model(model_fn, self)(x_t, t)
         terms = {}
         if self.loss_type in ('kl', 'rescaled_kl'):
             vb = self.vb_terms_bpd(model_output, x0, x_t, t, clip_denoised=False)['output']
@@ -507,7 +496,7 @@ class GaussianDiffusion:
             t = jnp.full((batch,), t_scalar, dtype=jnp.int32)
             noise = jax.random.normal(jax.random.fold_in(rng, t_scalar), x0.shape, x0.dtype)
             x_t = self.q_sample(x0, t, noise)
-            model_output = model_fn(x_t, jnp.asarray(self.timestep_map)[t])
+            model_output = wrap_model(model_fn, self)(x_t, t)
             out = self.vb_terms_bpd(model_output, x0, x_t, t, clip_denoised=clip_denoised)
             eps = self.predict_eps_from_x0(x_t, t, out['pred_x0'])
             return carry, (out['output'], mean_flat(jnp.square(out['pred_x0'] - x0)),

@@ -18,23 +18,26 @@ Writes into <workdir>/samples/<step>/ (step = the checkpoint's):
   sampling_config.json   the sampling section used, the checkpoint step, the number of
                          sampling steps and the run's diffusion section
 Batches are sharded over every device ('data' mesh axis); each batch reuses one compiled sampler.
+The batch-wise sampling itself is diffusion_jax.samplers.batches (the evaluation's FID uses it
+without this driver); the old names draw_samples, sample_batches, parse_labels, respaced and
+default_sampling_config stay importable from here.
 """
 from __future__ import annotations
 
-import math
 import os
-import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import guidance as guidance_lib
-from diffusion_jax import image_utils, samplers, sharding
-from diffusion_jax.logging_utils import format_duration
-from diffusion_jax.respace import space_timesteps
+from diffusion_jax import image_utils, run, samplers, sharding
+from diffusion_jax.defaults import default_sampling_config  # noqa: F401  (the old name)
+from diffusion_jax.respace import respaced  # noqa: F401  (the old name)
+from diffusion_jax.run import CLASSIFIER_DIFFUSION_FIELDS  # noqa: F401  (the old name)
+from diffusion_jax.run import load_classifier as _load_classifier
+from diffusion_jax.samplers import batches
+from diffusion_jax.samplers.batches import parse_labels  # noqa: F401  (the old name)
 
 # Figure layout (presentation only): examples shown per figure and samples per shared x_t.
 FIGURE_ROWS = 8
@@ -42,164 +45,30 @@ SAME_XT_SAMPLES = 7
 GRID_IMAGES = 100
 
 
-def default_sampling_config() -> ml_collections.ConfigDict:
-    """The `sampling` section of every experiment config."""
-    c = ml_collections.ConfigDict()
-    # One of samplers.METHODS: 'ancestral' (DDPM Alg. 2) | 'ddim' | 'langevin' | 'pc' |
-    # 'dpmpp_2m' | 'dpmpp_3m' (DPM-Solver++, Lu et al. 2022) | 'unipc' (Zhao et al. 2023) |
-    # 'heun' (EDM Alg. 1, Karras et al. 2022; 2K-1 network calls)
-    c.method = 'ancestral'
-    c.num_steps = ''  # respacing: '' = all T steps; '250' (even) or 'ddim50' (DDIM's stride)
-    c.eta = 0.0  # DDIM's η: 0 deterministic, 1 the ancestral sampler with β̃ (Song et al. 2021)
-    c.clip_denoised = True  # clip x̂_0 to [-1, 1] at every step (Ho et al.'s sampler)
-    # Dynamic thresholding of x̂_0 (Saharia et al. 2022, Imagen, Sec. 2.3: p = 0.995): the
-    # percentile p in [0, 1); 0 = off. Every method applies it before the clip.
-    c.dynamic_threshold = 0.0
-    c.num_samples = 64  # samples to draw: a grid to look at (FID-scale: eval.num_samples)
-    c.checkpoint_step = -1  # which checkpoint to sample; -1: the latest valid one
-    c.batch_size = 256  # global batch per sampler call; a multiple of the device count
-    c.guidance_scale = 0.0  # classifier-free w: ε = (1+w) ε(x,y) - w ε(x,∅); 0 = conditional
-    # Guidance rescale φ of Lin et al. 2023 (eq. 15-16; they use 0.7) for classifier-free
-    # guidance: the guided output takes the conditional's std, mixed with weight φ; 0 = off.
-    c.guidance_rescale = 0.0
-    c.classifier_scale = 0.0  # classifier guidance s (Dhariwal & Nichol 2021); 0 = off
-    # How guided DDIM composes the classifier's shift with clipping: 'condition_score'
-    # (guided-diffusion: ε from the clipped x̂_0, shifted, guided x̂_0 unclipped) | 'eps_shift'
-    # (the shifted raw ε̂, then clip; this project's earlier order). Equal without clipping.
-    c.ddim_guidance = 'condition_score'
-    c.classifier_workdir = ''  # workdir of the noisy classifier run (its config.json + checkpoint)
-    c.labels = ''  # class labels: '' random uniform, '3' all class 3, '0,1,2' cycled
-    c.use_ema = True  # sample with the EMA parameters (Ho et al. 2020, App. B)
-    c.progressive = False  # also write DDPM Fig. 6 (x̂_0 along the chain) and Fig. 7 (same x_t)
-    c.progress_every = 0  # chain steps between Fig. 6 columns; 0 = K/10 (11 columns)
-    c.interpolation = False  # also write DDPM (Fig. 8) and DDIM (Sec. 5.3) interpolation strips
-    c.interpolation_t_frac = 0.5  # DDPM's interpolation depth t/T: t = 500 of 1000 (Fig. 8)
-    c.interpolation_lambdas = 11  # λ = 0, 0.1, …, 1 (DDPM Fig. 8)
-    # DDIM inversion for the interpolation strips: 'reference' (guided-diffusion's
-    # ddim_reverse_sample, ε at the input's level, t -> t+1) | 'target_level' (ε_θ(x_{t-1}, t))
-    c.inversion = 'reference'
-    c.langevin_snr = samplers.DEFAULT_SNR  # r of the Langevin step (Song et al. 2021: 0.16)
-    c.langevin_steps = samplers.DEFAULT_LANGEVIN_STEPS  # Langevin steps per level / per PC step
-    c.seed = 0  # seeds x_T, the chain's noise and the random labels
-    return c
-
-
-# ----------------------------------------------------------------------------------------------
-# Building blocks
-# ----------------------------------------------------------------------------------------------
-def respaced(diffusion, num_steps):
-    """The diffusion over `num_steps` ('' / None / 0: unchanged; '250', 'ddim50', '10,20',
-    'trailing20', 'linspace20', 'logsnr20', 'karras20': see diffusion_jax.respace)."""
-    if num_steps in ('', None, 0):
-        return diffusion
-    return diffusion.respace(space_timesteps(diffusion.num_timesteps, str(num_steps),
-                                             alphas_cumprod=np.asarray(diffusion.alphas_cumprod)))
-
-
-def parse_labels(labels, num_classes: int, count: int, rng: np.random.Generator) -> np.ndarray:
-    """[count] int32 labels: '' / None random uniform, an int (or '3') one class, a sequence
-    (or '0,1,2') cycled."""
-    if labels in ('', None):
-        return rng.integers(0, num_classes, count).astype(np.int32)
-    if isinstance(labels, str):
-        labels = [int(v) for v in labels.split(',') if v.strip()]
-    values = np.atleast_1d(np.asarray(labels, np.int64))
-    if values.size == 0 or values.min() < 0 or values.max() >= num_classes:
-        raise ValueError(f'sampling.labels={labels!r}: labels must lie in [0, {num_classes}).')
-    return np.resize(values, count).astype(np.int32)
-
-
-# The schedule fields a guiding classifier must share with the diffusion model it guides.
-CLASSIFIER_DIFFUSION_FIELDS = ('num_timesteps', 'beta_schedule', 'beta_start', 'beta_end')
-
-
-def _load_classifier(config):
-    """grad_log_prob of the noisy classifier in sampling.classifier_workdir, and its class count.
-
-    The classifier run's own config.json says which network it is; its raw (not EMA)
-    parameters are loaded, as guided-diffusion keeps no EMA for classifiers. It must have been
-    trained on the same forward process (T, schedule, β endpoints) as the model it guides:
-    its gradients are meaningful only at the noise levels it was trained on.
-    """
-    from diffusion_jax import run  # pylint: disable=import-outside-toplevel
-    s = config.sampling
-    workdir = s.classifier_workdir
-    if not workdir or not run.Run(workdir).has_config():
-        raise ValueError(f'sampling.classifier_scale={s.classifier_scale} needs '
-                         'sampling.classifier_workdir: the workdir of a trained classifier run '
-                         f'(with config.json); got {workdir!r}.')
-    stored = run.Run(workdir).config
-    for field in CLASSIFIER_DIFFUSION_FIELDS:
-        mine, theirs = config.diffusion.get(field), stored.diffusion.get(field)
-        if mine != theirs:
-            raise ValueError(
-                f'sampling.classifier_workdir={workdir!r} holds a classifier trained with '
-                f'diffusion.{field}={theirs!r}, but this run has diffusion.{field}={mine!r}: '
-                'train the classifier with the same diffusion section.')
-    loaded = run.load(workdir, use_ema=False)
-    return (guidance_lib.classifier_grad_fn(loaded.model, loaded.variables),
-            int(loaded.config.model.num_classes))
+def _classifier(config):
+    """The guiding classifier (run.load_classifier) when config.sampling asks for one."""
+    return _load_classifier(config) if config.sampling.get('classifier_scale', 0.0) else None
 
 
 def _load_params(config, workdir, mesh):
-    """The run in workdir (diffusion_jax.run.load) with config's sampling section applied, at
-    sampling.checkpoint_step; the parameters replicated on mesh."""
-    from diffusion_jax import run  # pylint: disable=import-outside-toplevel
-    step = config.sampling.get('checkpoint_step', run.LATEST) if config is not None else None
-    use_ema = config.sampling.get('use_ema', True) if config is not None else True
-    return run.load(workdir, config, step=step, use_ema=use_ema, mesh=mesh)
+    """The parameters of the run in workdir at sampling.checkpoint_step for the resolved config
+    (run.load_resolved: nothing merged again), replicated on mesh."""
+    return run.load_resolved(workdir, config, step=config.sampling.get('checkpoint_step',
+                                                                        run.LATEST),
+                             use_ema=config.sampling.get('use_ema', True), mesh=mesh)
 
 
-class _Sampler:
-    """The model, parameters, guidance and options of a run: sample(rng, y) -> [B, ...]."""
+def draw_samples(config, variables, mesh, num_samples: int):
+    """samplers.batches.draw_samples with the run's guiding classifier loaded when
+    config.sampling.classifier_scale > 0: (float32 [num_samples, ...] in [-1, 1], labels)."""
+    return batches.draw_samples(config, variables, mesh, num_samples,
+                                classifier=_classifier(config))
 
-    def __init__(self, config, model, variables, diffusion, mesh):
-        s = config.sampling
-        self.config, self.model, self.variables = config, model, variables
-        self.diffusion, self.mesh = diffusion, mesh
-        self.num_classes = int(config.model.get('num_classes', 0) or 0)
-        self.grad_fn, classifier_classes = None, 0
-        if s.classifier_scale:
-            self.grad_fn, classifier_classes = _load_classifier(config)
-        # Labels are drawn for a conditional model or for a classifier to guide towards.
-        self.label_classes = self.num_classes or classifier_classes
-        self.options = dict(method=s.method, eta=s.eta, clip_denoised=s.clip_denoised,
-                            langevin_snr=s.langevin_snr, langevin_steps=s.langevin_steps,
-                            ddim_guidance=s.get('ddim_guidance', 'condition_score'),
-                            dynamic_threshold=s.get('dynamic_threshold', 0.0))
 
-    def model_fn(self, y):
-        w = self.config.sampling.guidance_scale
-        if self.num_classes and w:
-            return guidance_lib.classifier_free_model_fn(
-                self.model.apply, self.variables, y, w, null_label=self.num_classes,
-                guidance_rescale=self.config.sampling.get('guidance_rescale', 0.0))
-        return guidance_lib.bind_model(self.model.apply, self.variables,
-                                       y if self.num_classes else None)
-
-    def guidance(self, y):
-        if self.grad_fn is None:
-            return None
-        return guidance_lib.classifier_guidance(self.grad_fn, y,
-                                                self.config.sampling.classifier_scale)
-
-    def mesh_for(self, batch: int):
-        """The mesh when the batch splits evenly over it (figures may not), else one device."""
-        return self.mesh if batch % self.mesh.devices.size == 0 else None
-
-    def place(self, y):
-        if y is None:
-            return None
-        if self.mesh_for(len(y)) is None:
-            return jnp.asarray(y)
-        return jax.make_array_from_callback(y.shape, sharding.data_sharding(self.mesh),
-                                            lambda index: y[index])
-
-    def sample(self, rng, shape, y=None, **overrides):
-        y = self.place(y)
-        options = dict(self.options, **overrides)
-        return samplers.sample(self.diffusion, self.model_fn(y), rng, shape,
-                               guidance=self.guidance(y), mesh=self.mesh_for(shape[0]), **options)
+def sample_batches(config, variables, mesh, num_samples: int, *, uint8: bool = False):
+    """samplers.batches.sample_batches with the guiding classifier loaded (see draw_samples)."""
+    return batches.sample_batches(config, variables, mesh, num_samples, uint8=uint8,
+                                  classifier=_classifier(config))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,13 +82,18 @@ def run_sampling(config, workdir: str) -> str:
     config (None: the stored one) contributes its sampling section (and training/optim), never
     the trained sections. sampling.checkpoint_step picks the checkpoint (-1: latest).
     """
-    from diffusion_jax import config_validation  # pylint: disable=import-outside-toplevel
+    return run_resolved(run.resolve_config(workdir, config, mode='sample'), workdir)
+
+
+def run_resolved(config, workdir: str) -> str:
+    """run_sampling for a config that run.resolve_config returned (main calls this)."""
     mesh = sharding.make_mesh()
-    loaded = _load_params(config, workdir, mesh)
-    config = config_validation.resolve(loaded.config, 'sample')
-    s, step = config.sampling, loaded.step
+    s = config.sampling
     sharding.check_global_batch(s.batch_size, mesh, 'sampling.batch_size')
-    sampler, example_shape = _build_sampler(config, loaded.variables, mesh)
+    loaded = _load_params(config, workdir, mesh)
+    step = loaded.step
+    sampler, example_shape = batches.build_sampler(config, loaded.variables, mesh,
+                                                   _classifier(config))
     diffusion = sampler.diffusion
     folder = os.path.join(workdir, 'samples', str(step))
     logging.info('sampling %d with %s over %d of the run\'s T=%d steps (checkpoint %d), batch %d '
@@ -227,8 +101,8 @@ def run_sampling(config, workdir: str) -> str:
                  config.diffusion.num_timesteps, step, s.batch_size, mesh.devices.size)
 
     key_samples, key_progressive, key_interpolation = jax.random.split(jax.random.key(s.seed), 3)
-    labels = _labels_for(sampler, s.num_samples)
-    samples = _draw(sampler, key_samples, (s.batch_size, *example_shape), s.num_samples, labels)
+    labels = batches.labels_for(sampler, s.num_samples)
+    samples = batches.draw(sampler, key_samples, (s.batch_size, *example_shape), s.num_samples, labels)
     _write_samples(folder, samples, labels)
     if s.progressive:
         _write_progressive(folder, sampler, key_progressive, example_shape, labels)
@@ -240,104 +114,6 @@ def run_sampling(config, workdir: str) -> str:
             s.to_dict(), step=step, sampling_timesteps=int(diffusion.num_timesteps),
             diffusion=config.diffusion.to_dict()))
     return folder
-
-
-def _build_sampler(config, variables, mesh):
-    """(_Sampler over config.sampling's respaced diffusion, the model's example shape)."""
-    from diffusion_jax import models  # pylint: disable=import-outside-toplevel
-    from diffusion_jax.diffusion import create_diffusion  # pylint: disable=import-outside-toplevel
-    model = models.get_model(config.model)
-    diffusion = respaced(create_diffusion(config.diffusion), config.sampling.num_steps)
-    return _Sampler(config, model, variables, diffusion, mesh), models.example_shape(model)
-
-
-def _labels_for(sampler, count: int):
-    """Labels for a conditional model or a guiding classifier (sampling.labels), else None."""
-    if not sampler.label_classes:
-        return None
-    s = sampler.config.sampling
-    return parse_labels(s.labels, sampler.label_classes, count, np.random.default_rng(s.seed))
-
-
-def draw_samples(config, variables, mesh, num_samples: int):
-    """num_samples samples of the run's model with config.sampling's sampler, in memory.
-
-    config: the run's config (run.load(...).config: the trained model/diffusion sections);
-    variables: the model's {'params': ...} (replicated on the mesh). Returns (float32 numpy
-    [num_samples, ...] in [-1, 1], labels [num_samples] int32 or None). Used by the evaluation
-    (FID/IS) and by experiments that sweep sampler settings.
-    """
-    s = config.sampling
-    sharding.check_global_batch(s.batch_size, mesh, 'sampling.batch_size')
-    sampler, example_shape = _build_sampler(config, variables, mesh)
-    labels = _labels_for(sampler, num_samples)
-    samples = _draw(sampler, jax.random.key(s.seed), (s.batch_size, *example_shape),
-                    num_samples, labels)
-    return samples, labels
-
-
-def sample_batches(config, variables, mesh, num_samples: int, *, uint8: bool = False):
-    """Yields (samples, labels) batch by batch: draw_samples without holding all of them.
-
-    samples: numpy [b, ...] float32 in [-1, 1], or with uint8=True the pixels
-    round((x + 1)·127.5) clipped to [0, 255] as uint8 (image_utils.to_uint8, computed on the
-    device so a quarter of the bytes cross to the host); labels [b] int32 or None. The batches
-    together hold exactly num_samples. Host memory stays one batch (FID-50k of LSUN-256 would
-    otherwise be ≈ 39 GB of float32 on the host).
-    """
-    s = config.sampling
-    sharding.check_global_batch(s.batch_size, mesh, 'sampling.batch_size')
-    sampler, example_shape = _build_sampler(config, variables, mesh)
-    labels = _labels_for(sampler, num_samples)
-    batch = s.batch_size
-    for i, x in enumerate(_draw_batches(sampler, jax.random.key(s.seed),
-                                        (batch, *example_shape), num_samples, labels,
-                                        _device_uint8 if uint8 else None)):
-        yield x, None if labels is None else labels[i * batch:i * batch + len(x)]
-
-
-@jax.jit
-def _device_uint8(x):
-    # The same arithmetic as image_utils.to_uint8 (float32, round half to even).
-    return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-
-
-def _draw_batches(sampler, key, batch_shape, num_samples: int, labels, transform=None):
-    """Host numpy batches of batch_shape[0] samples (the last one drawn whole and cut, so every
-    batch runs the same compiled program), transform (on the device) applied.
-
-    Batch i + 1 is dispatched before batch i is fetched: the device samples the next batch
-    while the host copies (and the caller scores) this one, instead of idling in between.
-    """
-    batch = batch_shape[0]
-    num_batches = math.ceil(num_samples / batch)
-    start = time.time()
-
-    def dispatch(i):
-        y = None
-        if labels is not None:
-            y = np.resize(labels[i * batch:(i + 1) * batch], batch)
-        x = sampler.sample(jax.random.fold_in(key, i), batch_shape, y)['samples']
-        return x if transform is None else transform(x)
-
-    pending = dispatch(0)
-    for i in range(num_batches):
-        current, pending = pending, dispatch(i + 1) if i + 1 < num_batches else None
-        x = np.asarray(sharding.to_host(current))
-        if i == 0:  # the ETA as soon as there is one (this batch includes the compilation)
-            first = time.time() - start
-            logging.info('batch 1/%d took %.1fs (with compilation), ETA %s', num_batches, first,
-                         format_duration(first * (num_batches - 1)))
-        elif (i + 1) % 10 == 0 or i + 1 == num_batches:
-            per_batch = (time.time() - start - first) / i
-            logging.info('batch %d/%d, %.2f samples/s, ETA %s', i + 1, num_batches,
-                         batch / per_batch, format_duration(per_batch * (num_batches - i - 1)))
-        yield x[:num_samples - i * batch]
-
-
-def _draw(sampler, key, batch_shape, num_samples: int, labels):
-    """num_samples samples in batches of batch_shape[0]. Returns float32 numpy [num_samples, ...]."""
-    return np.concatenate(list(_draw_batches(sampler, key, batch_shape, num_samples, labels)))
 
 
 def _is_points(samples) -> bool:

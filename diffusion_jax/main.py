@@ -5,8 +5,9 @@
     python -m diffusion_jax.main --workdir=runs/digits --mode=sample
     python -m diffusion_jax.main --workdir=runs/digits --mode=eval --config.eval.nll_estimator=sampled
 
-Modes: train (diffusion_jax.train.train_and_evaluate), eval (NLL and sample quality,
-diffusion_jax.evaluation.evaluate.run_eval) and sample (diffusion_jax.generate.run_sampling).
+Modes: train (diffusion_jax.train), eval (NLL and sample quality, diffusion_jax.evaluation.
+evaluate) and sample (diffusion_jax.generate); each gets the config that
+diffusion_jax.run.resolve_config returned, once per command (their run_resolved).
 Train needs --config; sample and eval load the run's stored config.json (diffusion_jax.run), so
 --config is optional for them (a file contributes its sampling/eval sections only), typed
 overrides apply, and a typed model/diffusion/data (or training.label_dropout) override that
@@ -47,16 +48,19 @@ flags.DEFINE_integer('process_id', None, 'This process\'s index in [0, --num_pro
 
 
 def run(config, workdir: str | None, mode: str):
-    """Dispatches to the library function of `mode`; imports only what that mode needs."""
-    from diffusion_jax import train  # pylint: disable=import-outside-toplevel
-    workdir = workdir or train.default_workdir(config)
+    """Runs `mode` on a config from resolve_command (resolved once: the mode's run_resolved
+    takes it as it is); imports only what that mode needs."""
+    # pylint: disable=import-outside-toplevel
+    from diffusion_jax import defaults
+    workdir = workdir or defaults.default_workdir(config)
     if mode == 'train':
-        return train.train_and_evaluate(config, workdir)
+        from diffusion_jax import train
+        return train.run_resolved(config, workdir)
     if mode == 'eval':
-        from diffusion_jax.evaluation import evaluate  # pylint: disable=import-outside-toplevel
-        return evaluate.run_eval(config, workdir)
-    from diffusion_jax import generate  # pylint: disable=import-outside-toplevel
-    return generate.run_sampling(config, workdir)
+        from diffusion_jax.evaluation import evaluate
+        return evaluate.run_resolved(config, workdir)
+    from diffusion_jax import generate
+    return generate.run_resolved(config, workdir)
 
 
 def resolve_command(config, workdir: str | None, mode: str, typed: dict):
@@ -65,23 +69,16 @@ def resolve_command(config, workdir: str | None, mode: str, typed: dict):
     config: the --config flag's value (the file with the overrides applied; for sample/eval
     without --config, the stored config). typed: {'section.field': value} of the overrides the
     user typed (config_flags.get_override_values), so that a file's defaults are never mistaken
-    for a request to change a trained run (see diffusion_jax.run.merge_config).
+    for a request to change a trained run. The resolution is diffusion_jax.run.resolve_config.
     """
     # pylint: disable=import-outside-toplevel
-    from diffusion_jax import config_validation, run as run_lib, train
+    from diffusion_jax import config_validation, defaults, run as run_lib
     config_validation.check_mode(mode)
     if config is None:
         raise ValueError(f'--mode={mode} needs --config=FILE (e.g. --config=configs/digits.py)'
                          + ('' if mode == 'train' else ' or --workdir=RUN (a trained run)') + '.')
-    workdir = workdir or train.default_workdir(config)
-    if mode == 'train':
-        return config_validation.resolve(config, mode, typed), workdir
-    on_disk = run_lib.Run(workdir)
-    if on_disk.has_config():
-        config = run_lib.merge_config(on_disk.config, config, typed)
-    elif not config.eval.get('samples_path', ''):
-        on_disk.config  # pylint: disable=pointless-statement  (raises: not a run)
-    return config_validation.resolve(config, mode, typed), workdir
+    workdir = workdir or defaults.default_workdir(config)
+    return run_lib.resolve_config(workdir, config, typed, mode), workdir
 
 
 def main(argv):

@@ -126,7 +126,7 @@ def _schedule_spacing(kind: str, num_timesteps: int, count: int, alphas_cumprod,
     if alphas_cumprod is None:
         raise ValueError(f'sampling.num_steps={spec!r}: the {kind} spacing needs the schedule; '
                          'call space_timesteps(T, spec, alphas_cumprod=diffusion.alphas_cumprod) '
-                         '(generate.respaced does).')
+                         '(respace.respaced does).')
     abar = np.asarray(alphas_cumprod, np.float64)
     if abar.shape != (num_timesteps,):
         raise ValueError(f'alphas_cumprod has shape {abar.shape}; expected ({num_timesteps},).')
@@ -184,15 +184,10 @@ def respaced_betas(alphas_cumprod: np.ndarray, betas: np.ndarray, use_timesteps)
     return np.asarray(new_betas, dtype=np.float64)
 
 
-def respace_diffusion(diffusion, use_timesteps):
-    """A GaussianDiffusion over the kept steps of `diffusion`, composing its timestep_map."""
-    from diffusion_jax.diffusion import GaussianDiffusion  # pylint: disable=import-outside-toplevel
-    kept = sorted(set(int(t) for t in use_timesteps))
-    if not kept or kept[0] < 0 or kept[-1] >= diffusion.num_timesteps:
-        raise ValueError(f'use_timesteps must be a non-empty set of ints in [0, '
-                         f'{diffusion.num_timesteps}); got {sorted(use_timesteps)[:5]}….')
-    betas = respaced_betas(np.asarray(diffusion.alphas_cumprod, np.float64),
-                           np.asarray(diffusion.betas, np.float64), kept)
-    timestep_map = np.asarray(diffusion.timestep_map)[kept]
-    return GaussianDiffusion(betas, diffusion.model_mean_type, diffusion.model_var_type,
-                             diffusion.loss_type, timestep_map=timestep_map)
+def respaced(diffusion, num_steps):
+    """The diffusion over `num_steps` ('' / None / 0: unchanged; '250', 'ddim50', '10,20',
+    'trailing20', 'linspace20', 'logsnr20', 'karras20': see space_timesteps)."""
+    if num_steps in ('', None, 0):
+        return diffusion
+    return diffusion.respace(space_timesteps(diffusion.num_timesteps, str(num_steps),
+                                             alphas_cumprod=np.asarray(diffusion.alphas_cumprod)))

@@ -6,6 +6,11 @@ the converters and the notebooks all go through here.
     loaded = run.load('runs/digits', {'sampling.num_steps': 'ddim50'})   # EMA params, latest step
     loaded.config, loaded.variables, loaded.step, loaded.model, loaded.diffusion
     run.create('runs/converted', config, params)    # a run made outside the train loop
+    config = run.resolve_config('runs/digits', None, {'sampling.method': 'ddim'}, 'sample')
+
+The run layer: this module, checkpointing, config_validation, defaults and train_state. It knows
+no mode (it never imports train, generate or evaluation); every mode starts from
+resolve_config's result, once per command.
 
 Workdir layout read here: config.json (written by training, never silently replaced) and
 checkpoints/<step>/ (diffusion_jax.checkpointing; damaged steps are skipped there).
@@ -35,6 +40,8 @@ from typing import Any, Mapping
 
 import ml_collections
 from etils import epath
+
+from diffusion_jax import config_validation, defaults
 
 CONFIG_FILE = 'config.json'
 TRAINED_SECTIONS = ('model', 'diffusion', 'data')  # fixed by the trained network
@@ -131,13 +138,11 @@ def get_config(workdir: str) -> ml_collections.ConfigDict:
 def with_mode_defaults(config) -> ml_collections.ConfigDict:
     """config with today's default for every sampling/eval field it lacks (a run trained before
     a field existed can still be sampled with an override of that field)."""
-    from diffusion_jax import generate  # pylint: disable=import-outside-toplevel
-    from diffusion_jax.evaluation import evaluate  # pylint: disable=import-outside-toplevel
     config = ml_collections.ConfigDict(config.to_dict())
-    for name, defaults in (('sampling', generate.default_sampling_config()),
-                           ('eval', evaluate.default_eval_config())):
+    for name, section_defaults in (('sampling', defaults.default_sampling_config()),
+                                   ('eval', defaults.default_eval_config())):
         section = config.get(name) or ml_collections.ConfigDict()
-        for key, value in defaults.items():
+        for key, value in section_defaults.items():
             if key not in section:
                 section[key] = value
         config[name] = section
@@ -176,6 +181,34 @@ def merge_config(stored, config=None, typed: Mapping[str, Any] | None = None):
         for path, value in typed.items():  # the typed value wins over the given config's
             _set_typed(merged, path, value)
     return ml_collections.ConfigDict(merged)
+
+
+def resolve_config(workdir, config=None, typed: Mapping[str, Any] | None = None,
+                   mode: str = 'sample') -> ml_collections.ConfigDict:
+    """The one config resolution of a command: the validated config `mode` runs with.
+
+    workdir: the run's directory. config: a whole config (a --config file with its overrides) or
+    None (the run's stored one). typed: {'section.field': value} the user typed. mode: 'train'
+    (config is required and validated as is; check_resume compares it with the stored run
+    later) | 'sample' | 'eval' (the stored config.json, merge_config'd with config and typed;
+    an eval of an existing samples file, eval.samples_path, needs no run). Returns a new
+    ConfigDict with the derived fields filled in (config_validation.resolve); raises ValueError
+    (bad input) or FileNotFoundError (no run) before anything is read beyond config.json.
+    main, train.train_and_evaluate, generate.run_sampling and evaluate.run_eval call this once
+    and hand the result to the mode's run_resolved.
+    """
+    config_validation.check_mode(mode)
+    typed = dict(typed or {})
+    if mode == 'train':
+        if config is None:
+            raise ValueError('--mode=train needs --config=FILE (e.g. --config=configs/digits.py).')
+        return config_validation.resolve(config, mode, typed)
+    on_disk = Run(workdir)
+    if on_disk.has_config():
+        config = merge_config(on_disk.config, config, typed)
+    elif config is None or not (mode == 'eval' and config.eval.get('samples_path', '')):
+        on_disk.config  # pylint: disable=pointless-statement  (raises: not a run)
+    return config_validation.resolve(config, mode, typed)
 
 
 def _set_typed(merged: dict, path: str, value) -> None:
@@ -218,16 +251,22 @@ def load(workdir, overrides=None, *, step=None, use_ema: bool = True, mesh=None)
     are refused). use_ema: the EMA parameters (default) or the raw ones. mesh: where the
     parameters are replicated (default sharding.make_mesh(), every device).
     """
+    stored = Run(workdir).config
+    if overrides is None or isinstance(overrides, ml_collections.ConfigDict):
+        config = merge_config(stored, overrides)
+    else:
+        config = merge_config(stored, typed=overrides)
+    return load_resolved(workdir, config, step=step, use_ema=use_ema, mesh=mesh)
+
+
+def load_resolved(workdir, config, *, step=None, use_ema: bool = True, mesh=None) -> Loaded:
+    """load with `config` taken as it is (resolve_config's result: nothing is merged again):
+    the model and diffusion of config, the parameters of the checkpoint at `step`."""
     # pylint: disable=import-outside-toplevel
     import jax
     from diffusion_jax import checkpointing, models, sharding
     from diffusion_jax.diffusion import create_diffusion
     on_disk = Run(workdir)
-    stored = on_disk.config
-    if overrides is None or isinstance(overrides, ml_collections.ConfigDict):
-        config = merge_config(stored, overrides)
-    else:
-        config = merge_config(stored, typed=overrides)
     chosen = on_disk.checkpoint_step(step)
     model = models.get_model(config.model)
     diffusion = create_diffusion(config.diffusion)
@@ -246,18 +285,42 @@ def load(workdir, overrides=None, *, step=None, use_ema: bool = True, mesh=None)
                   diffusion=diffusion, workdir=str(on_disk.workdir))
 
 
-def _shape_mismatch(expected, params) -> str | None:
-    """The first parameter whose shape differs between two pytrees, as text (None if none)."""
-    import jax  # pylint: disable=import-outside-toplevel
-    def shapes(tree):
-        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-        return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
-    want, got = shapes(expected), shapes(params)
-    for name in sorted(set(want) | set(got)):
-        if want.get(name) != got.get(name):
-            return (f'parameter {name} is {got.get(name, "absent")} and the model needs '
-                    f'{want.get(name, "absent")}')
-    return None
+# The schedule fields a guiding classifier must share with the diffusion model it guides.
+CLASSIFIER_DIFFUSION_FIELDS = ('num_timesteps', 'beta_schedule', 'beta_start', 'beta_end')
+
+
+def load_classifier(config):
+    """(grad_log_prob, num_classes) of the noisy classifier run in sampling.classifier_workdir:
+    what samplers.batches.Sampler takes as `classifier` for sampling.classifier_scale > 0.
+
+    The classifier run's own config.json says which network it is; its raw (not EMA)
+    parameters are loaded, as guided-diffusion keeps no EMA for classifiers. It must have been
+    trained on the same forward process (T, schedule, β endpoints) as the model it guides:
+    its gradients are meaningful only at the noise levels it was trained on.
+    """
+    from diffusion_jax import guidance  # pylint: disable=import-outside-toplevel
+    s = config.sampling
+    workdir = s.classifier_workdir
+    if not workdir or not Run(workdir).has_config():
+        raise ValueError(f'sampling.classifier_scale={s.classifier_scale} needs '
+                         'sampling.classifier_workdir: the workdir of a trained classifier run '
+                         f'(with config.json); got {workdir!r}.')
+    stored = Run(workdir).config
+    for field in CLASSIFIER_DIFFUSION_FIELDS:
+        mine, theirs = config.diffusion.get(field), stored.diffusion.get(field)
+        if mine != theirs:
+            raise ValueError(
+                f'sampling.classifier_workdir={workdir!r} holds a classifier trained with '
+                f'diffusion.{field}={theirs!r}, but this run has diffusion.{field}={mine!r}: '
+                'train the classifier with the same diffusion section.')
+    loaded = load(workdir, use_ema=False)
+    return (guidance.classifier_grad_fn(loaded.model, loaded.variables),
+            int(loaded.config.model.num_classes))
+
+
+def classifier_for(config):
+    """load_classifier(config) when config.sampling guides with a classifier, else None."""
+    return load_classifier(config) if config.sampling.get('classifier_scale', 0.0) else None
 
 
 def check_resume(workdir, config) -> None:
@@ -316,7 +379,7 @@ def create(workdir, config, params, *, ema_params=None) -> Run:
     # pylint: disable=import-outside-toplevel
     import jax
     import jax.numpy as jnp
-    from diffusion_jax import checkpointing, config_validation, models, train
+    from diffusion_jax import checkpointing, models, train_state
     on_disk = Run(workdir)
     if on_disk.has_config() or checkpointing.latest_step(str(on_disk.workdir)) is not None:
         raise ValueError(f'{on_disk.workdir} already holds a run (config.json or checkpoints); '
@@ -327,13 +390,14 @@ def create(workdir, config, params, *, ema_params=None) -> Run:
     ema_params = jax.tree.map(jnp.copy, params) if ema_params is None else unwrap(ema_params)
     expected = models.param_shapes(models.get_model(config.model))['params']
     for name, tree in (('params', params), ('ema_params', ema_params)):
-        problem = _shape_mismatch(expected, tree)
+        problem = checkpointing.shape_mismatch(checkpointing.shape_table(tree),
+                                               checkpointing.shape_table(expected), 'given')
         if problem:
             raise ValueError(f'create: {name} do not fit config.model: {problem}.')
-    optimizer, _ = train.create_optimizer(config.optim)
+    optimizer, _ = train_state.create_optimizer(config.optim)
     # A fresh state (every field training has, at step 0) with the given parameters put in.
-    fresh = train.create_train_state(config, models.get_model(config.model), optimizer,
-                                     jax.random.key(config.training.seed))
+    fresh = train_state.create_train_state(config, models.get_model(config.model), optimizer,
+                                           jax.random.key(config.training.seed))
     state = fresh.replace(params=params, ema_params=ema_params, opt_state=optimizer.init(params))
     write_config(on_disk.workdir, config)
     ckpt = checkpointing.Checkpointer(str(on_disk.workdir), config.training.keep_checkpoints)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 # term"; their code mixes in a uniform share of 0.001 so every t keeps a positive probability.
 HISTORY_PER_TERM = 10
 UNIFORM_PROB = 0.001
+SAMPLERS = ('uniform', 'loss_aware')  # diffusion.timestep_sampler: the names init accepts
 
 
 @flax.struct.dataclass

@@ -25,79 +25,24 @@ import threading
 import time
 from typing import Any, Callable
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from diffusion_jax import checkpointing, diffusion as diffusion_lib, image_utils
-from diffusion_jax import input_pipeline, logging_utils, models, sharding, timestep_sampling
+from diffusion_jax import checkpointing, diffusion as diffusion_lib, guidance, image_utils
+from diffusion_jax import input_pipeline, logging_utils, models, run as run_lib, samplers
+from diffusion_jax import sharding, timestep_sampling
+from diffusion_jax.defaults import default_workdir  # noqa: F401  (the old name)
+from diffusion_jax.respace import respaced
+from diffusion_jax.timestep_sampling import SAMPLERS  # noqa: F401  (the old name)
+# The train state lives in the run layer (a checkpoint holds it); the old names stay here.
+from diffusion_jax.train_state import (TrainState, abstract_train_state,  # noqa: F401
+                                       create_optimizer, create_train_state)
 
 logger = logging_utils.logger.getChild('train')
 
 NUM_QUARTILES = 4  # loss reported per quarter of [0, T), as improved DDPM logs it
-SAMPLERS = ('uniform', 'loss_aware')
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a step updates; checkpointed as a whole."""
-    step: jax.Array  # int32 scalar: steps done
-    params: Any  # the model's 'params' collection (float32)
-    ema_params: Any  # exponential moving average of params (used to sample and evaluate)
-    opt_state: Any  # optax state
-    sampler_state: Any  # timestep sampler state (diffusion_jax.timestep_sampling)
-    skipped: jax.Array  # int32 scalar: steps whose loss or gradient was non-finite
-
-
-def default_workdir(config) -> str:
-    return os.path.join('runs', config.get('name', 'run'))
-
-
-def create_optimizer(optim_config):
-    """AdamW with linear warm-up from 0 and global-norm clipping: (transform, lr schedule).
-
-    The chain is the same whatever the values: clip_by_global_norm(∞) when optim.grad_clip = 0
-    and AdamW with weight_decay 0 are the identity and Adam exactly (u + 0·θ = u), so turning
-    clipping or decay on or off between runs keeps the optimiser state's structure and a resume
-    works.
-    """
-    o = optim_config
-    if o.warmup_steps > 0:
-        schedule = optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
-    else:
-        schedule = optax.constant_schedule(o.learning_rate)
-    clip = o.grad_clip if o.grad_clip > 0 else math.inf
-    return optax.chain(
-        optax.clip_by_global_norm(clip),
-        optax.adamw(schedule, o.b1, o.b2, o.eps, weight_decay=o.weight_decay)), schedule
-
-
-def create_train_state(config, model, optimizer, rng) -> TrainState:
-    """A fresh state on the host's default device: params from init, EMA = params."""
-    params = models.init_params(model, rng)['params']
-    return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params,
-        # Copies, so that params and EMA never share a buffer (both are donated).
-        ema_params=jax.tree.map(jnp.copy, params), opt_state=optimizer.init(params),
-        sampler_state=timestep_sampling.init(config.diffusion.timestep_sampler,
-                                             config.diffusion.num_timesteps),
-        skipped=jnp.zeros((), jnp.int32))
-
-
-def abstract_train_state(config, model, optimizer, mesh) -> TrainState:
-    """The state's shapes, dtypes and (replicated) shardings, computed without initialising:
-    the target a checkpoint is restored into."""
-    def build(params):
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                          opt_state=optimizer.init(params),
-                          sampler_state=timestep_sampling.init(config.diffusion.timestep_sampler,
-                                                               config.diffusion.num_timesteps),
-                          skipped=jnp.zeros((), jnp.int32))
-    shapes = jax.eval_shape(build, models.param_shapes(model)['params'])
-    repl = sharding.replicated(mesh)
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
 
 
 def _labels(labels, num_classes: int, label_dropout: float, rng):
@@ -134,8 +79,9 @@ def _classifier_loss(model, diffusion, x0, t, noise, labels, dropout_rng, params
     p_φ(y | x_t, t) on x_t ~ q(x_t | x_0) at uniformly drawn t, so that ∇ log p_φ(y|x_t) is
     meaningful at every noise level the sampler visits."""
     x_t = diffusion.q_sample(x0, t, noise)
-    logits = model.apply({'params': params}, x_t, jnp.asarray(diffusion.timestep_map)[t],
-                         train=True, rngs={'dropout': dropout_rng})
+    logits = diffusion_lib.wrap_model(
+        lambda x, t_model: model.apply({'params': params}, x, t_model, train=True,
+                                       rngs={'dropout': dropout_rng}), diffusion)(x_t, t)
     labels = labels.astype(jnp.int32)
     xent = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
     accuracy = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
@@ -232,10 +178,8 @@ def make_sample_fn(config, model, diffusion, num: int, mesh=None) -> Callable:
     """sample_fn(params, rng) -> [num, ...] samples with config.sampling's method, step count
     and classifier-free guidance scale; a conditional model cycles through the classes. The
     sampler compiles once: the parameters are a jit argument, not a constant."""
-    # pylint: disable-next=import-outside-toplevel
-    from diffusion_jax import generate, guidance, samplers
     s = config.sampling
-    diffusion = generate.respaced(diffusion, s.get('num_steps', ''))
+    diffusion = respaced(diffusion, s.get('num_steps', ''))
     shape = (num, *models.example_shape(model))
     num_classes = config.model.get('num_classes', 0)
     y = jnp.arange(num, dtype=jnp.int32) % num_classes if num_classes else None
@@ -293,12 +237,9 @@ class _Run:
 def prepare_run(config, workdir: str) -> _Run:
     """Every check of config and workdir, in the order a user would fix them; writes nothing.
 
-    The config is validated whole (diffusion_jax.config_validation) and, when the workdir holds
-    a run, must keep its model/diffusion/data/optim sections (diffusion_jax.run.check_resume).
+    config: validated whole (run.resolve_config); when the workdir holds a run, it must keep
+    its model/diffusion/data/optim sections (diffusion_jax.run.check_resume).
     """
-    # pylint: disable-next=import-outside-toplevel
-    from diffusion_jax import config_validation, run as run_lib
-    config = config_validation.resolve(config, 'train')
     model = models.get_model(config.model)
     diffusion = diffusion_lib.create_diffusion(config.diffusion)
     mesh = sharding.make_mesh()
@@ -325,7 +266,6 @@ def check_resume_step(step: int | None, steps_per_call: int, workdir: str) -> No
 
 def _write_config(config, workdir: str) -> None:
     """config.json; on a resume with changed cadence/length the old one is kept (run.py)."""
-    from diffusion_jax import run as run_lib  # pylint: disable=import-outside-toplevel
     run_lib.write_config(workdir, config, resumed_step=checkpointing.latest_step(workdir))
 
 
@@ -494,93 +434,138 @@ def train_and_evaluate(config, workdir: str | None = None, *,
     skipping it; a failed save raises checkpointing.SaveError.
     """
     workdir = workdir or default_workdir(config)
+    return run_resolved(run_lib.resolve_config(workdir, config, mode='train'), workdir,
+                        on_step=on_step)
+
+
+def run_resolved(config, workdir: str, *,
+                 on_step: Callable[[int, TrainState], None] | None = None) -> TrainState:
+    """train_and_evaluate for a config that run.resolve_config returned (main calls this)."""
     run = prepare_run(config, workdir)
-    config = run.config  # validated, derived fields filled in
-    _write_config(config, workdir)
-    writer = logging_utils.MetricWriter(workdir)
-    tc, mesh = config.training, run.mesh
-    max_skips = tc.get('skip_nonfinite_steps', 0)
-    k = tc.get('steps_per_call', 1)
-    batch_axis = 0 if k == 1 else 1  # stacked batches are [K, B, ...]
-    optimizer, schedule = create_optimizer(config.optim)
-    init_rng, train_rng, sample_rng = jax.random.split(jax.random.key(tc.seed), 3)
-    ckpt = checkpointing.Checkpointer(workdir, tc.keep_checkpoints)
-    batches = None
+    _write_config(run.config, workdir)
+    loop = _Loop(run, workdir, on_step)
     try:
-        state = _initial_state(config, run, optimizer, ckpt, init_rng)
-        start = int(jax.device_get(state.step))
-        check_resume_step(start, k, workdir)  # an older checkpoint, if the newest was damaged
-        logger.info('%s: %s parameters, %d devices, global batch %d, %d step(s) per call, '
-                    'workdir %s', config.get('name'), f'{models.count_params(state.params):,}',
-                    mesh.devices.size, tc.batch_size, k, workdir)
-        batches = input_pipeline.prefetch(input_pipeline.stack_batches(
-            input_pipeline.train_iterator(run.train_ds, tc.batch_size, tc.seed, start,
-                                          config.data.random_flip), k),
-            config.data.get('prefetch', 2))
-        sample_fn, previous = None, None
-        can_sample = bool(tc.sample_every_steps) and config.model.name != 'classifier'
-        pending, step, last_saved = [], start, None
+        state = loop.train()
+    finally:
+        loop.close()
+    if loop.last_saved is not None:
+        logger.info('checkpoint at step %d in %s', loop.last_saved,
+                    checkpointing.checkpoint_dir(workdir))
+    return state
+
+
+class _Loop:
+    """train_and_evaluate's loop, one method per thing it does between calls of K steps."""
+
+    def __init__(self, run: _Run, workdir: str, on_step):
+        self.run, self.workdir, self.on_step = run, workdir, on_step
+        config = self.config = run.config
+        self.writer = logging_utils.MetricWriter(workdir)
+        self.tc = tc = config.training
+        self.max_skips = tc.get('skip_nonfinite_steps', 0)
+        self.k = tc.get('steps_per_call', 1)
+        self.batch_axis = 0 if self.k == 1 else 1  # stacked batches are [K, B, ...]
+        self.optimizer, self.schedule = create_optimizer(config.optim)
+        self.init_rng, self.train_rng, self.sample_rng = jax.random.split(
+            jax.random.key(tc.seed), 3)
+        self.ckpt = checkpointing.Checkpointer(workdir, tc.keep_checkpoints)
+        self.batches = self.sample_fn = self.previous = self.last_saved = None
+        self.throughput = None
+        self.pending = []
+        self.can_sample = bool(tc.sample_every_steps) and config.model.name != 'classifier'
+
+    def train(self) -> TrainState:
+        state, start = self._start()
+        k, tc = self.k, self.tc
         with _Preemption() as preemption:
             # step: the steps done after this call (calls end at multiples of k).
             for step in range(start + k, tc.num_train_steps + 1, k):
-                batch = sharding.shard_batch(next(batches), mesh, batch_axis)
+                batch = sharding.shard_batch(next(self.batches), self.run.mesh, self.batch_axis)
                 if step == start + k:
-                    logger.info('compiling the train step (first step takes a while)...')
-                    t0 = time.perf_counter()
-                    train_step = compile_train_step(
-                        make_multi_step(make_train_step(config, run.model, run.diffusion,
-                                                        optimizer, schedule), k),
-                        mesh, state, batch, train_rng, batch_axis)
-                    logger.info('compiled in %.1fs', time.perf_counter() - t0)
-                    throughput = _Throughput(start, tc.batch_size, tc.num_train_steps)
-                state, metrics = train_step(state, batch, train_rng)
-                pending.append(metrics)
-                if previous is not None:  # one call behind: the device stays busy meanwhile
-                    _check_finite(previous, step - k, max_skips, ckpt, k)
-                previous = metrics
-                if on_step is not None:
-                    with throughput.excluded(state):
-                        on_step(step, snapshot(state))
-                sample_now = can_sample and (step % tc.sample_every_steps == 0
-                                             or step == tc.num_train_steps)
-                save_now = step % tc.checkpoint_every_steps == 0
-                log_now = step % tc.log_every_steps == 0
-                # Checked before sampling, so that a pending stop does not wait for it.
-                preempted = preemption.should_stop(step, sync=log_now or save_now or sample_now)
-                if preempted:
-                    logger.warning('stopping at step %d (process %d of %d): saving a checkpoint',
-                                   step, jax.process_index(), jax.process_count())
-                stop = preempted or step == tc.num_train_steps
-                if log_now or save_now or sample_now or stop:
-                    _check_finite(metrics, step, max_skips, ckpt, k)
-                    previous = None  # checked
-                if log_now or stop:
-                    summary = _summarize(pending, k)
-                    pending = []
-                    eta = throughput.report(summary, step)
-                    writer.scalars(step, summary, note=f'ETA {eta}')
-                if sample_now and (step == tc.num_train_steps or not stop):
-                    with throughput.excluded(state):
-                        sample_fn = sample_fn or make_sample_fn(
-                            config, run.model, run.diffusion, tc.num_sample_images, mesh)
-                        samples = sample_fn(state.ema_params,
-                                            jax.random.fold_in(sample_rng, step))
-                        logger.info('samples: %s', write_samples(workdir, step, samples, writer))
-                if save_now or stop:
-                    with throughput.excluded(state):
-                        ckpt.save(state)  # finite: _check_finite passed at this step
-                        # Until it commits, a crash would fall back one more interval.
-                        ckpt.wait()
-                    last_saved = step
-                if stop:
+                    train_step = self._compile(state, batch, start)
+                state, metrics = train_step(state, batch, self.train_rng)
+                if self._after_call(step, state, metrics, preemption):
                     break
-        ckpt.wait()
-    finally:
-        if batches is not None:
-            batches.close()
-        ckpt.close()
-        writer.close()
-    if last_saved is not None:
-        logger.info('checkpoint at step %d in %s', last_saved,
-                    checkpointing.checkpoint_dir(workdir))
-    return state
+        self.ckpt.wait()
+        return state
+
+    def _start(self):
+        """(the initial state, its step), and the batch stream from that step on."""
+        config, tc, run = self.config, self.tc, self.run
+        state = _initial_state(config, run, self.optimizer, self.ckpt, self.init_rng)
+        start = int(jax.device_get(state.step))
+        check_resume_step(start, self.k, self.workdir)  # an older checkpoint, if the newest was damaged
+        logger.info('%s: %s parameters, %d devices, global batch %d, %d step(s) per call, '
+                    'workdir %s', config.get('name'), f'{models.count_params(state.params):,}',
+                    run.mesh.devices.size, tc.batch_size, self.k, self.workdir)
+        self.batches = input_pipeline.prefetch(input_pipeline.stack_batches(
+            input_pipeline.train_iterator(run.train_ds, tc.batch_size, tc.seed, start,
+                                          config.data.random_flip), self.k),
+            config.data.get('prefetch', 2))
+        return state, start
+
+    def _compile(self, state, batch, start: int):
+        logger.info('compiling the train step (first step takes a while)...')
+        t0 = time.perf_counter()
+        train_step = compile_train_step(
+            make_multi_step(make_train_step(self.config, self.run.model, self.run.diffusion,
+                                            self.optimizer, self.schedule), self.k),
+            self.run.mesh, state, batch, self.train_rng, self.batch_axis)
+        logger.info('compiled in %.1fs', time.perf_counter() - t0)
+        self.throughput = _Throughput(start, self.tc.batch_size, self.tc.num_train_steps)
+        return train_step
+
+    def _after_call(self, step: int, state, metrics, preemption) -> bool:
+        """Everything between calls, in order; True when the loop stops after this call."""
+        tc, k = self.tc, self.k
+        self.pending.append(metrics)
+        if self.previous is not None:  # one call behind: the device stays busy meanwhile
+            _check_finite(self.previous, step - k, self.max_skips, self.ckpt, k)
+        self.previous = metrics
+        if self.on_step is not None:
+            with self.throughput.excluded(state):
+                self.on_step(step, snapshot(state))
+        sample_now = self.can_sample and (step % tc.sample_every_steps == 0
+                                          or step == tc.num_train_steps)
+        save_now = step % tc.checkpoint_every_steps == 0
+        log_now = step % tc.log_every_steps == 0
+        # Checked before sampling, so that a pending stop does not wait for it.
+        preempted = preemption.should_stop(step, sync=log_now or save_now or sample_now)
+        if preempted:
+            logger.warning('stopping at step %d (process %d of %d): saving a checkpoint',
+                           step, jax.process_index(), jax.process_count())
+        stop = preempted or step == tc.num_train_steps
+        if log_now or save_now or sample_now or stop:
+            _check_finite(metrics, step, self.max_skips, self.ckpt, k)
+            self.previous = None  # checked
+        if log_now or stop:
+            self._log(step)
+        if sample_now and (step == tc.num_train_steps or not stop):
+            with self.throughput.excluded(state):
+                self._sample(step, state)
+        if save_now or stop:
+            with self.throughput.excluded(state):
+                self.ckpt.save(state)  # finite: _check_finite passed at this step
+                # Until it commits, a crash would fall back one more interval.
+                self.ckpt.wait()
+            self.last_saved = step
+        return stop
+
+    def _log(self, step: int) -> None:
+        summary = _summarize(self.pending, self.k)
+        self.pending = []
+        eta = self.throughput.report(summary, step)
+        self.writer.scalars(step, summary, note=f'ETA {eta}')
+
+    def _sample(self, step: int, state) -> None:
+        self.sample_fn = self.sample_fn or make_sample_fn(
+            self.config, self.run.model, self.run.diffusion, self.tc.num_sample_images,
+            self.run.mesh)
+        samples = self.sample_fn(state.ema_params, jax.random.fold_in(self.sample_rng, step))
+        logger.info('samples: %s', write_samples(self.workdir, step, samples, self.writer))
+
+    def close(self) -> None:
+        if self.batches is not None:
+            self.batches.close()
+        self.ckpt.close()
+        self.writer.close()

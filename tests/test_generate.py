@@ -1,7 +1,9 @@
-"""run_sampling end to end on tiny networks with random parameters, on the 8 fake CPU devices.
+"""The sample driver end to end on tiny networks with random parameters, on the 8 fake CPU
+devices.
 
-The run loader (diffusion_jax.run.load, tested in test_run.py) is replaced by random
-initialisation: these tests are about what the sampling driver writes.
+The run on disk (diffusion_jax.run.resolve_config and load_resolved, tested in test_run.py) is
+replaced by a resolved config and random initialisation: these tests are about what the
+sampling driver (generate.run_resolved) writes.
 """
 import json
 import os
@@ -13,7 +15,7 @@ import pytest
 from PIL import Image
 
 from configs import cifar10, model_configs
-from diffusion_jax import generate, guidance, models, run
+from diffusion_jax import config_validation, generate, guidance, models, run
 from diffusion_jax.diffusion import GaussianDiffusion, create_diffusion
 
 STEP = 7
@@ -62,7 +64,7 @@ def test_class_conditional_images_with_figures(tmp_path, random_params):
                      method='ddim', num_steps='ddim4', num_samples=12, batch_size=8,
                      guidance_scale=1.5, labels='2,0', progressive=True, progress_every=2,
                      interpolation=True, interpolation_lambdas=3)
-    folder = generate.run_sampling(config, str(tmp_path))
+    folder = generate.run_resolved(config_validation.resolve(config, 'sample'), str(tmp_path))
     assert folder == os.path.join(str(tmp_path), 'samples', str(STEP))
     with np.load(os.path.join(folder, 'samples.npz')) as f:
         assert f['images'].dtype == np.uint8 and f['images'].shape == (12, 8, 8, 1)
@@ -82,7 +84,7 @@ def test_class_conditional_images_with_figures(tmp_path, random_params):
 def test_points_with_pc_sampler(tmp_path, random_params):
     config = _config(model_configs.swissroll_mlp(), method='pc', num_steps='10',
                      num_samples=40, batch_size=16, progressive=True, interpolation=True)
-    folder = generate.run_sampling(config, str(tmp_path))
+    folder = generate.run_resolved(config_validation.resolve(config, 'sample'), str(tmp_path))
     with np.load(os.path.join(folder, 'samples.npz')) as f:
         assert f['points'].dtype == np.float32 and f['points'].shape == (40, 2)
         assert np.all(np.isfinite(f['points'])) and 'labels' not in f
@@ -111,7 +113,7 @@ def test_classifier_guidance_with_a_flax_classifier(tmp_path, random_params, mon
     config = _config(model_configs.tiny_unet(image_size=8, in_channels=1, ch_mult=(1,),
                                              attn_resolutions=()), num_steps='ddim3',
                      num_samples=8, batch_size=8, classifier_scale=2.0, labels='1')
-    folder = generate.run_sampling(config, str(tmp_path))
+    folder = generate.run_resolved(config_validation.resolve(config, 'sample'), str(tmp_path))
     with np.load(os.path.join(folder, 'samples.npz')) as f:
         assert f['images'].shape == (8, 8, 8, 1)
         np.testing.assert_array_equal(f['labels'], np.ones(8))

@@ -5,7 +5,7 @@
 
 Every field of every section of the template config (configs/cifar10.py) with its default and the
 `# comment` written beside its assignment (in configs/*.py, configs/model_configs.py,
-diffusion_jax/generate.default_sampling_config or evaluation/evaluate.default_eval_config), then the fields only some configs have, then per
+diffusion_jax/defaults.default_sampling_config or default_eval_config), then the fields only some configs have, then per
 config file the fields it changes. Comments are read from the source with `ast` and `tokenize`:
 the trailing comment of an assignment `alias.field = value  # comment`, else the comment lines
 right above it. tests/test_docs.py regenerates the text in memory and compares, so a new config
@@ -28,8 +28,8 @@ NOT_CONFIGS = ('__init__', 'model_configs')  # helper modules of configs/, no ge
 # Where a section's fields are assigned when not in a config file itself: the function that
 # builds the section and the section its local ConfigDict becomes.
 SECTION_BUILDERS = (
-    ('diffusion_jax/generate.py', 'default_sampling_config', 'sampling'),
-    ('diffusion_jax/evaluation/evaluate.py', 'default_eval_config', 'eval'),
+    ('diffusion_jax/defaults.py', 'default_sampling_config', 'sampling'),
+    ('diffusion_jax/defaults.py', 'default_eval_config', 'eval'),
     ('configs/model_configs.py', None, 'model'),  # every function there builds a model section
 )
 

@@ -23,85 +23,12 @@ import argparse
 import hashlib
 import os
 import re
-from typing import Mapping
-
-import flax.serialization
-from flax import traverse_util
 import jax
-import numpy as np
 
-from diffusion_jax.evaluation import fid, inception
-
-_TORCH_EXTRA_HINT = ("reading the PyTorch Inception weights needs PyTorch: "
-                     "pip install diffusion_jax[torch]")
-
-
-def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Read a PyTorch state dict file into numpy arrays (torch imported only here)."""
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(_TORCH_EXTRA_HINT) from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v.detach().cpu().numpy() for k, v in state.items()}
-
-
-def _flax_location(key: str, value: np.ndarray) -> tuple[str, tuple[str, ...], np.ndarray] | None:
-    """Map one state-dict entry to (collection, path, array); None for entries we drop."""
-    *modules, leaf = key.split(".")
-    if leaf == "num_batches_tracked":
-        return None
-    if leaf == "weight" and value.ndim == 4:   # conv: OIHW -> HWIO
-        return "params", (*modules, "kernel"), value.transpose(2, 3, 1, 0)
-    if leaf == "weight" and value.ndim == 2:   # dense: [out, in] -> [in, out]
-        return "params", (*modules, "kernel"), value.T
-    renamed = {"weight": ("params", "scale"), "bias": ("params", "bias"),
-               "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
-    if leaf not in renamed:
-        raise ValueError(f"unexpected state-dict entry {key!r}")
-    collection, name = renamed[leaf]
-    return collection, (*modules, name), value
-
-
-def state_dict_to_variables(state_dict: Mapping[str, np.ndarray]) -> dict:
-    """pytorch-fid Inception state dict (name -> array) -> Flax {'params', 'batch_stats'}."""
-    flat = {}
-    for key, value in state_dict.items():
-        if key.startswith("AuxLogits."):
-            continue  # the training-only auxiliary head; the FID graph never uses it
-        loc = _flax_location(key, np.asarray(value, dtype=np.float32))
-        if loc is not None:
-            collection, path, array = loc
-            flat[(collection, *path)] = np.ascontiguousarray(array)
-    _check_against_model(flat)
-    return traverse_util.unflatten_dict(flat)
-
-
-def _check_against_model(flat: dict) -> None:
-    expected = {k: s.shape
-                for k, s in traverse_util.flatten_dict(inception.variable_shapes()).items()}
-    missing = sorted("/".join(k) for k in expected.keys() - flat.keys())
-    unexpected = sorted("/".join(k) for k in flat.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"state dict does not match the FID InceptionV3: missing {missing[:5]}"
-                         f" ({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
-    for k, shape in expected.items():
-        if flat[k].shape != tuple(shape):
-            raise ValueError(f"{'/'.join(k)}: shape {flat[k].shape}, expected {tuple(shape)}")
-
-
-def save_converted(variables: dict, path: str) -> None:
-    """Write variables as flax msgpack, atomically (a temp file, then os.replace)."""
-    data = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, variables))
-    fid.atomic_write(path, lambda f: f.write(data))
-
-
-def load_converted(path: str) -> dict:
-    """Read a file written by ``save_converted``; re-checks the shapes."""
-    with open(path, "rb") as f:
-        variables = flax.serialization.msgpack_restore(f.read())
-    _check_against_model(traverse_util.flatten_dict(variables))
-    return variables
+from diffusion_jax.evaluation import inception
+# The conversion itself lives in inception.py (its loader reads .pth files too); the old names:
+from diffusion_jax.evaluation.inception import (load_converted, load_torch_state_dict,  # noqa: F401
+                                                save_converted, state_dict_to_variables)
 
 
 def _check_hash(path: str) -> str:

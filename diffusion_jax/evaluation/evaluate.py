@@ -23,44 +23,10 @@ import jax
 import numpy as np
 from absl import logging
 
-from diffusion_jax import image_utils, sharding
-from diffusion_jax.evaluation import likelihood
-
-
-ESTIMATORS = ('full', 'sampled', 'importance', 'ode')
-
-
-def default_eval_config():
-    """The `eval` section of every experiment config: CIFAR-10's protocol (Ho et al. 2020);
-    the config files override what differs."""
-    import ml_collections  # pylint: disable=import-outside-toplevel
-    e = ml_collections.ConfigDict()
-    e.split = 'test'  # the 10,000 CIFAR-10 test images (Ho et al. report test NLL)
-    e.batch_size = 256  # global eval batch
-    e.num_batches = 0  # 0: the whole split
-    e.checkpoint_step = -1  # which checkpoint to evaluate; -1: the latest valid one
-    e.use_ema = True  # evaluate the EMA parameters (Ho et al. 2020 report EMA results)
-    e.nll = True  # the NLL bound in bits/dim (Ho et al. 2020, Table 1)
-    e.nll_estimator = 'full'  # 'full': all T terms, as published | 'sampled' | 'importance': K terms per image
-    e.nll_timesteps_per_image = 32  # K of the 'sampled' estimator
-    # nll_estimator='ode': the probability-flow ODE likelihood (Song et al. 2021; score_sde's
-    # likelihood.py defaults: RK45 = dopri5, rtol = atol = 1e-5, Rademacher probe, uniform
-    # dequantisation). Not the bound: the exact likelihood of the ODE's density model.
-    e.ode_solver = 'dopri5'  # 'dopri5' | 'tsit5' (adaptive) | 'heun' | 'euler' (fixed steps only)
-    e.ode_rtol = likelihood.ODE_RTOL  # relative tolerance of the adaptive step control
-    e.ode_atol = likelihood.ODE_ATOL  # absolute tolerance of the adaptive step control
-    e.ode_num_steps = 0  # 0: adaptive; N > 0: N equal steps of ode_solver
-    e.ode_hutchinson = 'rademacher'  # trace estimator probe: 'rademacher' | 'gaussian' | 'exact'
-    e.ode_dequantization = 'uniform'  # 'uniform' (a bound on the discrete NLL) | 'none'
-    e.sample_quality = False  # also FID / IS / precision-recall of sampled images
-    e.num_samples = 50_000  # samples for FID (Ho et al. 2020, Sec. 4: 50k)
-    e.samples_path = ''  # score this samples.npz (uint8 NHWC 'images') instead of sampling
-    e.reference_split = 'train'  # FID reference statistics from this split (Ho et al.: train)
-    e.reference_dir = ''  # where reference statistics are cached ('' = workdir/eval)
-    e.feature_space = 'inception'  # 'inception' (FID proper) | 'feature_net' (MNIST-scale data)
-    e.inception_weights = ''  # converted InceptionV3 weights (diffusion_jax.evaluation.inception)
-    e.feature_net_dir = ''  # a trained feature net (diffusion_jax.evaluation.feature_net)
-    return e
+from diffusion_jax import image_utils, run, sharding
+from diffusion_jax.defaults import default_eval_config  # noqa: F401  (the old name)
+from diffusion_jax.evaluation import likelihood, sample_quality
+from diffusion_jax.evaluation.likelihood import ESTIMATORS
 
 
 def _nll_fns(config, model, diffusion):
@@ -104,6 +70,66 @@ def _ode_fn(config, model, diffusion):
     return jax.jit(ode), options
 
 
+class _NllPass:
+    """One pass of eval.nll_estimator over the split: dispatch(i, ...) starts batch i on the
+    device, consume(i, out, mask) fetches its results and accumulates them, summary() is the
+    result. The importance estimator's first batch is the full bound whose terms set
+    p(t) ∝ √E[L_t²] for the rest (likelihood.importance_probs)."""
+
+    def __init__(self, config, model, diffusion, estimator: str, total: int):
+        self.estimator, self.total = estimator, total
+        self.full_fn, self.sampled_fn = _nll_fns(config, model, diffusion)
+        self.ode_fn, self.ode_options = (_ode_fn(config, model, diffusion) if estimator == 'ode'
+                                         else (None, {}))
+        self.ode_nfe, self.ode_failed = [], 0
+        uniform = np.full((diffusion.num_timesteps,), 1.0 / diffusion.num_timesteps, np.float32)
+        self.probs = None if estimator == 'full' else uniform
+        self.acc = likelihood.BpdAccumulator()
+        self.start = time.time()
+
+    def fetch_first(self, i: int) -> bool:
+        """Whether batch i must be consumed before the next is dispatched (it sets p(t))."""
+        return self.estimator == 'importance' and i == 0
+
+    def dispatch(self, i: int, variables, x0, y, rng):
+        if self.estimator == 'ode':
+            return self.ode_fn(variables, x0, y, rng)
+        if self.probs is None or self.fetch_first(i):
+            return self.full_fn(variables, x0, y, rng)
+        return self.sampled_fn(variables, x0, y, rng, self.probs)
+
+    def consume(self, i: int, out, mask) -> None:
+        """Batch i's results fetched to the host and accumulated."""
+        # The padding that fills the last batch is computed (one compiled shape) but not counted.
+        out, mask = sharding.to_host((out, mask))
+        mask = np.asarray(mask, bool)
+        if 'vb' in out:
+            vb = np.asarray(out.pop('vb'))[mask]
+            if self.estimator == 'importance':
+                self.probs = np.asarray(likelihood.importance_probs(vb), np.float32)
+        if self.estimator == 'ode':
+            self.ode_nfe.append(int(out['nfe']))
+            self.ode_failed += 0 if bool(out['ok']) else 1
+            out = {'total': out['bpd']}
+        terms = {'total': out['total'], 'prior': out['prior']} if self.estimator not in (
+            'full', 'ode') else out
+        self.acc.add({name: np.asarray(v)[mask] for name, v in terms.items()})
+        elapsed = time.time() - self.start
+        logging.info('eval nll: batch %d/%d, %.4f bits/dim so far, %.1fs elapsed, ETA %.0fs',
+                     i + 1, self.total, self.acc.mean('total'), elapsed,
+                     elapsed / (i + 1) * (self.total - i - 1))
+
+    def summary(self) -> dict:
+        result = dict(self.acc.summary(), estimator=self.estimator)
+        if self.estimator == 'ode':
+            result.update(self.ode_options, nfe_mean=float(np.mean(self.ode_nfe)),
+                          nfe_per_batch=self.ode_nfe, batches_over_max_steps=self.ode_failed)
+            if self.ode_failed:
+                logging.warning('eval nll (ode): %d batches ran out of solver steps; their '
+                                'bits/dim are not valid.', self.ode_failed)
+        return result
+
+
 def evaluate_nll(config, workdir: str, variables, step: int, mesh) -> dict:
     """Streams config.eval.split through the bound; returns (and writes) the summary.
 
@@ -119,72 +145,36 @@ def evaluate_nll(config, workdir: str, variables, step: int, mesh) -> dict:
     estimator = e.get('nll_estimator', 'full')
     if estimator not in ESTIMATORS:
         raise ValueError(f'eval.nll_estimator={estimator!r}: use one of {", ".join(ESTIMATORS)}.')
-    model = models.get_model(config.model)
     diffusion = create_diffusion(config.diffusion)
     ds = input_pipeline.get_dataset(config.data, e.split)
     num_batches = e.num_batches or None
     total = math.ceil(len(ds) / e.batch_size) if num_batches is None else num_batches
-    full_fn, sampled_fn = _nll_fns(config, model, diffusion)
-    ode_fn, ode_options = _ode_fn(config, model, diffusion) if estimator == 'ode' else (None, {})
-    ode_nfe, ode_failed = [], 0
-    uniform = np.full((diffusion.num_timesteps,), 1.0 / diffusion.num_timesteps, np.float32)
-    probs = None if estimator == 'full' else uniform
-    acc = likelihood.BpdAccumulator()
+    nll = _NllPass(config, models.get_model(config.model), diffusion, estimator, total)
     key = jax.random.key(config.training.seed + 1)
-    start = time.time()
-
-    def consume(i, out, mask):
-        """Batch i's results fetched to the host and accumulated."""
-        nonlocal probs, ode_failed
-        # The padding that fills the last batch is computed (one compiled shape) but not counted.
-        out, mask = sharding.to_host((out, mask))
-        mask = np.asarray(mask, bool)
-        if 'vb' in out:
-            vb = np.asarray(out.pop('vb'))[mask]
-            if estimator == 'importance':
-                probs = np.asarray(likelihood.importance_probs(vb), np.float32)
-        if estimator == 'ode':
-            ode_nfe.append(int(out['nfe']))
-            ode_failed += 0 if bool(out['ok']) else 1
-            out = {'total': out['bpd']}
-        terms = {'total': out['total'], 'prior': out['prior']} if estimator not in (
-            'full', 'ode') else out
-        acc.add({name: np.asarray(v)[mask] for name, v in terms.items()})
-        elapsed = time.time() - start
-        logging.info('eval nll: batch %d/%d, %.4f bits/dim so far, %.1fs elapsed, ETA %.0fs',
-                     i + 1, total, acc.mean('total'), elapsed, elapsed / (i + 1) * (total - i - 1))
-
     # One batch in flight: batch i+1 is dispatched before batch i is fetched, so the device is
-    # not idle while the host accumulates. (The importance estimator's first batch sets p(t)
-    # for the rest, so it is fetched before the next one is dispatched.)
+    # not idle while the host accumulates.
     previous = None
     for i, batch in enumerate(input_pipeline.eval_iterator(ds, e.batch_size, num_batches)):
         x0, y, mask = sharding.shard_batch((batch['image'], batch['label'], batch['mask']), mesh)
-        rng = jax.random.fold_in(key, i)
-        use_full = probs is None or (estimator == 'importance' and i == 0)
-        if estimator == 'ode':
-            out = ode_fn(variables, x0, y, rng)
-        else:
-            out = full_fn(variables, x0, y, rng) if use_full else sampled_fn(variables, x0, y, rng,
-                                                                              probs)
+        out = nll.dispatch(i, variables, x0, y, jax.random.fold_in(key, i))
         if previous is not None:
-            consume(*previous)
+            nll.consume(*previous)
         previous = (i, out, mask)
-        if estimator == 'importance' and i == 0:
-            consume(*previous)
+        if nll.fetch_first(i):
+            nll.consume(*previous)
             previous = None
     if previous is not None:
-        consume(*previous)
-    result = dict(acc.summary(), step=step, split=e.split, dataset=config.data.dataset,
-                  estimator=estimator, num_timesteps=diffusion.num_timesteps)
-    if estimator in ('sampled', 'importance'):
+        nll.consume(*previous)
+    return _write_nll(config, workdir, step, diffusion, nll.summary())
+
+
+def _write_nll(config, workdir: str, step: int, diffusion, summary: dict) -> dict:
+    """The result of evaluate_nll with what it ran on, written to eval/nll_<step>.json."""
+    e = config.eval
+    result = dict(summary, step=step, split=e.split, dataset=config.data.dataset,
+                  num_timesteps=diffusion.num_timesteps)
+    if summary['estimator'] in ('sampled', 'importance'):
         result['timesteps_per_image'] = int(e.get('nll_timesteps_per_image', 32))
-    if estimator == 'ode':
-        result.update(ode_options, nfe_mean=float(np.mean(ode_nfe)), nfe_per_batch=ode_nfe,
-                      batches_over_max_steps=ode_failed)
-        if ode_failed:
-            logging.warning('eval nll (ode): %d batches ran out of solver steps; their bits/dim '
-                            'are not valid.', ode_failed)
     if jax.process_index() == 0:
         image_utils.write_json(os.path.join(workdir, 'eval', f'nll_{step}.json'), result)
     logging.info('eval nll at step %d: %.4f ± %.4f bits/dim over %d images', step,
@@ -201,26 +191,23 @@ def run_eval(config, workdir: str) -> dict:
     file's samples are scored (FID / IS / precision-recall against the configured reference),
     without loading a model: the workdir need not hold a run then (config must be given).
     """
-    # pylint: disable=import-outside-toplevel
-    from diffusion_jax import config_validation, run
-    on_disk = run.Run(workdir)
-    if config is None or on_disk.has_config():
-        config = run.merge_config(on_disk.config, config)
-    config = config_validation.resolve(config, 'eval')
+    return run_resolved(run.resolve_config(workdir, config, mode='eval'), workdir)
+
+
+def run_resolved(config, workdir: str) -> dict:
+    """run_eval for a config that run.resolve_config returned (main calls this)."""
     e = config.eval
     if e.get('samples_path', ''):
-        from diffusion_jax.evaluation import sample_quality
         return {'sample_quality': sample_quality.evaluate_samples_file(config, workdir)}
     mesh = sharding.make_mesh()
     sharding.check_global_batch(e.batch_size, mesh, 'eval.batch_size')
-    loaded = run.load(workdir, config, step=e.get('checkpoint_step', run.LATEST),
-                      use_ema=bool(e.get('use_ema', True)), mesh=mesh)
+    loaded = run.load_resolved(workdir, config, step=e.get('checkpoint_step', run.LATEST),
+                               use_ema=bool(e.get('use_ema', True)), mesh=mesh)
     variables, step = loaded.variables, loaded.step
     results = {}
     if e.get('nll', True):
         results['nll'] = evaluate_nll(config, workdir, variables, step, mesh)
     if e.get('sample_quality', False):
-        from diffusion_jax.evaluation import sample_quality
         results['sample_quality'] = sample_quality.evaluate_samples(config, workdir, variables,
                                                                     step, mesh)
     return results

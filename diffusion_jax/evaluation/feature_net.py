@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from diffusion_jax import image_utils
 from diffusion_jax.evaluation import fid
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -96,7 +97,7 @@ def digits_split() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.
     data.test_fraction = 0.2), so the feature net never sees the diffusion model's test digits.
     """
     import ml_collections
-    from diffusion_jax import image_utils, input_pipeline
+    from diffusion_jax import input_pipeline
     data = ml_collections.ConfigDict(dict(dataset='digits', split_seed=0, test_fraction=0.2))
     out = []
     for split in ('train', 'test'):
@@ -215,9 +216,9 @@ def save_feature_net(out_dir: str, params, meta: dict) -> None:
     os.makedirs(out_dir, exist_ok=True)
     params = jax.tree.map(np.asarray, params)
     data = flax.serialization.msgpack_serialize(params)
-    fid.atomic_write(os.path.join(out_dir, PARAMS_FILE), lambda f: f.write(data))
+    image_utils.atomic_write(os.path.join(out_dir, PARAMS_FILE), data)
     text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-    fid.atomic_write(os.path.join(out_dir, META_FILE), lambda f: f.write(text.encode()))
+    image_utils.atomic_write(os.path.join(out_dir, META_FILE), text.encode())
 
 
 def load_feature_net(out_dir: str) -> tuple[FeatureNet, dict, dict]:

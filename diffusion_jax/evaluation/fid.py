@@ -43,13 +43,19 @@ import hashlib
 import io
 import json
 import os
-from typing import BinaryIO, Callable, Iterable, Mapping, NamedTuple
+from typing import Callable, Iterable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
+
+from diffusion_jax import image_utils
+
+# eval.feature_space: the networks features come from, 'inception' (evaluation/inception.py, FID
+# proper) or 'feature_net' (evaluation/feature_net.py, a classifier trained on MNIST-scale data).
+FEATURE_SPACES = ('inception', 'feature_net')
 
 
 # ------------------------------------------------------------------------------------------
@@ -271,7 +277,7 @@ def reference_stats(cache_path: str | os.PathLike,
 
     ``compute_fn()`` returns a mapping of arrays (e.g. statistics plus the features needed for
     precision/recall) or a RunningStats (saved via ``stats_to_arrays``). The file is written
-    with ``atomic_write``, so a crash or exception never leaves a partial cache that a later
+    with ``image_utils.atomic_write``, so a crash or exception never leaves a partial cache that a later
     run would trust.
 
     key: everything that changes the statistics (dataset, split, image size, crop, feature
@@ -298,7 +304,9 @@ def reference_stats(cache_path: str | os.PathLike,
     if jax.process_index() == 0:
         stored = dict(arrays, cache_key=np.asarray(key_text)) if key else arrays
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(cache_path, lambda f: np.savez(f, **stored))
+        buf = io.BytesIO()
+        np.savez(buf, **stored)
+        image_utils.atomic_write(os.fspath(cache_path), buf.getvalue())
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f'fid.reference_stats:{cache_path.name}')
     return arrays
@@ -320,11 +328,3 @@ def _every_process(flag: bool) -> bool:
         return flag
     return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Create ``path`` all or nothing: ``write(file)`` fills an in-memory buffer that
-    image_utils.atomic_write puts in place (temp file beside it, then os.replace)."""
-    from diffusion_jax import image_utils  # pylint: disable=import-outside-toplevel
-    buf = io.BytesIO()
-    write(buf)
-    image_utils.atomic_write(os.fspath(path), buf.getvalue())

@@ -36,12 +36,16 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import flax.linen as nn
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
+
+from diffusion_jax import image_utils
 
 FID_WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -253,14 +257,84 @@ def preprocess(images: jax.Array) -> jax.Array:
 # Weights and features.
 
 
+_TORCH_EXTRA_HINT = ("reading the PyTorch Inception weights needs PyTorch: "
+                     "pip install diffusion_jax[torch]")
+
+
+def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
+    """Read a PyTorch state dict file into numpy arrays (torch imported only here)."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(_TORCH_EXTRA_HINT) from e
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+
+def _flax_location(key: str, value: np.ndarray) -> tuple[str, tuple[str, ...], np.ndarray] | None:
+    """Map one state-dict entry to (collection, path, array); None for entries we drop."""
+    *modules, leaf = key.split(".")
+    if leaf == "num_batches_tracked":
+        return None
+    if leaf == "weight" and value.ndim == 4:   # conv: OIHW -> HWIO
+        return "params", (*modules, "kernel"), value.transpose(2, 3, 1, 0)
+    if leaf == "weight" and value.ndim == 2:   # dense: [out, in] -> [in, out]
+        return "params", (*modules, "kernel"), value.T
+    renamed = {"weight": ("params", "scale"), "bias": ("params", "bias"),
+               "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+    if leaf not in renamed:
+        raise ValueError(f"unexpected state-dict entry {key!r}")
+    collection, name = renamed[leaf]
+    return collection, (*modules, name), value
+
+
+def state_dict_to_variables(state_dict: Mapping[str, np.ndarray]) -> dict:
+    """pytorch-fid Inception state dict (name -> array) -> Flax {'params', 'batch_stats'}."""
+    flat = {}
+    for key, value in state_dict.items():
+        if key.startswith("AuxLogits."):
+            continue  # the training-only auxiliary head; the FID graph never uses it
+        loc = _flax_location(key, np.asarray(value, dtype=np.float32))
+        if loc is not None:
+            collection, path, array = loc
+            flat[(collection, *path)] = np.ascontiguousarray(array)
+    _check_against_model(flat)
+    return traverse_util.unflatten_dict(flat)
+
+
+def _check_against_model(flat: dict) -> None:
+    expected = {k: s.shape
+                for k, s in traverse_util.flatten_dict(variable_shapes()).items()}
+    missing = sorted("/".join(k) for k in expected.keys() - flat.keys())
+    unexpected = sorted("/".join(k) for k in flat.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"state dict does not match the FID InceptionV3: missing {missing[:5]}"
+                         f" ({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
+    for k, shape in expected.items():
+        if flat[k].shape != tuple(shape):
+            raise ValueError(f"{'/'.join(k)}: shape {flat[k].shape}, expected {tuple(shape)}")
+
+
+def save_converted(variables: dict, path: str) -> None:
+    """Write variables as flax msgpack, atomically (a temp file, then os.replace)."""
+    data = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, variables))
+    image_utils.atomic_write(os.fspath(path), data)
+
+
+def load_converted(path: str) -> dict:
+    """Read a file written by ``save_converted``; re-checks the shapes."""
+    with open(path, "rb") as f:
+        variables = flax.serialization.msgpack_restore(f.read())
+    _check_against_model(traverse_util.flatten_dict(variables))
+    return variables
+
+
 def load_pytorch_fid_weights(path: str | os.PathLike) -> dict:
     """Load the FID Inception variables {'params', 'batch_stats'} from ``path``.
 
     ``path`` is either pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (converted on the
     fly; needs torch) or the msgpack file written by ``convert_inception``.
     """
-    # Imported here: convert_inception builds this module's network to check shapes.
-    from diffusion_jax.evaluation import convert_inception
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(
@@ -271,9 +345,8 @@ def load_pytorch_fid_weights(path: str | os.PathLike) -> dict:
             "diffusion_jax.evaluation.convert_inception "
             f"--src pt_inception-2015-12-05-6726825d.pth --dst {path}")
     if path.endswith((".pth", ".pt")):
-        return convert_inception.state_dict_to_variables(
-            convert_inception.load_torch_state_dict(path))
-    return convert_inception.load_converted(path)
+        return state_dict_to_variables(load_torch_state_dict(path))
+    return load_converted(path)
 
 
 @jax.jit

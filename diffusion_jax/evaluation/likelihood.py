@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import timestep_sampling
+from diffusion_jax.diffusion import wrap_model
 
 # score_sde (likelihood.py, get_likelihood_fn): rtol = atol = 1e-5 with scipy's RK45
 # (Dormand-Prince 5(4), diffrax's Dopri5) and a Rademacher Hutchinson probe.
@@ -38,6 +39,9 @@ ODE_ATOL = 1e-5
 ODE_SOLVERS = ('dopri5', 'tsit5', 'heun', 'euler')
 HUTCHINSON = ('rademacher', 'gaussian', 'exact')
 DEQUANTIZATION = ('uniform', 'none')
+# eval.nll_estimator: full_bpd ('full'), sampled_bpd with uniform or importance p(t)
+# ('sampled', 'importance'), ode_bpd ('ode').
+ESTIMATORS = ('full', 'sampled', 'importance', 'ode')
 # Vector-field evaluations per step of each solver: the explicit RK stages, less the one that
 # first-same-as-last methods reuse from the previous step (plus one evaluation at the start).
 _EVALS_PER_STEP = {'dopri5': 6, 'tsit5': 6, 'heun': 2, 'euler': 1}
@@ -86,7 +90,7 @@ def sampled_bpd(diffusion, model_fn, x0, rng, num_timesteps_per_image: int,
         t, key = inputs
         noise = jax.random.normal(key, x0.shape, x0.dtype)
         x_t = diffusion.q_sample(x0, t, noise)
-        model_output = model_fn(x_t, jnp.asarray(diffusion.timestep_map)[t])
+        model_output = wrap_model(model_fn, diffusion)(x_t, t)
         vb = diffusion.vb_terms_bpd(model_output, x0, x_t, t, clip_denoised=clip_denoised)['output']
         return carry + vb / probs[t], None
 
@@ -176,7 +180,9 @@ class ContinuousVP:
         """β(τ) = -d log ᾱ/dτ."""
         return -self._hermite(tau)[1]
 
-    def model_timestep(self, tau):
+    def model_time(self, tau):
+        """The network's timestep at τ (any shape): timestep_map interpolated linearly, so that
+        diffusion.wrap_model(model_fn, sde) calls the network at continuous times."""
         return jnp.interp(tau - 1.0, jnp.arange(self.timestep_map.shape[0], dtype=jnp.float32),
                           self.timestep_map)
 
@@ -194,8 +200,8 @@ def probability_flow_drift(diffusion, model_fn, sde: ContinuousVP):
     """f̃(x, τ) = -½β(τ)(x + ∇log p_τ(x)) = -½β(τ)(x - ε̂(x, τ)/√(1-ᾱ(τ))): [B, ...] -> [B, ...]."""
     def drift(tau, x):
         abar, one_minus = sde.alphas_cumprod(tau), sde.one_minus_alphas_cumprod(tau)  # scalars
-        t_model = jnp.full((x.shape[0],), sde.model_timestep(tau), jnp.float32)
-        mean_output, _ = diffusion.split_model_output(model_fn(x, t_model), x)
+        taus = jnp.full((x.shape[0],), tau, jnp.float32)
+        mean_output, _ = diffusion.split_model_output(wrap_model(model_fn, sde)(x, taus), x)
         eps = _eps_from_output(diffusion, mean_output.astype(x.dtype), x, abar, one_minus)
         return -0.5 * sde.beta(tau) * (x - eps / jnp.sqrt(one_minus))
     return drift
@@ -248,23 +254,35 @@ def ode_bpd(diffusion, model_fn, x0, rng, *, solver: str = 'dopri5', rtol: float
       (False when max_steps ran out; bpd is then not valid)).
     rng is split into (dequantisation key, probe key), in that order.
     """
-    import diffrax  # pylint: disable=import-outside-toplevel
     _check_ode_options(solver, num_steps, hutchinson)
     sde = ContinuousVP.from_diffusion(diffusion)
-    deq_key, probe_key = jax.random.split(rng)
-    y = dequantize(x0, deq_key, dequantization).astype(jnp.float32)
-    if hutchinson == 'rademacher':
-        probe = jax.random.rademacher(probe_key, y.shape, jnp.float32)
-    else:
-        probe = jax.random.normal(probe_key, y.shape, jnp.float32)
+    y, probe = _start_and_probe(x0, rng, dequantization, hutchinson)
     drift = probability_flow_drift(diffusion, model_fn, sde)
 
-    def vector_field(tau, state, args):
+    def vector_field(tau, state, args):  # pylint: disable=unused-argument
         dx, div = _divergence(drift, tau, state[0], probe, hutchinson)
         return dx, div
 
-    t0, t1 = 1.0, sde.t_end
-    term = diffrax.ODETerm(vector_field)
+    sol = _solve(vector_field, (y, jnp.zeros((y.shape[0],), jnp.float32)), 1.0, sde.t_end,
+                 solver=solver, rtol=rtol, atol=atol, num_steps=num_steps, max_steps=max_steps)
+    return _ode_result(sol, y, solver)
+
+
+def _start_and_probe(x0, rng, dequantization: str, hutchinson: str):
+    """(y = the dequantised x0, the Hutchinson probe z), both [B, ...] float32; rng is split
+    into (dequantisation key, probe key), in that order."""
+    deq_key, probe_key = jax.random.split(rng)
+    y = dequantize(x0, deq_key, dequantization).astype(jnp.float32)
+    if hutchinson == 'rademacher':
+        return y, jax.random.rademacher(probe_key, y.shape, jnp.float32)
+    return y, jax.random.normal(probe_key, y.shape, jnp.float32)
+
+
+def _solve(vector_field, state, t0: float, t1: float, *, solver: str, rtol: float, atol: float,
+           num_steps: int, max_steps: int):
+    """diffrax's solution of d state/dτ = vector_field(τ, state) from t0 to t1: num_steps equal
+    steps of `solver`, or (num_steps = 0) adaptive steps under a PID controller."""
+    import diffrax  # pylint: disable=import-outside-toplevel
     method = {'dopri5': diffrax.Dopri5, 'tsit5': diffrax.Tsit5, 'heun': diffrax.Heun,
               'euler': diffrax.Euler}[solver]()
     if num_steps:
@@ -272,8 +290,14 @@ def ode_bpd(diffusion, model_fn, x0, rng, *, solver: str = 'dopri5', rtol: float
     else:
         # dt0 given, so the controller does not spend evaluations guessing the first step.
         controller, dt0 = diffrax.PIDController(rtol=rtol, atol=atol), (t1 - t0) / 64
-    sol = diffrax.diffeqsolve(term, method, t0, t1, dt0, (y, jnp.zeros((y.shape[0],), jnp.float32)),
-                              stepsize_controller=controller, max_steps=max_steps, throw=False)
+    return diffrax.diffeqsolve(diffrax.ODETerm(vector_field), method, t0, t1, dt0, state,
+                               stepsize_controller=controller, max_steps=max_steps, throw=False)
+
+
+def _ode_result(sol, y, solver: str) -> dict:
+    """ode_bpd's dict from the solution at τ = K: the prior's log density of x(K) plus the
+    integrated divergence, in bits/dim, with the solver's statistics."""
+    import diffrax  # pylint: disable=import-outside-toplevel
     z, delta_logp = sol.ys[0][-1], sol.ys[1][-1]
     dims = int(np.prod(y.shape[1:]))
     prior_logp = -0.5 * jnp.sum(jnp.square(z).reshape(z.shape[0], -1), axis=1) \

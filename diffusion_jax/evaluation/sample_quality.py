@@ -17,7 +17,7 @@ The reference statistics of (dataset, split, feature space) are computed once an
 config.eval.reference_dir (default workdir/eval) as .npz, with up to num_samples real features kept
 for precision/recall.
 
-Streaming: samples arrive as uint8 batches (generate.sample_batches, or batches read from an
+Streaming: samples arrive as uint8 batches (samplers.batches.sample_batches, or batches read from an
 .npz), each batch's features go into float64 running statistics (fid.RunningStats) and only
 the features themselves are kept (for precision/recall and IS), so host memory is O(N·D) for
 D-dim features, never O(N·H·W·C) for the pixels. `evaluate_samples_file` scores an existing
@@ -33,10 +33,10 @@ import jax
 import numpy as np
 from absl import logging
 
-from diffusion_jax import image_utils
+from diffusion_jax import image_utils, run
 from diffusion_jax.evaluation import fid
-
-FEATURE_SPACES = ('inception', 'feature_net')
+from diffusion_jax.evaluation.fid import FEATURE_SPACES  # noqa: F401  (the old name)
+from diffusion_jax.samplers.batches import sample_batches
 
 
 class FeatureSpace:
@@ -196,11 +196,11 @@ def evaluate_samples(config, workdir: str, variables, step: int, mesh) -> dict:
     The samples stream: each batch is drawn as uint8 on the device, its features enter the
     running statistics, and the pixels are dropped (the next batch is already being drawn).
     """
-    from diffusion_jax import generate  # pylint: disable=import-outside-toplevel
     e = config.eval
     space = FeatureSpace(e)
     num = int(e.get('num_samples', 50_000))
-    batches = (x for x, _ in generate.sample_batches(config, variables, mesh, num, uint8=True))
+    batches = (x for x, _ in sample_batches(config, variables, mesh, num, uint8=True,
+                                            classifier=run.classifier_for(config)))
     stream = stream_features(space, batches, max_keep=num)
     ref = reference_features(config, space, max_keep=num, folder=_reference_folder(config, workdir))
     result = dict(sample_metrics(stream.features(), ref, fake_stats=stream.stats), step=step,

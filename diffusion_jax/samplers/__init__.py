@@ -17,6 +17,11 @@ Layout (one sampler = one registered unit in one module, with its equation in th
   chain.py       sample, reverse_from, langevin_correct: one jit per (method, options, K, shape)
   editing.py     ddim_encode (inversion='reference' | 'target_level'), interpolate_ddim,
                  interpolate_ddpm, same_xt_samples, slerp
+  batches.py     a run's samples in batches over the mesh: draw_samples, sample_batches
+                 (imported as diffusion_jax.samplers.batches; --mode=sample and FID use it)
+Samplers call the network as ctx.model_fn(x, t) with their own step indices t: common.context
+wraps the caller's model_fn with diffusion.wrap_model, the one place the index becomes the
+network's timestep.
 Guidance stays in diffusion_jax.guidance: it builds model-side pytrees (classifier-free model_fn,
 classifier gradient) that train.py, generate.py and the experiments use without a sampler; how
 a sampler applies a classifier's gradient (and in which order with clipping) is in common.py.

@@ -25,8 +25,8 @@ def ancestral_step(diffusion, model_output, x_t, t, noise, *, clip_denoised: boo
                                     denoised_fn=denoised_fn)
     mean = out['mean']
     if guidance is not None:
-        mean = mean + out['variance'] * guidance.scaled_grad(x_t, common.original_t(diffusion, t))
-    nonzero = (t != 0).astype(x_t.dtype).reshape(t.shape + (1,) * (x_t.ndim - 1))
+        mean = mean + out['variance'] * guidance.scaled_grad(x_t, diffusion.model_time(t))
+    nonzero = common.nonzero_mask(t, x_t)
     return dict(sample=mean + nonzero * jnp.exp(0.5 * out['log_variance']) * noise,
                 pred_x0=out['pred_x0'])
 
@@ -34,7 +34,7 @@ def ancestral_step(diffusion, model_output, x_t, t, noise, *, clip_denoised: boo
 def chain_step(ctx, state, t, key):
     """The 'ancestral' step of the chain (also the predictor of 'pc')."""
     d, x = ctx.diffusion, state['x']
-    out = ancestral_step(d, ctx.model_fn(x, common.original_t(d, t)), x, t,
+    out = ancestral_step(d, ctx.model_fn(x, t), x, t,
                          common.noise_like(key, x, ctx.opts.noise_repeat),
                          clip_denoised=ctx.opts.clip_denoised, guidance=ctx.guidance,
                          denoised_fn=common.denoised_fn(ctx.opts))

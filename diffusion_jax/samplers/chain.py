@@ -3,7 +3,8 @@
 Every sampler walks the steps t = start, …, stop of a (possibly respaced) GaussianDiffusion in
 one lax.fori_loop inside jit, carrying its registered state (x and, for the multistep solvers,
 the previous x̂_0), so memory does not grow with K, and calls the network as
-model_fn(x_t, timestep_map[t]): the model always sees the original timesteps it was trained on.
+model_fn(x_t, timestep_map[t]) through diffusion.wrap_model: the model always sees the original
+timesteps it was trained on.
 
 Compilation. The jitted entry points split their pytree arguments (the diffusion, model_fn,
 guidance) into array leaves, which are traced, and everything else, which is static and hashed.
@@ -163,7 +164,7 @@ def _sample_jit(dynamic, rng, x_T, eta, snr, *, static, opts, shape):
     diffusion, model_fn, guidance = static.merge(dynamic)
     k_init, k_chain = jax.random.split(rng)
     x = jax.random.normal(k_init, shape, jnp.float32) if x_T is None else x_T.astype(jnp.float32)
-    ctx = Context(diffusion, model_fn, guidance, opts, eta, snr)
+    ctx = common.context(diffusion, model_fn, guidance, opts, eta, snr)
     x, buf = run_chain(ctx, common.constrain(x, opts.mesh), k_chain, diffusion.num_timesteps - 1, 0)
     out = dict(samples=x)
     if buf is not None:
@@ -213,7 +214,7 @@ def sample(diffusion, model_fn, rng, shape: Sequence[int], *, method: str = 'anc
 @functools.partial(jax.jit, static_argnames=('static', 'opts'))
 def _reverse_jit(dynamic, rng, x, start, stop, eta, snr, *, static, opts):
     diffusion, model_fn, guidance = static.merge(dynamic)
-    ctx = Context(diffusion, model_fn, guidance, opts, eta, snr)
+    ctx = common.context(diffusion, model_fn, guidance, opts, eta, snr)
     x, _ = run_chain(ctx, common.constrain(x, opts.mesh), rng, start, stop)
     return x
 
@@ -246,7 +247,7 @@ def reverse_from(diffusion, model_fn, rng, x_t, start, *, stop=0, method: str = 
 def _correct_jit(dynamic, rng, x, t, snr, *, static, opts, adaptive):
     diffusion, model_fn, guidance = static.merge(dynamic)
     tt = jnp.full((x.shape[0],), t, jnp.int32)
-    ctx = Context(diffusion, model_fn, guidance, opts, jnp.float32(0.0), snr)
+    ctx = common.context(diffusion, model_fn, guidance, opts, jnp.float32(0.0), snr)
     return langevin_lib.corrector(ctx, common.constrain(x, opts.mesh), tt, rng, adaptive)
 
 

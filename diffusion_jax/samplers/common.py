@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffusion_jax import sharding as sharding_lib
+from diffusion_jax.diffusion import wrap_model
 
 # Song et al. 2021's default signal-to-noise ratio for the Langevin corrector (score_sde,
 # configs/default_cifar10_configs.py: sampling.snr = 0.16) and its one corrector step per level.
@@ -40,7 +41,8 @@ class Options(NamedTuple):
 
 class Context(NamedTuple):
     """The traced inputs of one chain: the (respaced) diffusion, the model, the guidance, η and
-    the Langevin SNR, plus the static options."""
+    the Langevin SNR, plus the static options. model_fn takes the chain's step indices: it is
+    diffusion.wrap_model of the caller's network function (see `context`)."""
     diffusion: Any
     model_fn: Any
     guidance: Any
@@ -49,15 +51,22 @@ class Context(NamedTuple):
     snr: Any
 
 
+def context(diffusion, model_fn, guidance, opts: Options, eta, snr) -> Context:
+    """The Context of a chain over `diffusion`, with model_fn wrapped (diffusion.wrap_model) so
+    that samplers call ctx.model_fn(x, t) with their own step indices t."""
+    return Context(diffusion, wrap_model(model_fn, diffusion), guidance, opts, eta, snr)
+
+
 def coef(diffusion, name: str, t, x):
     """diffusion.<name>[t] as [B, 1, …, 1] in x's dtype."""
     out = jnp.asarray(getattr(diffusion, name))[t].astype(x.dtype)
     return out.reshape(t.shape + (1,) * (x.ndim - 1))
 
 
-def original_t(diffusion, t):
-    """The timestep the network was trained on for respaced step t."""
-    return jnp.asarray(diffusion.timestep_map)[t]
+def nonzero_mask(t, x):
+    """1 where t != 0 and 0 at t = 0, shaped [B, 1, …, 1] in x's dtype: no noise is added on the
+    last step (DDPM Algorithm 2, line 3: z = 0 at t = 1)."""
+    return (t != 0).astype(x.dtype).reshape(t.shape + (1,) * (x.ndim - 1))
 
 
 def per_example_norm(x):
@@ -125,7 +134,7 @@ def guided_model_output(diffusion, model_output, x_t, t, guidance):
     mean_output, var_output = diffusion.split_model_output(model_output, x_t)
     eps = eps_from_mean_output(diffusion, mean_output, x_t, t)
     eps = eps - (coef(diffusion, 'sqrt_one_minus_alphas_cumprod', t, x_t)
-                 * guidance.scaled_grad(x_t, original_t(diffusion, t)))
+                 * guidance.scaled_grad(x_t, diffusion.model_time(t)))
     mean_output = mean_output_from_eps(diffusion, eps, x_t, t)
     if var_output is None:
         return mean_output
@@ -139,7 +148,7 @@ def condition_score(diffusion, pred_x0, x_t, t, guidance):
         return pred_x0
     eps = diffusion.predict_eps_from_x0(x_t, t, pred_x0)
     eps = eps - (coef(diffusion, 'sqrt_one_minus_alphas_cumprod', t, x_t)
-                 * guidance.scaled_grad(x_t, original_t(diffusion, t)))
+                 * guidance.scaled_grad(x_t, diffusion.model_time(t)))
     return diffusion.predict_x0_from_eps(x_t, t, eps)
 
 
@@ -148,7 +157,7 @@ def predict_x0(ctx: Context, x, t):
     predicts (ε, x0, v), thresholded/clipped as configured, then classifier-guided
     (`condition_score`). Shapes: x [B, ...], t [B]. Returns [B, ...]."""
     d = ctx.diffusion
-    out = d.p_mean_variance(ctx.model_fn(x, original_t(d, t)), x, t,
+    out = d.p_mean_variance(ctx.model_fn(x, t), x, t,
                             clip_denoised=ctx.opts.clip_denoised, denoised_fn=denoised_fn(ctx.opts))
     return condition_score(d, out['pred_x0'], x, t, ctx.guidance)
 
@@ -166,6 +175,15 @@ def log_snr(diffusion, k):
     k = jnp.clip(k, 0, diffusion.num_timesteps - 1)
     return 0.5 * (jnp.log(jnp.asarray(diffusion.alphas_cumprod)[k])
                   - jnp.asarray(diffusion.log_one_minus_alphas_cumprod)[k]).astype(jnp.float32)
+
+
+def step_levels(diffusion, k):
+    """(α_t, σ_t, σ_s) of the step from respaced level s = k to t = k - 1 (a scalar int array):
+    α = √ᾱ, σ = √(1-ᾱ), float32, read from the float64-built tables (ᾱ_{-1} = 1)."""
+    alpha_t = jnp.asarray(diffusion.sqrt_alphas_cumprod_prev)[k].astype(jnp.float32)
+    sigma_t = jnp.sqrt(jnp.asarray(diffusion.one_minus_alphas_cumprod_prev)[k].astype(jnp.float32))
+    sigma_s = jnp.asarray(diffusion.sqrt_one_minus_alphas_cumprod)[k].astype(jnp.float32)
+    return alpha_t, sigma_t, sigma_s
 
 
 def phi(n: int, z):

@@ -36,14 +36,14 @@ def ddim_step(diffusion, model_output, x_t, t, noise, *, eta=0.0, clip_denoised:
     mean = (pred_x0 * common.coef(diffusion, 'sqrt_alphas_cumprod_prev', t, x_t)
             + jnp.sqrt(jnp.maximum(common.coef(diffusion, 'one_minus_alphas_cumprod_prev', t, x_t)
                                    - sigma_sq, 0.0)) * eps)
-    nonzero = (t != 0).astype(x_t.dtype).reshape(t.shape + (1,) * (x_t.ndim - 1))
+    nonzero = common.nonzero_mask(t, x_t)
     return dict(sample=mean + nonzero * jnp.sqrt(sigma_sq) * noise, pred_x0=pred_x0)
 
 
 @register_sampler('ddim', summary='DDIM (Song et al. 2021, eq. 12), σ_t = η √β̃_t')
 def chain_step(ctx, state, t, key):
     d, x = ctx.diffusion, state['x']
-    out = ddim_step(d, ctx.model_fn(x, common.original_t(d, t)), x, t,
+    out = ddim_step(d, ctx.model_fn(x, t), x, t,
                     common.noise_like(key, x, ctx.opts.noise_repeat), eta=ctx.eta,
                     clip_denoised=ctx.opts.clip_denoised, guidance=ctx.guidance,
                     ddim_guidance=ctx.opts.ddim_guidance, denoised_fn=common.denoised_fn(ctx.opts))

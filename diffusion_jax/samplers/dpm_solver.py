@@ -34,10 +34,7 @@ def multistep_init(ctx, x):  # pylint: disable=unused-argument
 def levels(diffusion, k):
     """(λ_{k+2}, λ_{k+1}, λ_k, λ_{k-1}) and (α_{k-1}, σ_{k-1}, σ_k) of step k (a scalar)."""
     lam = [common.log_snr(diffusion, k + j) for j in (2, 1, 0, -1)]
-    alpha_t = jnp.asarray(diffusion.sqrt_alphas_cumprod_prev)[k].astype(jnp.float32)
-    sigma_t = jnp.sqrt(jnp.asarray(diffusion.one_minus_alphas_cumprod_prev)[k]).astype(jnp.float32)
-    sigma_s = jnp.asarray(diffusion.sqrt_one_minus_alphas_cumprod)[k].astype(jnp.float32)
-    return lam, (alpha_t, sigma_t, sigma_s)
+    return lam, common.step_levels(diffusion, k)
 
 
 def dpmpp_update(diffusion, x, k, m0, m1, m2, order):

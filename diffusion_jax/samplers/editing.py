@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from diffusion_jax.diffusion import wrap_model
 from diffusion_jax.samplers import chain, common
 
 INVERSIONS = ('reference', 'target_level')
@@ -61,7 +62,7 @@ def _encode_jit(dynamic, x0, *, static, clip_denoised, mesh, inversion):
 
     def body(j, x):
         t = jnp.full((batch,), j, jnp.int32)
-        model_output = model_fn(x, common.original_t(diffusion, t))
+        model_output = wrap_model(model_fn, diffusion)(x, t)
         return common.constrain(encode(diffusion, model_output, x, t, clip_denoised=clip_denoised),
                                 mesh)
 

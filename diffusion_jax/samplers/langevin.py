@@ -57,7 +57,7 @@ def corrector(ctx, x, t, key, adaptive: bool):
     d, opts = ctx.diffusion, ctx.opts
 
     def body(j, x):
-        s = common.score(d, ctx.model_fn(x, common.original_t(d, t)), x, t, ctx.guidance)
+        s = common.score(d, ctx.model_fn(x, t), x, t, ctx.guidance)
         z = common.noise_like(jax.random.fold_in(key, j), x, opts.noise_repeat)
         step_size = (snr_step_size(d, s, z, t, ctx.snr) if adaptive
                      else annealed_step_size(d, t, ctx.snr, x))
@@ -84,13 +84,12 @@ def annealed_langevin_level(ctx, x, t, key):
     """
     d = ctx.diffusion
     x = corrector(ctx, x, t, key, adaptive=False)
-    model_output = common.guided_model_output(d, ctx.model_fn(x, common.original_t(d, t)), x, t,
+    model_output = common.guided_model_output(d, ctx.model_fn(x, t), x, t,
                                               ctx.guidance)
     pred_x0 = d.p_mean_variance(model_output, x, t, ctx.opts.clip_denoised,
                                 denoised_fn=common.denoised_fn(ctx.opts))['pred_x0']
     rescaled = x * jax.lax.rsqrt(1.0 - common.coef(d, 'betas', t, x))
-    last = (t == 0).reshape(t.shape + (1,) * (x.ndim - 1))
-    return jnp.where(last, pred_x0, rescaled), pred_x0
+    return jnp.where(common.nonzero_mask(t, x) > 0, rescaled, pred_x0), pred_x0
 
 
 def _langevin_nfe(k, langevin_steps):

@@ -33,15 +33,9 @@ def init(ctx, x):  # pylint: disable=unused-argument
             'order': jnp.ones((), jnp.int32)}
 
 
-def _scalar(diffusion, name, k):
-    return jnp.asarray(getattr(diffusion, name))[k].astype(jnp.float32)
-
-
 def _first_order(diffusion, x_s, m0, k, h):
     """(σ_t/σ_s) x_s - α_t (e^{-h} - 1) m0 from level k to k-1, with α_t, σ_t at k-1."""
-    alpha_t = _scalar(diffusion, 'sqrt_alphas_cumprod_prev', k)
-    sigma_t = jnp.sqrt(_scalar(diffusion, 'one_minus_alphas_cumprod_prev', k))
-    sigma_s = _scalar(diffusion, 'sqrt_one_minus_alphas_cumprod', k)
+    alpha_t, sigma_t, sigma_s = common.step_levels(diffusion, k)
     return (sigma_t / sigma_s) * x_s - alpha_t * jnp.expm1(-h) * m0, alpha_t
 
 

@@ -1,0 +1,96 @@
+"""The defaults of the config sections the modes own, and where a run lives by default.
+
+    config.sampling = defaults.default_sampling_config()   # configs/__init__.sampling_section
+    config.eval = defaults.default_eval_config()           # configs/__init__.eval_section
+
+Part of the run layer (with run.py, config_validation and train_state): the stored config of a run
+trained before a field existed gets that field's default from here (run.with_mode_defaults), so
+these live below the modes that read them (train, generate, evaluation). The old names
+generate.default_sampling_config and evaluation.evaluate.default_eval_config re-export them.
+"""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from diffusion_jax.evaluation.likelihood import ODE_ATOL, ODE_RTOL
+from diffusion_jax.samplers.common import DEFAULT_LANGEVIN_STEPS, DEFAULT_SNR
+
+
+def default_sampling_config() -> ml_collections.ConfigDict:
+    """The `sampling` section of every experiment config."""
+    c = ml_collections.ConfigDict()
+    # One of samplers.METHODS: 'ancestral' (DDPM Alg. 2) | 'ddim' | 'langevin' | 'pc' |
+    # 'dpmpp_2m' | 'dpmpp_3m' (DPM-Solver++, Lu et al. 2022) | 'unipc' (Zhao et al. 2023) |
+    # 'heun' (EDM Alg. 1, Karras et al. 2022; 2K-1 network calls)
+    c.method = 'ancestral'
+    c.num_steps = ''  # respacing: '' = all T steps; '250' (even) or 'ddim50' (DDIM's stride)
+    c.eta = 0.0  # DDIM's η: 0 deterministic, 1 the ancestral sampler with β̃ (Song et al. 2021)
+    c.clip_denoised = True  # clip x̂_0 to [-1, 1] at every step (Ho et al.'s sampler)
+    # Dynamic thresholding of x̂_0 (Saharia et al. 2022, Imagen, Sec. 2.3: p = 0.995): the
+    # percentile p in [0, 1); 0 = off. Every method applies it before the clip.
+    c.dynamic_threshold = 0.0
+    c.num_samples = 64  # samples to draw: a grid to look at (FID-scale: eval.num_samples)
+    c.checkpoint_step = -1  # which checkpoint to sample; -1: the latest valid one
+    c.batch_size = 256  # global batch per sampler call; a multiple of the device count
+    c.guidance_scale = 0.0  # classifier-free w: ε = (1+w) ε(x,y) - w ε(x,∅); 0 = conditional
+    # Guidance rescale φ of Lin et al. 2023 (eq. 15-16; they use 0.7) for classifier-free
+    # guidance: the guided output takes the conditional's std, mixed with weight φ; 0 = off.
+    c.guidance_rescale = 0.0
+    c.classifier_scale = 0.0  # classifier guidance s (Dhariwal & Nichol 2021); 0 = off
+    # How guided DDIM composes the classifier's shift with clipping: 'condition_score'
+    # (guided-diffusion: ε from the clipped x̂_0, shifted, guided x̂_0 unclipped) | 'eps_shift'
+    # (the shifted raw ε̂, then clip; this project's earlier order). Equal without clipping.
+    c.ddim_guidance = 'condition_score'
+    c.classifier_workdir = ''  # workdir of the noisy classifier run (its config.json + checkpoint)
+    c.labels = ''  # class labels: '' random uniform, '3' all class 3, '0,1,2' cycled
+    c.use_ema = True  # sample with the EMA parameters (Ho et al. 2020, App. B)
+    c.progressive = False  # also write DDPM Fig. 6 (x̂_0 along the chain) and Fig. 7 (same x_t)
+    c.progress_every = 0  # chain steps between Fig. 6 columns; 0 = K/10 (11 columns)
+    c.interpolation = False  # also write DDPM (Fig. 8) and DDIM (Sec. 5.3) interpolation strips
+    c.interpolation_t_frac = 0.5  # DDPM's interpolation depth t/T: t = 500 of 1000 (Fig. 8)
+    c.interpolation_lambdas = 11  # λ = 0, 0.1, …, 1 (DDPM Fig. 8)
+    # DDIM inversion for the interpolation strips: 'reference' (guided-diffusion's
+    # ddim_reverse_sample, ε at the input's level, t -> t+1) | 'target_level' (ε_θ(x_{t-1}, t))
+    c.inversion = 'reference'
+    c.langevin_snr = DEFAULT_SNR  # r of the Langevin step (Song et al. 2021: 0.16)
+    c.langevin_steps = DEFAULT_LANGEVIN_STEPS  # Langevin steps per level / per PC step
+    c.seed = 0  # seeds x_T, the chain's noise and the random labels
+    return c
+
+
+def default_eval_config():
+    """The `eval` section of every experiment config: CIFAR-10's protocol (Ho et al. 2020);
+    the config files override what differs."""
+    e = ml_collections.ConfigDict()
+    e.split = 'test'  # the 10,000 CIFAR-10 test images (Ho et al. report test NLL)
+    e.batch_size = 256  # global eval batch
+    e.num_batches = 0  # 0: the whole split
+    e.checkpoint_step = -1  # which checkpoint to evaluate; -1: the latest valid one
+    e.use_ema = True  # evaluate the EMA parameters (Ho et al. 2020 report EMA results)
+    e.nll = True  # the NLL bound in bits/dim (Ho et al. 2020, Table 1)
+    e.nll_estimator = 'full'  # 'full': all T terms, as published | 'sampled' | 'importance': K terms per image
+    e.nll_timesteps_per_image = 32  # K of the 'sampled' estimator
+    # nll_estimator='ode': the probability-flow ODE likelihood (Song et al. 2021; score_sde's
+    # likelihood.py defaults: RK45 = dopri5, rtol = atol = 1e-5, Rademacher probe, uniform
+    # dequantisation). Not the bound: the exact likelihood of the ODE's density model.
+    e.ode_solver = 'dopri5'  # 'dopri5' | 'tsit5' (adaptive) | 'heun' | 'euler' (fixed steps only)
+    e.ode_rtol = ODE_RTOL  # relative tolerance of the adaptive step control
+    e.ode_atol = ODE_ATOL  # absolute tolerance of the adaptive step control
+    e.ode_num_steps = 0  # 0: adaptive; N > 0: N equal steps of ode_solver
+    e.ode_hutchinson = 'rademacher'  # trace estimator probe: 'rademacher' | 'gaussian' | 'exact'
+    e.ode_dequantization = 'uniform'  # 'uniform' (a bound on the discrete NLL) | 'none'
+    e.sample_quality = False  # also FID / IS / precision-recall of sampled images
+    e.num_samples = 50_000  # samples for FID (Ho et al. 2020, Sec. 4: 50k)
+    e.samples_path = ''  # score this samples.npz (uint8 NHWC 'images') instead of sampling
+    e.reference_split = 'train'  # FID reference statistics from this split (Ho et al.: train)
+    e.reference_dir = ''  # where reference statistics are cached ('' = workdir/eval)
+    e.feature_space = 'inception'  # 'inception' (FID proper) | 'feature_net' (MNIST-scale data)
+    e.inception_weights = ''  # converted InceptionV3 weights (diffusion_jax.evaluation.inception)
+    e.feature_net_dir = ''  # a trained feature net (diffusion_jax.evaluation.feature_net)
+    return e
+
+
+def default_workdir(config) -> str:
+    return os.path.join('runs', config.get('name', 'run'))

@@ -1,0 +1,197 @@
+"""Batch-wise sample generation: a run's model, parameters and config.sampling, sampled in
+batches of sampling.batch_size over the device mesh, in memory (draw_samples) or streamed
+(sample_batches). The library under `--mode=sample` (diffusion_jax.generate), the evaluation's
+FID/IS (diffusion_jax.evaluation.sample_quality) and the experiments; it writes nothing.
+
+    samples, labels = batches.draw_samples(loaded.config, loaded.variables, mesh, 64)
+
+config: a resolved config (diffusion_jax.run.resolve_config / run.load(...).config) with the
+trained model/diffusion sections and a sampling section; variables: the model's {'params': ...},
+replicated on the mesh. Classifier guidance (sampling.classifier_scale > 0) needs the guiding
+classifier, loaded by the caller from its run (diffusion_jax.run.load_classifier).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from diffusion_jax import guidance as guidance_lib
+from diffusion_jax import models, sharding
+from diffusion_jax.diffusion import create_diffusion
+from diffusion_jax.logging_utils import format_duration
+from diffusion_jax.respace import respaced
+from diffusion_jax.samplers import chain
+
+
+def parse_labels(labels, num_classes: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """[count] int32 labels: '' / None random uniform, an int (or '3') one class, a sequence
+    (or '0,1,2') cycled."""
+    if labels in ('', None):
+        return rng.integers(0, num_classes, count).astype(np.int32)
+    if isinstance(labels, str):
+        labels = [int(v) for v in labels.split(',') if v.strip()]
+    values = np.atleast_1d(np.asarray(labels, np.int64))
+    if values.size == 0 or values.min() < 0 or values.max() >= num_classes:
+        raise ValueError(f'sampling.labels={labels!r}: labels must lie in [0, {num_classes}).')
+    return np.resize(values, count).astype(np.int32)
+
+
+class Sampler:
+    """The model, parameters, guidance and options of a run: sample(rng, shape, y) -> the
+    samplers.sample dict. classifier: (grad_fn, num_classes) of the guiding noisy classifier
+    (run.load_classifier), needed when sampling.classifier_scale > 0."""
+
+    def __init__(self, config, model, variables, diffusion, mesh, classifier=None):
+        s = config.sampling
+        self.config, self.model, self.variables = config, model, variables
+        self.diffusion, self.mesh = diffusion, mesh
+        self.num_classes = int(config.model.get('num_classes', 0) or 0)
+        self.grad_fn, classifier_classes = None, 0
+        if s.classifier_scale:
+            if classifier is None:
+                raise ValueError(f'sampling.classifier_scale={s.classifier_scale} needs the '
+                                 'guiding classifier: pass classifier=run.load_classifier(config) '
+                                 '(or set sampling.classifier_scale=0).')
+            self.grad_fn, classifier_classes = classifier
+        # Labels are drawn for a conditional model or for a classifier to guide towards.
+        self.label_classes = self.num_classes or classifier_classes
+        self.options = dict(method=s.method, eta=s.eta, clip_denoised=s.clip_denoised,
+                            langevin_snr=s.langevin_snr, langevin_steps=s.langevin_steps,
+                            ddim_guidance=s.get('ddim_guidance', 'condition_score'),
+                            dynamic_threshold=s.get('dynamic_threshold', 0.0))
+
+    def model_fn(self, y):
+        w = self.config.sampling.guidance_scale
+        if self.num_classes and w:
+            return guidance_lib.classifier_free_model_fn(
+                self.model.apply, self.variables, y, w, null_label=self.num_classes,
+                guidance_rescale=self.config.sampling.get('guidance_rescale', 0.0))
+        return guidance_lib.bind_model(self.model.apply, self.variables,
+                                       y if self.num_classes else None)
+
+    def guidance(self, y):
+        if self.grad_fn is None:
+            return None
+        return guidance_lib.classifier_guidance(self.grad_fn, y,
+                                                self.config.sampling.classifier_scale)
+
+    def mesh_for(self, batch: int):
+        """The mesh when the batch splits evenly over it (figures may not), else one device."""
+        return self.mesh if batch % self.mesh.devices.size == 0 else None
+
+    def place(self, y):
+        if y is None:
+            return None
+        if self.mesh_for(len(y)) is None:
+            return jnp.asarray(y)
+        return jax.make_array_from_callback(y.shape, sharding.data_sharding(self.mesh),
+                                            lambda index: y[index])
+
+    def sample(self, rng, shape, y=None, **overrides):
+        y = self.place(y)
+        options = dict(self.options, **overrides)
+        return chain.sample(self.diffusion, self.model_fn(y), rng, shape,
+                               guidance=self.guidance(y), mesh=self.mesh_for(shape[0]), **options)
+
+
+def build_sampler(config, variables, mesh, classifier=None):
+    """(Sampler over config.sampling's respaced diffusion, the model's example shape)."""
+    model = models.get_model(config.model)
+    diffusion = respaced(create_diffusion(config.diffusion), config.sampling.num_steps)
+    return (Sampler(config, model, variables, diffusion, mesh, classifier),
+            models.example_shape(model))
+
+
+def labels_for(sampler, count: int):
+    """Labels for a conditional model or a guiding classifier (sampling.labels), else None."""
+    if not sampler.label_classes:
+        return None
+    s = sampler.config.sampling
+    return parse_labels(s.labels, sampler.label_classes, count, np.random.default_rng(s.seed))
+
+
+def draw_samples(config, variables, mesh, num_samples: int, *, classifier=None):
+    """num_samples samples of the run's model with config.sampling's sampler, in memory.
+
+    config: the run's config (run.load(...).config: the trained model/diffusion sections);
+    variables: the model's {'params': ...} (replicated on the mesh). Returns (float32 numpy
+    [num_samples, ...] in [-1, 1], labels [num_samples] int32 or None). Used by the evaluation
+    (FID/IS) and by experiments that sweep sampler settings. classifier: see Sampler.
+    """
+    s = config.sampling
+    sharding.check_global_batch(s.batch_size, mesh, 'sampling.batch_size')
+    sampler, example_shape = build_sampler(config, variables, mesh, classifier)
+    labels = labels_for(sampler, num_samples)
+    samples = draw(sampler, jax.random.key(s.seed), (s.batch_size, *example_shape),
+                    num_samples, labels)
+    return samples, labels
+
+
+def sample_batches(config, variables, mesh, num_samples: int, *, uint8: bool = False,
+                   classifier=None):
+    """Yields (samples, labels) batch by batch: draw_samples without holding all of them.
+
+    samples: numpy [b, ...] float32 in [-1, 1], or with uint8=True the pixels
+    round((x + 1)·127.5) clipped to [0, 255] as uint8 (image_utils.to_uint8, computed on the
+    device so a quarter of the bytes cross to the host); labels [b] int32 or None. The batches
+    together hold exactly num_samples. Host memory stays one batch (FID-50k of LSUN-256 would
+    otherwise be ≈ 39 GB of float32 on the host).
+    """
+    s = config.sampling
+    sharding.check_global_batch(s.batch_size, mesh, 'sampling.batch_size')
+    sampler, example_shape = build_sampler(config, variables, mesh, classifier)
+    labels = labels_for(sampler, num_samples)
+    batch = s.batch_size
+    for i, x in enumerate(draw_batches(sampler, jax.random.key(s.seed),
+                                        (batch, *example_shape), num_samples, labels,
+                                        _device_uint8 if uint8 else None)):
+        yield x, None if labels is None else labels[i * batch:i * batch + len(x)]
+
+
+@jax.jit
+def _device_uint8(x):
+    # The same arithmetic as image_utils.to_uint8 (float32, round half to even).
+    return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+def draw_batches(sampler, key, batch_shape, num_samples: int, labels, transform=None):
+    """Host numpy batches of batch_shape[0] samples (the last one drawn whole and cut, so every
+    batch runs the same compiled program), transform (on the device) applied.
+
+    Batch i + 1 is dispatched before batch i is fetched: the device samples the next batch
+    while the host copies (and the caller scores) this one, instead of idling in between.
+    """
+    batch = batch_shape[0]
+    num_batches = math.ceil(num_samples / batch)
+    start = time.time()
+
+    def dispatch(i):
+        y = None
+        if labels is not None:
+            y = np.resize(labels[i * batch:(i + 1) * batch], batch)
+        x = sampler.sample(jax.random.fold_in(key, i), batch_shape, y)['samples']
+        return x if transform is None else transform(x)
+
+    pending = dispatch(0)
+    for i in range(num_batches):
+        current, pending = pending, dispatch(i + 1) if i + 1 < num_batches else None
+        x = np.asarray(sharding.to_host(current))
+        if i == 0:  # the ETA as soon as there is one (this batch includes the compilation)
+            first = time.time() - start
+            logging.info('batch 1/%d took %.1fs (with compilation), ETA %s', num_batches, first,
+                         format_duration(first * (num_batches - 1)))
+        elif (i + 1) % 10 == 0 or i + 1 == num_batches:
+            per_batch = (time.time() - start - first) / i
+            logging.info('batch %d/%d, %.2f samples/s, ETA %s', i + 1, num_batches,
+                         batch / per_batch, format_duration(per_batch * (num_batches - i - 1)))
+        yield x[:num_samples - i * batch]
+
+
+def draw(sampler, key, batch_shape, num_samples: int, labels):
+    """num_samples samples in batches of batch_shape[0]. Returns float32 numpy [num_samples, ...]."""
+    return np.concatenate(list(draw_batches(sampler, key, batch_shape, num_samples, labels)))
