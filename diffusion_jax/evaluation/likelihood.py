@@ -131,7 +131,7 @@ class ContinuousVP:
     timestep_map: Any  # [K] float
 
     @classmethod
-    def from_diffusion(cls, diffusion) -> 'ContinuousVP':
+    def from_diffusion(cls, diffusion, dtype=jnp.float32) -> 'ContinuousVP':
         abar = np.asarray(diffusion.alphas_cumprod, np.float64)
         if abar.size < 3 or abar[-1] <= 0.0:
             raise ValueError('ode_bpd needs K >= 3 steps and ᾱ_T > 0: a zero-terminal-SNR '
@@ -144,8 +144,8 @@ class ContinuousVP:
         # the one-sided secant at the ends; all slopes negative, so ᾱ(τ) stays monotone.
         inner = 2.0 / (1.0 / delta[:-1] + 1.0 / delta[1:])
         slopes = np.concatenate([delta[:1], inner, delta[-1:]])
-        return cls(jnp.asarray(log_abar, jnp.float32), jnp.asarray(slopes, jnp.float32),
-                   jnp.asarray(np.asarray(diffusion.timestep_map), jnp.float32))
+        return cls(jnp.asarray(log_abar, dtype), jnp.asarray(slopes, dtype),
+                   jnp.asarray(np.asarray(diffusion.timestep_map), dtype))
 
     @property
     def t_end(self) -> float:
@@ -177,8 +177,8 @@ class ContinuousVP:
         return -self._hermite(tau)[1]
 
     def model_timestep(self, tau):
-        return jnp.interp(tau - 1.0, jnp.arange(self.timestep_map.shape[0], dtype=jnp.float32),
-                          self.timestep_map)
+        return jnp.interp(tau - 1.0, jnp.arange(self.timestep_map.shape[0],
+                                                dtype=self.timestep_map.dtype), self.timestep_map)
 
 
 def _eps_from_output(diffusion, mean_output, x, abar, one_minus_abar):
@@ -194,7 +194,7 @@ def probability_flow_drift(diffusion, model_fn, sde: ContinuousVP):
     """f̃(x, τ) = -½β(τ)(x + ∇log p_τ(x)) = -½β(τ)(x - ε̂(x, τ)/√(1-ᾱ(τ))): [B, ...] -> [B, ...]."""
     def drift(tau, x):
         abar, one_minus = sde.alphas_cumprod(tau), sde.one_minus_alphas_cumprod(tau)  # scalars
-        t_model = jnp.full((x.shape[0],), sde.model_timestep(tau), jnp.float32)
+        t_model = jnp.full((x.shape[0],), sde.model_timestep(tau), sde.timestep_map.dtype)
         mean_output, _ = diffusion.split_model_output(model_fn(x, t_model), x)
         eps = _eps_from_output(diffusion, mean_output.astype(x.dtype), x, abar, one_minus)
         return -0.5 * sde.beta(tau) * (x - eps / jnp.sqrt(one_minus))
@@ -235,7 +235,10 @@ def ode_bpd(diffusion, model_fn, x0, rng, *, solver: str = 'dopri5', rtol: float
     Args:
       diffusion: the (un-respaced or respaced) GaussianDiffusion the model was trained with.
       model_fn: (x [B, ...], timesteps [B] float) -> model output (as for the bound).
-      x0: [B, ...] data on the 256-level grid in [-1, 1].
+      x0: [B, ...] data on the 256-level grid in [-1, 1]. The solve runs in x0's floating dtype
+        (float32 for integer or half inputs; float64 inputs under `jax.enable_x64` give a float64
+        solve, which the closed-form test uses so that its tolerance does not depend on how a
+        CPU's float32 kernels round).
       rng: jax.random.key: dequantisation noise and the probe.
       solver: 'dopri5' | 'tsit5' (adaptive, PID step control with rtol/atol) or, with
         num_steps > 0, any of ODE_SOLVERS at num_steps equal steps.
@@ -250,13 +253,16 @@ def ode_bpd(diffusion, model_fn, x0, rng, *, solver: str = 'dopri5', rtol: float
     """
     import diffrax  # pylint: disable=import-outside-toplevel
     _check_ode_options(solver, num_steps, hutchinson)
-    sde = ContinuousVP.from_diffusion(diffusion)
+    x0 = jnp.asarray(x0)
+    dtype = jnp.promote_types(x0.dtype if jnp.issubdtype(x0.dtype, jnp.floating)
+                              else jnp.float32, jnp.float32)
+    sde = ContinuousVP.from_diffusion(diffusion, dtype)
     deq_key, probe_key = jax.random.split(rng)
-    y = dequantize(x0, deq_key, dequantization).astype(jnp.float32)
+    y = dequantize(x0, deq_key, dequantization).astype(dtype)
     if hutchinson == 'rademacher':
-        probe = jax.random.rademacher(probe_key, y.shape, jnp.float32)
+        probe = jax.random.rademacher(probe_key, y.shape, dtype)
     else:
-        probe = jax.random.normal(probe_key, y.shape, jnp.float32)
+        probe = jax.random.normal(probe_key, y.shape, dtype)
     drift = probability_flow_drift(diffusion, model_fn, sde)
 
     def vector_field(tau, state, args):
@@ -272,7 +278,7 @@ def ode_bpd(diffusion, model_fn, x0, rng, *, solver: str = 'dopri5', rtol: float
     else:
         # dt0 given, so the controller does not spend evaluations guessing the first step.
         controller, dt0 = diffrax.PIDController(rtol=rtol, atol=atol), (t1 - t0) / 64
-    sol = diffrax.diffeqsolve(term, method, t0, t1, dt0, (y, jnp.zeros((y.shape[0],), jnp.float32)),
+    sol = diffrax.diffeqsolve(term, method, t0, t1, dt0, (y, jnp.zeros((y.shape[0],), dtype)),
                               stepsize_controller=controller, max_steps=max_steps, throw=False)
     z, delta_logp = sol.ys[0][-1], sol.ys[1][-1]
     dims = int(np.prod(y.shape[1:]))
