@@ -135,7 +135,7 @@ class ContinuousVP:
     timestep_map: Any  # [K] float
 
     @classmethod
-    def from_diffusion(cls, diffusion) -> 'ContinuousVP':
+    def from_diffusion(cls, diffusion, dtype=jnp.float32) -> 'ContinuousVP':
         abar = np.asarray(diffusion.alphas_cumprod, np.float64)
         if abar.size < 3 or abar[-1] <= 0.0:
             raise ValueError('ode_bpd needs K >= 3 steps and ᾱ_T > 0: a zero-terminal-SNR '
@@ -148,8 +148,8 @@ class ContinuousVP:
         # the one-sided secant at the ends; all slopes negative, so ᾱ(τ) stays monotone.
         inner = 2.0 / (1.0 / delta[:-1] + 1.0 / delta[1:])
         slopes = np.concatenate([delta[:1], inner, delta[-1:]])
-        return cls(jnp.asarray(log_abar, jnp.float32), jnp.asarray(slopes, jnp.float32),
-                   jnp.asarray(np.asarray(diffusion.timestep_map), jnp.float32))
+        return cls(jnp.asarray(log_abar, dtype), jnp.asarray(slopes, dtype),
+                   jnp.asarray(np.asarray(diffusion.timestep_map), dtype))
 
     @property
     def t_end(self) -> float:
@@ -183,8 +183,8 @@ class ContinuousVP:
     def model_time(self, tau):
         """The network's timestep at τ (any shape): timestep_map interpolated linearly, so that
         diffusion.wrap_model(model_fn, sde) calls the network at continuous times."""
-        return jnp.interp(tau - 1.0, jnp.arange(self.timestep_map.shape[0], dtype=jnp.float32),
-                          self.timestep_map)
+        return jnp.interp(tau - 1.0, jnp.arange(self.timestep_map.shape[0],
+                                                dtype=self.timestep_map.dtype), self.timestep_map)
 
 
 def _eps_from_output(diffusion, mean_output, x, abar, one_minus_abar):
@@ -200,7 +200,7 @@ def probability_flow_drift(diffusion, model_fn, sde: ContinuousVP):
     """f̃(x, τ) = -½β(τ)(x + ∇log p_τ(x)) = -½β(τ)(x - ε̂(x, τ)/√(1-ᾱ(τ))): [B, ...] -> [B, ...]."""
     def drift(tau, x):
         abar, one_minus = sde.alphas_cumprod(tau), sde.one_minus_alphas_cumprod(tau)  # scalars
-        taus = jnp.full((x.shape[0],), tau, jnp.float32)
+        taus = jnp.full((x.shape[0],), tau, sde.timestep_map.dtype)
         mean_output, _ = diffusion.split_model_output(wrap_model(model_fn, sde)(x, taus), x)
         eps = _eps_from_output(diffusion, mean_output.astype(x.dtype), x, abar, one_minus)
         return -0.5 * sde.beta(tau) * (x - eps / jnp.sqrt(one_minus))
@@ -241,7 +241,10 @@ def ode_bpd(diffusion, model_fn, x0, rng, *, solver: str = 'dopri5', rtol: float
     Args:
       diffusion: the (un-respaced or respaced) GaussianDiffusion the model was trained with.
       model_fn: (x [B, ...], timesteps [B] float) -> model output (as for the bound).
-      x0: [B, ...] data on the 256-level grid in [-1, 1].
+      x0: [B, ...] data on the 256-level grid in [-1, 1]. The solve runs in x0's floating dtype
+        (float32 for integer or half inputs; float64 inputs under `jax.enable_x64` give a float64
+        solve, which the closed-form test uses so that its tolerance does not depend on how a
+        CPU's float32 kernels round).
       rng: jax.random.key: dequantisation noise and the probe.
       solver: 'dopri5' | 'tsit5' (adaptive, PID step control with rtol/atol) or, with
         num_steps > 0, any of ODE_SOLVERS at num_steps equal steps.
@@ -255,27 +258,30 @@ def ode_bpd(diffusion, model_fn, x0, rng, *, solver: str = 'dopri5', rtol: float
     rng is split into (dequantisation key, probe key), in that order.
     """
     _check_ode_options(solver, num_steps, hutchinson)
-    sde = ContinuousVP.from_diffusion(diffusion)
-    y, probe = _start_and_probe(x0, rng, dequantization, hutchinson)
+    x0 = jnp.asarray(x0)
+    dtype = jnp.promote_types(x0.dtype if jnp.issubdtype(x0.dtype, jnp.floating)
+                              else jnp.float32, jnp.float32)
+    sde = ContinuousVP.from_diffusion(diffusion, dtype)
+    y, probe = _start_and_probe(x0, rng, dequantization, hutchinson, dtype)
     drift = probability_flow_drift(diffusion, model_fn, sde)
 
     def vector_field(tau, state, args):  # pylint: disable=unused-argument
         dx, div = _divergence(drift, tau, state[0], probe, hutchinson)
         return dx, div
 
-    sol = _solve(vector_field, (y, jnp.zeros((y.shape[0],), jnp.float32)), 1.0, sde.t_end,
+    sol = _solve(vector_field, (y, jnp.zeros((y.shape[0],), dtype)), 1.0, sde.t_end,
                  solver=solver, rtol=rtol, atol=atol, num_steps=num_steps, max_steps=max_steps)
     return _ode_result(sol, y, solver)
 
 
-def _start_and_probe(x0, rng, dequantization: str, hutchinson: str):
-    """(y = the dequantised x0, the Hutchinson probe z), both [B, ...] float32; rng is split
+def _start_and_probe(x0, rng, dequantization: str, hutchinson: str, dtype):
+    """(y = the dequantised x0, the Hutchinson probe z), both [B, ...] in dtype; rng is split
     into (dequantisation key, probe key), in that order."""
     deq_key, probe_key = jax.random.split(rng)
-    y = dequantize(x0, deq_key, dequantization).astype(jnp.float32)
+    y = dequantize(x0, deq_key, dequantization).astype(dtype)
     if hutchinson == 'rademacher':
-        return y, jax.random.rademacher(probe_key, y.shape, jnp.float32)
-    return y, jax.random.normal(probe_key, y.shape, jnp.float32)
+        return y, jax.random.rademacher(probe_key, y.shape, dtype)
+    return y, jax.random.normal(probe_key, y.shape, dtype)
 
 
 def _solve(vector_field, state, t0: float, t1: float, *, solver: str, rtol: float, atol: float,
