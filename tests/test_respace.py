@@ -146,15 +146,16 @@ def test_schedule_spacings_need_the_schedule_and_finite_levels():
     assert respace.space_timesteps(100, 'trailing10')[-1] == 99
 
 
-def test_generate_respaced_passes_the_schedule():
+def test_respaced_passes_the_schedule():
     from diffusion_jax import generate  # pylint: disable=import-outside-toplevel
     d = dl.GaussianDiffusion(schedules.get_beta_schedule('cosine', 1000), 'eps', 'fixed_large',
                              'mse')
-    r = generate.respaced(d, 'karras20')
+    assert generate.respaced is respace.respaced  # the old name
+    r = respace.respaced(d, 'karras20')
     expected = respace.space_timesteps(1000, 'karras20', alphas_cumprod=d.alphas_cumprod)
     np.testing.assert_array_equal(r.timestep_map, expected)
     np.testing.assert_allclose(r.alphas_cumprod, d.alphas_cumprod[expected], rtol=1e-6)
-    assert generate.respaced(d, '') is d
+    assert respace.respaced(d, '') is d
 
 
 def test_respacing_all_steps_reproduces_the_original_exactly():
@@ -182,3 +183,17 @@ def test_respacing_keeps_marginals_and_maps_timesteps():
                                rtol=1e-6)
     with pytest.raises(ValueError, match='use_timesteps'):
         d.respace([4000])
+
+
+def test_the_model_wrapper_sends_respaced_steps_to_trained_timesteps():
+    """wrap_model is the one map from a chain's indices to the network's time input: the
+    original timesteps of a (twice) respaced chain, and the continuous ODE's interpolated ones."""
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    from diffusion_jax.evaluation import likelihood  # pylint: disable=import-outside-toplevel
+    d = dl.GaussianDiffusion(schedules.get_beta_schedule('linear', 100), 'eps', 'fixed_large', 'mse')
+    r = d.respace(range(0, 100, 10)).respace([1, 4, 9])
+    seen = dl.wrap_model(lambda x, t: t, r)(None, jnp.array([0, 1, 2, 2]))
+    np.testing.assert_array_equal(seen, [10, 40, 90, 90])
+    sde = likelihood.ContinuousVP.from_diffusion(r)
+    taus = jnp.array([1.0, 2.0, 2.5, 3.0])  # knots τ_k = k + 1, and half way between two
+    np.testing.assert_allclose(dl.wrap_model(lambda x, t: t, sde)(None, taus), [10, 40, 65, 90])
