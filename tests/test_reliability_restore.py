@@ -1,0 +1,190 @@
+"""Restore errors that are not damage, and the agreement of processes on what is damaged.
+
+A checkpoint is moved to checkpoints_damaged/ (training) or skipped (readers) only when
+`checkpointing.damage()` or an array-read error proves it damaged; a structure mismatch, an
+out-of-memory or a transient storage error raises RestoreError naming the step and the cause,
+and nothing on disk changes. Several processes decide together (an all-gather of what each
+found), so one process's failure is every process's failure. 8 fake CPU devices, the swiss-roll
+MLP run of test_reliability (checkpoints at steps 3, 6 and 8).
+"""
+import glob
+import os
+import pathlib
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from diffusion_jax import checkpointing, models, sharding, train
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from test_train import leaves, mlp_config, snapshot  # noqa: E402  pylint: disable=wrong-import-position
+
+pytestmark = pytest.mark.usefixtures('fast_compiles')
+
+# What the storage and the runtime raise for causes that say nothing about the stored bytes
+# (tensorstore and XLA prefix absl status codes to their messages).
+NOT_DAMAGE = {
+    'out of memory': 'RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.00GiB.',
+    'transient storage error': ('UNAVAILABLE: Error reading "a/0" in OCDBT database at '
+                                '"gs://bucket/run/checkpoints/8/params/": connection reset'),
+    'permission': ('PERMISSION_DENIED: Error reading local file '
+                   '"/run/checkpoints/8/params/manifest.ocdbt": Permission denied'),
+}
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp('reference'))
+    train.train_and_evaluate(mlp_config(), workdir)
+    assert checkpointing.valid_steps(workdir) == [3, 6, 8]
+    return workdir
+
+
+@pytest.fixture(scope='module')
+def abstract_state():
+    config = mlp_config()
+    optimizer, _ = train.create_optimizer(config.optim)
+    return train.abstract_train_state(config, models.get_model(config.model), optimizer,
+                                      sharding.make_mesh())
+
+
+def _copy(reference, tmp_path):
+    workdir = str(tmp_path / 'run')
+    shutil.copytree(reference, workdir)
+    return workdir
+
+
+def _raise_at(monkeypatch, message, bad_step=8):
+    original = ocp.CheckpointManager.restore
+
+    def restore(self, step, *args, **kwargs):
+        if step == bad_step:
+            raise ValueError(message)
+        return original(self, step, *args, **kwargs)
+    monkeypatch.setattr(ocp.CheckpointManager, 'restore', restore)
+
+
+def _params_target(state):
+    return {'params': state.params}
+
+
+@pytest.mark.parametrize('kind', sorted(NOT_DAMAGE))
+def test_training_restore_reraises_a_cause_that_is_not_damage_and_moves_nothing(
+        reference, abstract_state, tmp_path, monkeypatch, kind):
+    workdir = _copy(reference, tmp_path)
+    before = snapshot(workdir)
+    _raise_at(monkeypatch, NOT_DAMAGE[kind])
+    ckpt = checkpointing.Checkpointer(workdir, keep=5)
+    try:
+        with pytest.raises(checkpointing.RestoreError) as info:
+            ckpt.restore(abstract_state)
+    finally:
+        ckpt.close()
+    text = str(info.value)
+    assert '\n' not in text and 'step 8' in text and NOT_DAMAGE[kind].split(':')[0] in text
+    assert snapshot(workdir) == before
+    assert not os.path.exists(os.path.join(workdir, checkpointing.DAMAGED_DIR))
+
+
+@pytest.mark.parametrize('kind', sorted(NOT_DAMAGE))
+def test_readers_reraise_a_cause_that_is_not_damage(reference, abstract_state, tmp_path,
+                                                      monkeypatch, kind):
+    workdir = _copy(reference, tmp_path)
+    before = snapshot(workdir)
+    _raise_at(monkeypatch, NOT_DAMAGE[kind])
+    with pytest.raises(checkpointing.RestoreError, match='step 8'):
+        checkpointing.restore_items(workdir, _params_target(abstract_state))
+    assert snapshot(workdir) == before
+
+
+def test_a_structure_mismatch_is_not_damage(reference, abstract_state, tmp_path):
+    """A train state of another structure (here an optimiser state with one more leaf) than the
+    checkpoint's: orbax's own mismatch error, reported, and every checkpoint kept."""
+    workdir = _copy(reference, tmp_path)
+    before = snapshot(workdir)
+    other = abstract_state.replace(opt_state=(
+        abstract_state.opt_state,
+        jax.ShapeDtypeStruct((3,), jnp.float32, sharding=sharding.replicated(sharding.make_mesh()))))
+    ckpt = checkpointing.Checkpointer(workdir, keep=5)
+    try:
+        with pytest.raises(checkpointing.RestoreError, match='step 8.*do not match'):
+            ckpt.restore(other)
+    finally:
+        ckpt.close()
+    assert snapshot(workdir) == before
+    assert checkpointing.valid_steps(workdir) == [3, 6, 8]
+
+
+def _truncate(path):
+    with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _corrupt(path):
+    data = bytearray(pathlib.Path(path).read_bytes())
+    for i in range(len(data) // 3, len(data)):
+        data[i] ^= 0x5A
+    pathlib.Path(path).write_bytes(data)
+
+
+ARRAY_DAMAGE = {'truncated': _truncate, 'corrupted': _corrupt, 'deleted': os.remove}
+
+
+@pytest.mark.parametrize('kind', sorted(ARRAY_DAMAGE))
+def test_damaged_arrays_are_still_skipped_and_quarantined(reference, abstract_state, tmp_path,
+                                                          kind):
+    """The proof of damage: a data file of step 8 truncated, corrupted or deleted (structure
+    intact, so only the read finds it). Readers skip it; training moves it and uses step 6."""
+    workdir = _copy(reference, tmp_path)
+    paths = glob.glob(os.path.join(checkpointing.checkpoint_dir(workdir), '8', '*', 'd', '*'))
+    assert paths
+    for path in paths:
+        ARRAY_DAMAGE[kind](path)
+    assert checkpointing.read_damage(ValueError(NOT_DAMAGE['out of memory'])) is None
+    out, step = checkpointing.restore_items(workdir, _params_target(abstract_state))
+    assert step == 6 and all(np.isfinite(x).all() for x in leaves(out['params']))
+    ckpt = checkpointing.Checkpointer(workdir, keep=5)
+    try:
+        state = ckpt.restore(abstract_state)
+    finally:
+        ckpt.close()
+    assert int(state.step) == 6
+    assert os.path.isdir(os.path.join(workdir, checkpointing.DAMAGED_DIR, '8'))
+    assert checkpointing.valid_steps(workdir) == [3, 6]
+
+
+def test_processes_agree_before_anything_moves(reference, abstract_state, tmp_path,
+                                               monkeypatch):
+    """This process reads step 8 fine; another process's restore failed (code 2: not damage)
+    or found it damaged (code 1). The first stops every process with nothing moved; the
+    second moves step 8 on process 0 for all of them."""
+    workdir = _copy(reference, tmp_path)
+    before = snapshot(workdir)
+    monkeypatch.setattr(checkpointing, '_agree', lambda code: [code, 2])
+    ckpt = checkpointing.Checkpointer(workdir, keep=5)
+    try:
+        with pytest.raises(checkpointing.RestoreError, match='step 8.*process 1 failed'):
+            ckpt.restore(abstract_state)
+    finally:
+        ckpt.close()
+    assert snapshot(workdir) == before
+
+    calls = []
+
+    def other_found_damage(code):
+        calls.append(code)
+        return [code, 1 if len(calls) == 1 else 0]
+    monkeypatch.setattr(checkpointing, '_agree', other_found_damage)
+    ckpt = checkpointing.Checkpointer(workdir, keep=5)
+    try:
+        state = ckpt.restore(abstract_state)
+    finally:
+        ckpt.close()
+    assert calls == [0, 0] and int(state.step) == 6
+    assert checkpointing.valid_steps(workdir) == [3, 6]
+    assert os.path.isdir(os.path.join(workdir, checkpointing.DAMAGED_DIR, '8'))
