@@ -10,7 +10,9 @@ checkpoint interval.
 Damaged checkpoints. Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it to
 `<step>` after writing `commit_success.txt` into it, so a step folder is trusted only when it has
 that marker, its `_CHECKPOINT_METADATA` and, for every item, a readable `_METADATA`, a non-empty
-`manifest.ocdbt` and the item's own marker (`valid_steps`). A step that passes these checks but
+`manifest.ocdbt` and the item's own marker (`valid_steps`). Orbax before 0.12.3 wrote no marker
+for local checkpoints (the rename was the commit): a step with no marker anywhere whose
+`_CHECKPOINT_METADATA` holds a commit timestamp is that legacy layout, and trusted. A step that passes these checks but
 whose arrays cannot be read (a truncated data file) is found when it is restored: `restore_items`
 and `Checkpointer.restore` then fall back to the next older step. Either way a warning names the
 step and why. Only that proof counts (`damage()`, or a read of the step's files that found one
@@ -99,7 +101,8 @@ def _json_problem(path: epath.Path) -> str | None:
 def damage(step_dir, items=ITEMS) -> str | None:
     """Why the step folder cannot be trusted (None if its structure is complete); reads only."""
     step_dir = epath.Path(step_dir)
-    if not (step_dir / COMMIT_MARKER).exists():
+    legacy = _legacy_layout(step_dir, items)
+    if not legacy and not (step_dir / COMMIT_MARKER).exists():
         return f'no commit marker ({COMMIT_MARKER}): the save did not finish'
     problem = _json_problem(step_dir / STEP_METADATA)
     if problem:
@@ -114,9 +117,24 @@ def damage(step_dir, items=ITEMS) -> str | None:
         manifest = folder / 'manifest.ocdbt'
         if not manifest.exists() or manifest.stat().length == 0:
             return f'{item}/manifest.ocdbt is missing or empty'
-        if not (folder / COMMIT_MARKER).exists():
+        if not legacy and not (folder / COMMIT_MARKER).exists():
             return f'{item}/{COMMIT_MARKER} is missing'
     return None
+
+
+def _legacy_layout(step_dir: epath.Path, items) -> bool:
+    """Whether step_dir is a local checkpoint finalized the way orbax before 0.12.3 did it: by
+    renaming `<step>.orbax-checkpoint-tmp-*` to `<step>` after writing commit_timestamp_nsecs
+    into _CHECKPOINT_METADATA, with no commit marker anywhere. A marker on any item means the
+    step was written by a newer orbax, whose step marker then must be there too."""
+    if (step_dir / COMMIT_MARKER).exists() or any(
+            (step_dir / item / COMMIT_MARKER).exists() for item in items):
+        return False
+    try:
+        meta = json.loads((step_dir / STEP_METADATA).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(meta, dict) and bool(meta.get('commit_timestamp_nsecs'))
 
 
 def read_damage(err: BaseException) -> str | None:

@@ -188,3 +188,30 @@ def test_processes_agree_before_anything_moves(reference, abstract_state, tmp_pa
     assert calls == [0, 0] and int(state.step) == 6
     assert checkpointing.valid_steps(workdir) == [3, 6]
     assert os.path.isdir(os.path.join(workdir, checkpointing.DAMAGED_DIR, '8'))
+
+
+def _remove_markers(step_dir):
+    for path in glob.glob(os.path.join(step_dir, '**', checkpointing.COMMIT_MARKER),
+                          recursive=True):
+        os.remove(path)
+
+
+def test_the_legacy_layout_without_commit_markers_is_trusted_and_restores(
+        reference, abstract_state, tmp_path):
+    """Orbax before 0.12.3 finalized a local step by the rename alone: no commit_success.txt in
+    the step or its items. Such a step is valid and restores equal to the original; a step
+    whose own marker alone is missing (items carry theirs) and a bare folder stay damaged."""
+    workdir = _copy(reference, tmp_path)
+    folder = checkpointing.checkpoint_dir(workdir)
+    _remove_markers(os.path.join(folder, '8'))
+    os.remove(os.path.join(folder, '6', checkpointing.COMMIT_MARKER))
+    os.makedirs(os.path.join(folder, '9', 'params'))
+    assert checkpointing.damage(os.path.join(folder, '8')) is None
+    assert 'no commit marker' in checkpointing.damage(os.path.join(folder, '6'))
+    assert 'no commit marker' in checkpointing.damage(os.path.join(folder, '9'))
+    assert checkpointing.valid_steps(workdir) == [3, 8]
+    out, step = checkpointing.restore_items(workdir, _params_target(abstract_state))
+    want, _ = checkpointing.restore_items(reference, _params_target(abstract_state), step=8)
+    assert step == 8
+    for a, b in zip(leaves(out['params']), leaves(want['params'])):
+        np.testing.assert_array_equal(a, b)
