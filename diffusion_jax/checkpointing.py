@@ -403,14 +403,17 @@ class Checkpointer:
         process (read_damage) is moved aside with a warning and the next older one is tried;
         any other failure raises RestoreError on every process, nothing moved."""
         target = _abstract(_items(state))
-        args = ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in target.items()})
         while True:
             chosen = self.manager.latest_step() if step is None else step
             if chosen is None:
                 return None
-            out, error = None, None
+            out, error, absent = None, None, ()
             try:
-                out = self.manager.restore(chosen, args=args)
+                absent = self._absent_extra(chosen, target['extra'])
+                restore = dict(target, extra={k: v for k, v in target['extra'].items()
+                                              if k not in absent})
+                out = self.manager.restore(chosen, args=ocp.args.Composite(
+                    **{k: ocp.args.StandardRestore(v) for k, v in restore.items()}))
             except Exception as err:  # pylint: disable=broad-except  (sorted out below)
                 if step is not None:
                     raise
@@ -427,10 +430,20 @@ class Checkpointer:
             _sync(f'checkpointing:quarantine:{chosen}')
             self.manager.reload()
         self.last_good = chosen
-        extra = out['extra']
+        extra = dict(out['extra'], **{k: _zeros(target['extra'][k]) for k in absent})
+        if absent:
+            logger.info('checkpoint step %d predates train-state field(s) %s: restored with '
+                        'their defaults (0)', chosen, ', '.join(absent))
         return state.replace(params=out['params'], ema_params=out['ema_params'],
                              opt_state=out['opt_state'], step=extra['step'],
                              sampler_state=extra['sampler'], skipped=extra['skipped'])
+
+    def _absent_extra(self, step: int, target_extra: dict) -> tuple[str, ...]:
+        """The fields of EXTRA_DEFAULTS the checkpoint's `extra` item lacks (a step written
+        before they existed); any other difference is left to the restore to report."""
+        meta = self.manager.item_metadata(step)['extra']
+        stored = set(getattr(meta, 'tree', meta) or ())
+        return tuple(k for k in EXTRA_DEFAULTS if k in target_extra and k not in stored)
 
     def wait(self) -> None:
         """Blocks until the last save is on disk; raises SaveError if it failed."""
@@ -452,6 +465,19 @@ class Checkpointer:
             except Exception:  # pylint: disable=broad-except  (already reported by wait)
                 if not self._failed:
                     raise
+
+
+# Train-state fields added since the first release, restored as zeros where a checkpoint
+# predates them: `skipped`, the count of non-finite steps skipped (none were, before it existed).
+EXTRA_DEFAULTS = ('skipped',)
+
+
+def _zeros(spec):
+    """Zeros of a ShapeDtypeStruct's shape and dtype, on its sharding (every process)."""
+    value = np.zeros(spec.shape, spec.dtype)
+    if spec.sharding is None:
+        return jax.numpy.asarray(value)
+    return jax.make_array_from_callback(spec.shape, spec.sharding, lambda index: value[index])
 
 
 def _items(state) -> dict[str, Any]:

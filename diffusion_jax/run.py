@@ -62,9 +62,36 @@ def _flat(tree: Mapping, prefix: str = '') -> dict[str, Any]:
     return out
 
 
+# Fields added since the first release outside `model`, with the value the code takes where a
+# config lacks them (input_pipeline, train, diffusion.create_diffusion). A network's absent
+# fields take its class's defaults (models.get_model builds it from the fields given).
+ABSENT_DEFAULTS = {'data.num_workers': 0, 'data.prefetch': 2,
+                   'diffusion.rescale_zero_terminal_snr': False}
+
+
+def with_defaults(config: Mapping) -> dict:
+    """A plain copy of config with today's default for every trained field it lacks (a run
+    from an earlier release means today what these defaults say): ABSENT_DEFAULTS, and the
+    network class's default for each field of model.name's network that is absent."""
+    import dataclasses as dc  # pylint: disable=import-outside-toplevel
+    from diffusion_jax import models  # pylint: disable=import-outside-toplevel
+    out = _plain(config)
+    for path, value in ABSENT_DEFAULTS.items():
+        section, field = path.split('.')
+        if isinstance(out.get(section), dict):
+            out[section].setdefault(field, value)
+    model = out.get('model')
+    if isinstance(model, dict) and model.get('name') in models.MODELS:
+        for f in dc.fields(models.MODELS[model['name']]):
+            if f.name not in ('parent', 'name') and f.default is not dc.MISSING:
+                model.setdefault(f.name, _plain(f.default))
+    return out
+
+
 def section_differences(old: Mapping, new: Mapping, sections) -> list[str]:
-    """'section.field: A -> B' for every field of `sections` that differs between two configs."""
-    old, new = _flat(_plain(old)), _flat(_plain(new))
+    """'section.field: A -> B' for every field of `sections` that differs between two configs,
+    a field either lacks counting as its default (with_defaults)."""
+    old, new = _flat(with_defaults(old)), _flat(with_defaults(new))
     out = []
     for name in sorted(set(old) | set(new)):
         if name.split('.', 1)[0] in sections and old.get(name, '<absent>') != new.get(
@@ -160,7 +187,7 @@ def merge_config(stored, config=None, typed: Mapping[str, Any] | None = None):
     ValueError.
     """
     typed = dict(typed or {})
-    merged = with_mode_defaults(stored).to_dict()
+    merged = with_defaults(with_mode_defaults(stored))
     for path, value in typed.items():  # refused before anything else is looked at
         _set_typed(merged, path, value)
     if config is not None:

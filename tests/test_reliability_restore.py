@@ -8,6 +8,7 @@ found), so one process's failure is every process's failure. 8 fake CPU devices,
 MLP run of test_reliability (checkpoints at steps 3, 6 and 8).
 """
 import glob
+import json
 import os
 import pathlib
 import shutil
@@ -19,7 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from diffusion_jax import checkpointing, models, sharding, train
+from diffusion_jax import checkpointing, config_validation, models, sharding, train
+from diffusion_jax import run as run_lib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from test_train import leaves, mlp_config, snapshot  # noqa: E402  pylint: disable=wrong-import-position
@@ -215,3 +217,55 @@ def test_the_legacy_layout_without_commit_markers_is_trusted_and_restores(
     assert step == 8
     for a, b in zip(leaves(out['params']), leaves(want['params'])):
         np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# A run from the previous release
+# ----------------------------------------------------------------------------------------------
+# Fields today's config.json has that the first release's did not write (data.prefetch it did;
+# dropped too, to cover every entry of run.ABSENT_DEFAULTS).
+ADDED_SINCE = ('data.num_workers', 'data.prefetch', 'diffusion.rescale_zero_terminal_snr')
+
+
+def _all_items(state):
+    return dict(params=state.params, ema_params=state.ema_params, opt_state=state.opt_state,
+                extra=dict(step=state.step, sampler=state.sampler_state, skipped=state.skipped))
+
+
+def _previous_release_run(reference, abstract_state, workdir, step=6):
+    """The reference run as the first release wrote it: config.json without the fields added
+    since, and a checkpoint whose `extra` item holds only step and sampler (no `skipped`)."""
+    config = json.loads(pathlib.Path(reference, 'config.json').read_text())
+    for path in ADDED_SINCE:
+        section, field = path.split('.')
+        del config[section][field]
+    os.makedirs(workdir)
+    pathlib.Path(workdir, 'config.json').write_text(json.dumps(config, indent=2))
+    out, _ = checkpointing.restore_items(reference, _all_items(abstract_state), step=step)
+    out['extra'] = {k: out['extra'][k] for k in ('step', 'sampler')}
+    manager = ocp.CheckpointManager(
+        checkpointing.checkpoint_dir(workdir),
+        item_handlers={k: ocp.StandardCheckpointHandler() for k in checkpointing.ITEMS})
+    manager.save(step, args=ocp.args.Composite(
+        **{k: ocp.args.StandardSave(v) for k, v in out.items()}))
+    manager.wait_until_finished()
+    manager.close()
+
+
+def test_a_run_of_the_previous_release_resumes_and_ends_as_the_uninterrupted_one(
+        reference, abstract_state, tmp_path):
+    workdir = str(tmp_path / 'old')
+    _previous_release_run(reference, abstract_state, workdir)
+    stored = json.loads(pathlib.Path(workdir, 'config.json').read_text())
+    assert run_lib.section_differences(stored, config_validation.resolve(mlp_config()),
+                                       run_lib.RESUME_SECTIONS) == []
+    resumed = train.train_and_evaluate(mlp_config(), workdir)
+    assert int(resumed.step) == 8 and int(resumed.skipped) == 0
+    want, _ = checkpointing.restore_items(reference, _all_items(abstract_state), step=8)
+    got = _all_items(resumed)
+    for item in ('params', 'ema_params', 'opt_state', 'extra'):
+        for a, b in zip(leaves(got[item]), leaves(want[item])):
+            np.testing.assert_array_equal(a, b, err_msg=item)
+    # Sampling and evaluation read it too: the stored config's absent fields take defaults.
+    loaded = run_lib.load(workdir)
+    assert loaded.step == 8 and loaded.config.data.num_workers == 0
