@@ -269,3 +269,54 @@ def test_a_run_of_the_previous_release_resumes_and_ends_as_the_uninterrupted_one
     # Sampling and evaluation read it too: the stored config's absent fields take defaults.
     loaded = run_lib.load(workdir)
     assert loaded.step == 8 and loaded.config.data.num_workers == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Fields that are not part of what was trained
+# ----------------------------------------------------------------------------------------------
+def test_a_run_resumes_with_other_data_location_workers_and_prefetch(reference, abstract_state,
+                                                                     tmp_path):
+    """Resumed from step 6 with data.data_dir, data.num_workers and data.prefetch changed (what
+    a move to another machine changes): no refusal, and the run ends bit-equal to the
+    uninterrupted one (batches are a function of seed and step). A trained field still
+    refuses in one line."""
+    workdir = _copy(reference, tmp_path)
+    shutil.rmtree(os.path.join(checkpointing.checkpoint_dir(workdir), '8'))
+    config = mlp_config()
+    config.data.update(data_dir=str(tmp_path / 'elsewhere'), num_workers=2, prefetch=1)
+    resumed = train.train_and_evaluate(config, workdir)
+    want, _ = checkpointing.restore_items(reference, _all_items(abstract_state), step=8)
+    got = _all_items(resumed)
+    for item in ('params', 'ema_params', 'opt_state', 'extra'):
+        for a, b in zip(leaves(got[item]), leaves(want[item])):
+            np.testing.assert_array_equal(a, b, err_msg=item)
+    stored = json.loads(pathlib.Path(workdir, 'config.json').read_text())
+    assert stored['data']['num_workers'] == 2  # config.json follows, the old one kept aside
+    assert glob.glob(os.path.join(workdir, 'config_6*.json'))
+    for path in run_lib.UNTRAINED_FIELDS:  # model.dtype/attention: compared nowhere either
+        section, field = path.split('.')
+        other = json.loads(json.dumps(stored))
+        other[section][field] = 'changed'
+        assert run_lib.section_differences(stored, other, run_lib.RESUME_SECTIONS,
+                                           skip=run_lib.UNTRAINED_FIELDS) == []
+    config.model.hidden_dim = 64
+    with pytest.raises(ValueError, match=r'model.hidden_dim: 32 -> 64') as info:
+        run_lib.check_resume(workdir, config_validation.resolve(config))
+    assert '\n' not in str(info.value)
+
+
+def test_sample_and_eval_take_untrained_fields_from_this_machine(reference):
+    typed = {'data.data_dir': '/data/elsewhere', 'data.num_workers': 3, 'data.prefetch': 1,
+             'model.dtype': 'bfloat16'}
+    loaded = run_lib.load(reference, typed)
+    for path, value in typed.items():
+        section, field = path.split('.')
+        assert loaded.config[section][field] == value
+    assert loaded.model.dtype == 'bfloat16' and loaded.step == 8
+    given = mlp_config()
+    given.data.num_workers = 4
+    given.model.hidden_dim = 64  # a trained field of a passed config: the stored one is used
+    merged = run_lib.merge_config(run_lib.Run(reference).config, given)
+    assert merged.data.num_workers == 4 and merged.model.hidden_dim == 32
+    with pytest.raises(ValueError, match='model.hidden_dim=64 differs'):
+        run_lib.load(reference, {'model.hidden_dim': 64})
