@@ -10,10 +10,17 @@ checkpoint interval.
 Damaged checkpoints. Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it to
 `<step>` after writing `commit_success.txt` into it, so a step folder is trusted only when it has
 that marker, its `_CHECKPOINT_METADATA` and, for every item, a readable `_METADATA`, a non-empty
-`manifest.ocdbt` and the item's own marker (`valid_steps`). A step that passes these checks but
+`manifest.ocdbt` and the item's own marker (`valid_steps`). Orbax before 0.12.3 wrote no marker
+for local checkpoints (the rename was the commit): a step with no marker anywhere whose
+`_CHECKPOINT_METADATA` holds a commit timestamp is that legacy layout, and trusted. A step that passes these checks but
 whose arrays cannot be read (a truncated data file) is found when it is restored: `restore_items`
 and `Checkpointer.restore` then fall back to the next older step. Either way a warning names the
-step and why. Readers never change the folder. The writer (`Checkpointer`, i.e. training) moves a
+step and why. Only that proof counts (`damage()`, or a read of the step's files that found one
+missing, short or corrupt: `read_damage`); any other restore error (a structure mismatch, out of
+memory, a transient or permission error of the storage) raises RestoreError naming the step and
+the cause, and nothing moves. Several processes agree first: each restore's outcome is
+all-gathered, one process's failure stops all of them, and process 0 decides which steps are
+damaged and moves them after every process has read. Readers never change the folder. The writer (`Checkpointer`, i.e. training) moves a
 damaged step, unaltered, to `<workdir>/checkpoints_damaged/<step>[.k]` before orbax sees it: left
 in place, orbax would list it as the latest step, count it for retention, and refuse (or have to
 overwrite) the next save of that step number. Names in checkpoints/ that are not step numbers
@@ -30,6 +37,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -45,6 +53,21 @@ DAMAGED_DIR = 'checkpoints_damaged'
 
 class SaveError(OSError):
     """A checkpoint could not be written; the message names the path and the intact step."""
+
+
+class RestoreError(OSError):
+    """A checkpoint could not be restored for a reason that does not show it damaged (a
+    structure mismatch, out of memory, a transient storage error): the message names the step
+    and the cause, and nothing was moved."""
+
+
+# Status codes (absl's, which tensorstore prefixes to its errors) that say nothing about the
+# stored bytes: retrying, freeing memory or fixing permissions may succeed on the same step.
+_NOT_DAMAGE_CODES = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'RESOURCE_EXHAUSTED', 'ABORTED',
+                     'CANCELLED', 'PERMISSION_DENIED', 'UNAUTHENTICATED', 'INTERNAL', 'UNKNOWN')
+# A read of the step's own files that found them missing, short or corrupt.
+_DAMAGE_CODES = ('DATA_LOSS', 'OUT_OF_RANGE', 'NOT_FOUND')
+_CORRUPTION = ('data corruption', 'checksum', 'truncated', 'error decoding')
 
 
 def _path(workdir) -> epath.Path:
@@ -77,7 +100,8 @@ def _json_problem(path: epath.Path) -> str | None:
 def damage(step_dir, items=ITEMS) -> str | None:
     """Why the step folder cannot be trusted (None if its structure is complete); reads only."""
     step_dir = epath.Path(step_dir)
-    if not (step_dir / COMMIT_MARKER).exists():
+    legacy = _legacy_layout(step_dir, items)
+    if not legacy and not (step_dir / COMMIT_MARKER).exists():
         return f'no commit marker ({COMMIT_MARKER}): the save did not finish'
     problem = _json_problem(step_dir / STEP_METADATA)
     if problem:
@@ -92,9 +116,79 @@ def damage(step_dir, items=ITEMS) -> str | None:
         manifest = folder / 'manifest.ocdbt'
         if not manifest.exists() or manifest.stat().length == 0:
             return f'{item}/manifest.ocdbt is missing or empty'
-        if not (folder / COMMIT_MARKER).exists():
+        if not legacy and not (folder / COMMIT_MARKER).exists():
             return f'{item}/{COMMIT_MARKER} is missing'
     return None
+
+
+def _legacy_layout(step_dir: epath.Path, items) -> bool:
+    """Whether step_dir is a local checkpoint finalized the way orbax before 0.12.3 did it: by
+    renaming `<step>.orbax-checkpoint-tmp-*` to `<step>` after writing commit_timestamp_nsecs
+    into _CHECKPOINT_METADATA, with no commit marker anywhere. A marker on any item means the
+    step was written by a newer orbax, whose step marker then must be there too."""
+    if (step_dir / COMMIT_MARKER).exists() or any(
+            (step_dir / item / COMMIT_MARKER).exists() for item in items):
+        return False
+    try:
+        meta = json.loads((step_dir / STEP_METADATA).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(meta, dict) and bool(meta.get('commit_timestamp_nsecs'))
+
+
+def read_damage(err: BaseException) -> str | None:
+    """Why `err`, raised while restoring a step, proves that step's stored arrays damaged (a
+    tensorstore read of its files that found one missing, truncated or failing its checksum or
+    decompression), as one line; None when it proves nothing about the files (a structure or
+    shape mismatch, out of memory, a transient or permission error of the storage)."""
+    chain = []
+    while err is not None and all(err is not e for e in chain):
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    texts = [str(e).strip() for e in chain]
+    if any(isinstance(e, MemoryError) for e in chain) or any(
+            t.split(':', 1)[0] in _NOT_DAMAGE_CODES for t in texts):
+        return None
+    for e, text in zip(chain, texts):
+        low = text.lower()
+        if ('error reading' in low or 'error decoding' in low) and (
+                text.split(':', 1)[0] in _DAMAGE_CODES or any(w in low for w in _CORRUPTION)):
+            return _first_line(e)
+    return None
+
+
+def _agree(code: int) -> list[int]:
+    """Every process's code for the same decision (an all-gather, so also a barrier): what a
+    restore found, 0 = read, 1 = damaged, 2 = failed otherwise. [code] in a single process."""
+    if jax.process_count() == 1:
+        return [code]
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return [int(c) for c in multihost_utils.process_allgather(np.asarray(code, np.int32))]
+
+
+def _broadcast_steps(steps: list[int]) -> list[int]:
+    """Process 0's list of step numbers on every process."""
+    if jax.process_count() == 1:
+        return list(steps)
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    count = int(multihost_utils.broadcast_one_to_all(np.asarray(len(steps), np.int32)))
+    if count == 0:
+        return []
+    mine = np.asarray(steps if jax.process_index() == 0 else [0] * count, np.int32)
+    return [int(s) for s in multihost_utils.broadcast_one_to_all(mine)]
+
+
+def _restore_failed(workdir, step: int, codes: list[int], err: BaseException | None):
+    """The RestoreError of a restore of `step` that failed, not by damage, on some process."""
+    if err is not None and codes[jax.process_index()] == 2:
+        cause = _first_line(err)
+    else:
+        cause = (f'process {codes.index(2)} failed (its log names the cause)' if 2 in codes
+                 else _first_line(err))
+    return RestoreError(
+        f'could not restore checkpoint step {step} from {checkpoint_dir(workdir)}: {cause}. '
+        'The checkpoint is kept; fix the cause (free memory, retry the storage, or match the '
+        "run's config) and rerun.")
 
 
 def damaged_steps(workdir, items=ITEMS) -> dict[int, str]:
@@ -160,9 +254,10 @@ def restore_items(workdir, targets: dict[str, Any], step: int | None = None):
     """({item: restored pytree}, step) from the newest valid step (or exactly `step`).
 
     targets maps item names ('params', 'ema_params', ...) to abstract pytrees
-    (ShapeDtypeStructs with shardings). A step whose arrays cannot be read is skipped with a
-    warning and the next older one is tried; reads only. Raises FileNotFoundError naming the
-    checkpoint folder when no step can be restored.
+    (ShapeDtypeStructs with shardings). A step whose arrays are proven damaged (read_damage)
+    is skipped with a warning and the next older one is tried; any other failure raises
+    RestoreError naming the step and the cause. Reads only. Raises FileNotFoundError naming
+    the checkpoint folder when no step can be restored.
     """
     items = tuple(targets)
     steps = [step] if step is not None else valid_steps(workdir, items)[::-1]
@@ -170,16 +265,22 @@ def restore_items(workdir, targets: dict[str, Any], step: int | None = None):
     errors = []
     try:
         for s in steps:
+            out, error = None, None
             try:
                 out = manager.restore(s, args=ocp.args.Composite(
                     **{k: ocp.args.StandardRestore(v) for k, v in targets.items()}))
-                return dict(out), int(s)
-            except Exception as err:  # pylint: disable=broad-except  (any read failure)
+            except Exception as err:  # pylint: disable=broad-except  (sorted out below)
                 if step is not None:
                     raise
-                errors.append(f'step {s}: {type(err).__name__}: {err}')
-                logger.warning('skipping unreadable checkpoint step %d in %s: %s', s,
-                               checkpoint_dir(workdir), _first_line(err))
+                error = err
+            codes = _agree(0 if error is None else 1 if read_damage(error) else 2)
+            if max(codes) == 0:
+                return dict(out), int(s)
+            if max(codes) == 2:
+                raise _restore_failed(workdir, s, codes, error) from error
+            errors.append(f'step {s}: {read_damage(error) if error else "damaged elsewhere"}')
+            logger.warning('skipping unreadable checkpoint step %d in %s: %s', s,
+                           checkpoint_dir(workdir), errors[-1])
     finally:
         manager.close()
     raise FileNotFoundError(f'no readable checkpoint in {checkpoint_dir(workdir)!r}'
@@ -259,8 +360,13 @@ class Checkpointer:
 
     def __init__(self, workdir, keep: int):
         self.workdir = workdir
-        for step, why in damaged_steps(workdir).items():
-            _quarantine(workdir, step, why)
+        # Process 0 decides (each process could see the folder at another moment) and every
+        # process has finished reading it before anything moves.
+        damaged = damaged_steps(workdir) if jax.process_index() == 0 else {}
+        steps = _broadcast_steps(sorted(damaged))
+        _sync('checkpointing:before-quarantine')
+        for step in steps:
+            _quarantine(workdir, step, damaged.get(step, ''))
         _sync('checkpointing:quarantine')
         self.manager = _manager(workdir, keep=keep)
         self.last_good = self.manager.latest_step()  # newest step known to be committed
@@ -295,29 +401,51 @@ class Checkpointer:
 
     def restore(self, state, step: int | None = None):
         """The newest readable checkpoint (or exactly `step`) in the shapes and shardings of
-        `state`; None if there is none. An unreadable newest step is moved aside with a
-        warning and the next older one is tried."""
+        `state`; None if there is none. A newest step whose arrays are proven damaged on any
+        process (read_damage) is moved aside with a warning and the next older one is tried;
+        any other failure raises RestoreError on every process, nothing moved."""
         target = _abstract(_items(state))
-        args = ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in target.items()})
         while True:
             chosen = self.manager.latest_step() if step is None else step
             if chosen is None:
                 return None
+            out, error, absent = None, None, ()
             try:
-                out = self.manager.restore(chosen, args=args)
-                break
-            except Exception as err:  # pylint: disable=broad-except  (any read failure)
+                absent = self._absent_extra(chosen, target['extra'])
+                restore = dict(target, extra={k: v for k, v in target['extra'].items()
+                                              if k not in absent})
+                out = self.manager.restore(chosen, args=ocp.args.Composite(
+                    **{k: ocp.args.StandardRestore(v) for k, v in restore.items()}))
+            except Exception as err:  # pylint: disable=broad-except  (sorted out below)
                 if step is not None:
                     raise
-                _quarantine(self.workdir, chosen,
-                            f'its arrays cannot be read: {_first_line(err)}')
-                _sync(f'checkpointing:quarantine:{chosen}')
-                self.manager.reload()
+                error = err
+            why = read_damage(error) if error is not None else None
+            # Gathered after every process's read: also the barrier before process 0 moves.
+            codes = _agree(0 if error is None else 1 if why else 2)
+            if max(codes) == 0:
+                break
+            if max(codes) == 2:
+                raise _restore_failed(self.workdir, chosen, codes, error) from error
+            _quarantine(self.workdir, chosen, 'its arrays cannot be read: '
+                        + (why or f'on process {codes.index(1)}'))
+            _sync(f'checkpointing:quarantine:{chosen}')
+            self.manager.reload()
         self.last_good = chosen
-        extra = out['extra']
+        extra = dict(out['extra'], **{k: _zeros(target['extra'][k]) for k in absent})
+        if absent:
+            logger.info('checkpoint step %d predates train-state field(s) %s: restored with '
+                        'their defaults (0)', chosen, ', '.join(absent))
         return state.replace(params=out['params'], ema_params=out['ema_params'],
                              opt_state=out['opt_state'], step=extra['step'],
                              sampler_state=extra['sampler'], skipped=extra['skipped'])
+
+    def _absent_extra(self, step: int, target_extra: dict) -> tuple[str, ...]:
+        """The fields of EXTRA_DEFAULTS the checkpoint's `extra` item lacks (a step written
+        before they existed); any other difference is left to the restore to report."""
+        meta = self.manager.item_metadata(step)['extra']
+        stored = set(getattr(meta, 'tree', meta) or ())
+        return tuple(k for k in EXTRA_DEFAULTS if k in target_extra and k not in stored)
 
     def wait(self) -> None:
         """Blocks until the last save is on disk; raises SaveError if it failed."""
@@ -339,6 +467,19 @@ class Checkpointer:
             except Exception:  # pylint: disable=broad-except  (already reported by wait)
                 if not self._failed:
                     raise
+
+
+# Train-state fields added since the first release, restored as zeros where a checkpoint
+# predates them: `skipped`, the count of non-finite steps skipped (none were, before it existed).
+EXTRA_DEFAULTS = ('skipped',)
+
+
+def _zeros(spec):
+    """Zeros of a ShapeDtypeStruct's shape and dtype, on its sharding (every process)."""
+    value = np.zeros(spec.shape, spec.dtype)
+    if spec.sharding is None:
+        return jax.numpy.asarray(value)
+    return jax.make_array_from_callback(spec.shape, spec.sharding, lambda index: value[index])
 
 
 def _items(state) -> dict[str, Any]:

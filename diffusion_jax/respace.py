@@ -7,13 +7,15 @@ uses β'_k = 1 - ᾱ_{t_k}/ᾱ_{t_{k-1}} (ᾱ_{t_0} := 1). The model still sees 
 
 Spacings (the strings of `sampling.num_steps`; t is 0-based, t = T-1 is pure-noise end):
   ''            all T steps.
-  'N', N        N steps evenly spaced over [0, T-1], both ends kept: round(i(T-1)/(N-1)).
+  'N', N        N steps evenly spaced over [0, T-1], both ends kept: round(Σ_{j<i} (T-1)/(N-1)),
+                the stride summed in floating point as improved-diffusion does (so an exact .5
+                tie of i(T-1)/(N-1) may round down: T=1000, N=21 keeps 499, not 500).
   'a,b,c'       [0, T) cut into equal sections, each with its count of evenly spaced steps
-                (improved-diffusion's section counts).
+                (improved-diffusion's section counts, the same running sum per section).
   'ddimN'       DDIM's integer stride 0, s, 2s, …: improved-diffusion's rule, the smallest
                 stride s with len(range(0, T, s)) = N; raises when no integer stride gives N.
   'linspaceN'   round(linspace(0, T-1, N)) (the "linspace" spacing of Lin et al. 2023, Table 2):
-                the same steps as 'N'.
+                the steps of 'N' but at exact .5 ties.
   'trailingN'   round(jT/N) - 1 for j = 1..N (Lin et al. 2023, Table 2, "trailing"): the last
                 step is T-1, so sampling starts from the end of the trained chain.
   'logsnrN'     uniform in λ = ½ log(ᾱ/(1-ᾱ)) between λ(T-1) and λ(0), each level snapped to the
@@ -70,7 +72,7 @@ def space_timesteps(num_timesteps: int, spec, alphas_cumprod=None) -> list[int]:
         if kind == 'ddim':
             return _ddim_steps(num_timesteps, count, spec)
         if kind == 'linspace':
-            return _sections(num_timesteps, [count], spec)
+            return linspace_steps(num_timesteps, count)
         if kind == 'trailing':
             return trailing_steps(num_timesteps, count)
         return _schedule_spacing(kind, num_timesteps, count, alphas_cumprod, spec)
@@ -92,10 +94,13 @@ def _sections(num_timesteps: int, counts: list[int], spec) -> list[int]:
         if not 1 <= count <= size:
             raise _invalid(spec, f'cannot take {count} steps from a section of {size} steps '
                                  f'(T={num_timesteps}); use counts in [1, {size}]')
-        if count == 1:
-            steps.append(start)
-        else:
-            steps.extend(start + round(i * (size - 1) / (count - 1)) for i in range(count))
+        # The stride is accumulated in floating point, as improved-diffusion's space_timesteps
+        # does: at an exact .5 tie of i(size-1)/(count-1) the running sum lands just below it
+        # (T=1000, N=21: 499, not 500), and a run sampled here must visit the reference's steps.
+        stride, position = (size - 1) / (count - 1) if count > 1 else 1, 0.0
+        for _ in range(count):
+            steps.append(start + round(position))
+            position += stride
         start += size
     return sorted(set(steps))
 
@@ -111,6 +116,12 @@ def _ddim_steps(num_timesteps: int, count: int, spec) -> list[int]:
     raise _invalid(spec, f'no integer stride gives exactly {count} steps of T={num_timesteps} '
                          f'(ddimN needs ceil(T/s) = N for some s); use e.g. "linspace{count}" or '
                          f'"trailing{count}"')
+
+
+def linspace_steps(num_timesteps: int, count: int) -> list[int]:
+    """Lin et al. 2023, Table 2 ("linspace"): round(linspace(0, T-1, N)), half to even as
+    numpy's; 'N' but for exact .5 ties, where 'N' follows improved-diffusion's running sum."""
+    return sorted({int(t) for t in np.round(np.linspace(0, num_timesteps - 1, count))})
 
 
 def trailing_steps(num_timesteps: int, count: int) -> list[int]:

@@ -23,7 +23,9 @@ passed config; every other section (training, optim) stays as stored. Typed over
 depends on) is refused when it differs from the stored value (one line: the field, the stored
 value, the typed value). A passed config's trained sections that differ are replaced by the
 stored ones with a log line, not an error, because a config file's defaults are not something
-the user typed.
+the user typed. UNTRAINED_FIELDS (where the data lives, how it is read, the compute dtype and
+attention kernel) are not part of what was trained: they follow this machine's config and
+typed overrides in every mode, and resume does not compare them.
 
 This module also works as a config file for ml_collections' config_flags:
 `--config=diffusion_jax/run.py:WORKDIR` is the run's stored config (main.py passes it when a
@@ -48,6 +50,13 @@ TRAINED_SECTIONS = ('model', 'diffusion', 'data')  # fixed by the trained networ
 RESUME_SECTIONS = TRAINED_SECTIONS + ('optim',)  # a resumed run must also keep its optimiser
 MODE_SECTIONS = ('sampling', 'eval')  # what --mode=sample / --mode=eval may change
 TRAINED_FIELDS = ('training.label_dropout',)  # outside TRAINED_SECTIONS, fixed by training too
+# Fields inside the trained sections that are not part of what was trained: where the data
+# lives and how it is read (batches are a pure function of seed and step whatever the worker
+# count), and how the network is computed (params stay float32 whatever model.dtype computes
+# in; the attention kernels are equal within rounding). A run may be resumed, sampled or
+# evaluated with other values, typed or in the passed config; every other trained field is fixed.
+UNTRAINED_FIELDS = ('data.data_dir', 'data.download', 'data.num_workers', 'data.prefetch',
+                    'model.attention_implementation', 'model.dtype')
 LATEST = -1  # sampling.checkpoint_step / eval.checkpoint_step: the newest valid checkpoint
 
 logger = py_logging.getLogger('diffusion_jax').getChild('run')
@@ -69,11 +78,40 @@ def _flat(tree: Mapping, prefix: str = '') -> dict[str, Any]:
     return out
 
 
-def section_differences(old: Mapping, new: Mapping, sections) -> list[str]:
-    """'section.field: A -> B' for every field of `sections` that differs between two configs."""
-    old, new = _flat(_plain(old)), _flat(_plain(new))
+# Fields added since the first release outside `model`, with the value the code takes where a
+# config lacks them (input_pipeline, train, diffusion.create_diffusion). A network's absent
+# fields take its class's defaults (models.get_model builds it from the fields given).
+ABSENT_DEFAULTS = {'data.num_workers': 0, 'data.prefetch': 2,
+                   'diffusion.rescale_zero_terminal_snr': False}
+
+
+def with_defaults(config: Mapping) -> dict:
+    """A plain copy of config with today's default for every trained field it lacks (a run
+    from an earlier release means today what these defaults say): ABSENT_DEFAULTS, and the
+    network class's default for each field of model.name's network that is absent."""
+    import dataclasses as dc  # pylint: disable=import-outside-toplevel
+    from diffusion_jax import models  # pylint: disable=import-outside-toplevel
+    out = _plain(config)
+    for path, value in ABSENT_DEFAULTS.items():
+        section, field = path.split('.')
+        if isinstance(out.get(section), dict):
+            out[section].setdefault(field, value)
+    model = out.get('model')
+    if isinstance(model, dict) and model.get('name') in models.MODELS:
+        for f in dc.fields(models.MODELS[model['name']]):
+            if f.name not in ('parent', 'name') and f.default is not dc.MISSING:
+                model.setdefault(f.name, _plain(f.default))
+    return out
+
+
+def section_differences(old: Mapping, new: Mapping, sections, skip=()) -> list[str]:
+    """'section.field: A -> B' for every field of `sections` (but those in `skip`) that differs
+    between two configs, a field either lacks counting as its default (with_defaults)."""
+    old, new = _flat(with_defaults(old)), _flat(with_defaults(new))
     out = []
     for name in sorted(set(old) | set(new)):
+        if name in skip:
+            continue
         if name.split('.', 1)[0] in sections and old.get(name, '<absent>') != new.get(
                 name, '<absent>'):
             out.append(f'{name}: {old.get(name, "<absent>")!r} -> {new.get(name, "<absent>")!r}')
@@ -165,12 +203,13 @@ def merge_config(stored, config=None, typed: Mapping[str, Any] | None = None):
     ValueError.
     """
     typed = dict(typed or {})
-    merged = with_mode_defaults(stored).to_dict()
+    merged = with_defaults(with_mode_defaults(stored))
     for path, value in typed.items():  # refused before anything else is looked at
         _set_typed(merged, path, value)
     if config is not None:
         given = _plain(config)
-        changed = [c for c in section_differences(stored, given, TRAINED_SECTIONS)
+        changed = [c for c in section_differences(stored, given, TRAINED_SECTIONS,
+                                                  skip=UNTRAINED_FIELDS)
                    if c.split(':', 1)[0] not in typed]
         if changed:
             logger.info('using the stored %s (the given config differs: %s)',
@@ -178,6 +217,10 @@ def merge_config(stored, config=None, typed: Mapping[str, Any] | None = None):
         for name in MODE_SECTIONS:
             if name in given:
                 merged[name] = given[name]
+        for path in UNTRAINED_FIELDS:  # this machine's, as the given config says
+            section, field = path.split('.')
+            if field in (given.get(section) or {}) and isinstance(merged.get(section), dict):
+                merged[section][field] = given[section][field]
         for path, value in typed.items():  # the typed value wins over the given config's
             _set_typed(merged, path, value)
     return ml_collections.ConfigDict(merged)
@@ -222,7 +265,8 @@ def _set_typed(merged: dict, path: str, value) -> None:
         if i < len(keys) - 1:
             node = node[key]
     stored_value = node[keys[-1]]
-    trained = keys[0] in TRAINED_SECTIONS or path in TRAINED_FIELDS
+    trained = (keys[0] in TRAINED_SECTIONS or path in TRAINED_FIELDS) and (
+        path not in UNTRAINED_FIELDS)
     if trained and _plain(stored_value) != _plain(value):
         raise ValueError(
             f'{path}={_plain(value)!r} differs from the trained run\'s {path}='
@@ -325,12 +369,13 @@ def classifier_for(config):
 
 def check_resume(workdir, config) -> None:
     """Refuses (ValueError, one line) to train config in a workdir whose config.json has other
-    model/diffusion/data/optim sections. Other sections (training length, cadence, sampling,
-    eval) may change. Reads only."""
+    model/diffusion/data/optim sections (but UNTRAINED_FIELDS). Other sections (training
+    length, cadence, sampling, eval) may change. Reads only."""
     on_disk = Run(workdir)
     if not on_disk.has_config():
         return
-    changed = section_differences(on_disk.config, config, RESUME_SECTIONS)
+    changed = section_differences(on_disk.config, config, RESUME_SECTIONS,
+                                  skip=UNTRAINED_FIELDS)
     if changed:
         more = f' (and {len(changed) - 3} more)' if len(changed) > 3 else ''
         raise ValueError(

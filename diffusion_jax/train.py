@@ -277,8 +277,8 @@ class _Preemption:
     write and returns (exit status 0). A second signal exits at once (status 128 + signum).
 
     Several processes stop at one agreed step: JAX's preemption notifier owns SIGTERM there
-    (multihost_utils.reached_preemption_sync_point, asked at every step, returns True on every
-    process at the same step), and a SIGINT flag is OR-ed over the processes at steps that all
+    (multihost_utils.reached_preemption_sync_point, asked after every call with the call count,
+    returns True on every process at the same call), and a SIGINT flag is OR-ed over the processes at steps that all
     processes visit alike (`sync=True`: log, sample and checkpoint steps).
     """
 
@@ -303,11 +303,15 @@ class _Preemption:
                        'again to exit at once).', name)
         self.requested = True
 
-    def should_stop(self, step: int, sync: bool) -> bool:
+    def should_stop(self, call: int, sync: bool) -> bool:
+        """call: the number of jitted calls done, counted from step 0 (step // steps_per_call).
+        JAX's sync point is the largest id any process reported + 1, tested for equality, so
+        the id must advance by one per call: with the step count (advancing by K) it would be
+        skipped for every K > 1 and a preempted run would never stop."""
         if jax.process_count() == 1:
             return self.requested
         from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-        preempted = multihost_utils.reached_preemption_sync_point(step)
+        preempted = multihost_utils.reached_preemption_sync_point(call)
         return (sharding.any_process(self.requested) if sync else False) or preempted
 
     def __exit__(self, *exc):
@@ -530,7 +534,7 @@ class _Loop:
         save_now = step % tc.checkpoint_every_steps == 0
         log_now = step % tc.log_every_steps == 0
         # Checked before sampling, so that a pending stop does not wait for it.
-        preempted = preemption.should_stop(step, sync=log_now or save_now or sample_now)
+        preempted = preemption.should_stop(step // k, sync=log_now or save_now or sample_now)
         if preempted:
             logger.warning('stopping at step %d (process %d of %d): saving a checkpoint',
                            step, jax.process_index(), jax.process_count())

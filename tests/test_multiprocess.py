@@ -52,11 +52,11 @@ def _free_port() -> int:
 class Launch:
     """The same command on 2 processes (4 CPU devices each); logs in <workdir>.<tag>.p<i>.log."""
 
-    def __init__(self, workdir, tag='run'):
+    def __init__(self, workdir, tag='run', **changes):
         port = _free_port()
         env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
                    XLA_FLAGS='--xla_force_host_platform_device_count=4')
-        flags = [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
+        flags = [f'--config.{k}={v}' for k, v in {**OVERRIDES, **changes}.items()]
         self.logs = [f'{workdir}.{tag}.p{i}.log' for i in range(2)]
         self.procs = []
         for i in range(2):
@@ -163,3 +163,21 @@ def test_preempted_killed_and_restarted_rerun_is_bit_equal(two_process_run, tmp_
     for item in want:
         for a, b in zip(got[item], want[item]):
             np.testing.assert_array_equal(a, b, err_msg=item)
+
+
+def test_preemption_stops_both_processes_with_several_steps_per_call(tmp_path):
+    """training.steps_per_call=2: the step advances by 2 per call, and the preemption sync point
+    (an id tested for equality) is a call count, so SIGTERM to one process still stops both at
+    the same step, a multiple of 2, with that step's checkpoint."""
+    workdir = str(tmp_path / 'k2')
+    steps = 10 * STEPS  # long enough that the signal lands mid-run
+    launch = Launch(workdir, 'k2', **{'training.steps_per_call': 2,
+                                      'training.num_train_steps': steps})
+    _wait_for_step(workdir, 0, launch)
+    launch.procs[1].send_signal(signal.SIGTERM)
+    assert launch.wait() == [0, 0], launch.text(0)[-3000:]
+    stops = [re.findall(r'stopping at step (\d+)', launch.text(i)) for i in range(2)]
+    assert stops[0] and stops[0] == stops[1], (stops, launch.text(1)[-2000:])
+    stopped = int(stops[0][-1])
+    assert stopped < steps and stopped % 2 == 0
+    assert checkpointing.latest_step(workdir) == stopped

@@ -12,7 +12,6 @@ classifier, loaded by the caller from its run (diffusion_jax.run.load_classifier
 """
 from __future__ import annotations
 
-import math
 import time
 
 import jax
@@ -159,22 +158,33 @@ def _device_uint8(x):
     return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
+def batch_sizes(num_samples: int, batch: int, num_devices: int) -> list[int]:
+    """The size of each batch: `batch` but the last (or only) one, which holds the rest rounded
+    up to a multiple of the device count (so it still shards), never more than `batch`.
+    4 samples with sampling.batch_size=256 on 8 devices: one batch of 8, not 256."""
+    full, rest = divmod(num_samples, batch)
+    last = min(batch, -(-rest // num_devices) * num_devices) if rest else 0
+    return [batch] * full + ([last] if last else [])
+
+
 def draw_batches(sampler, key, batch_shape, num_samples: int, labels, transform=None):
-    """Host numpy batches of batch_shape[0] samples (the last one drawn whole and cut, so every
-    batch runs the same compiled program), transform (on the device) applied.
+    """Host numpy batches of batch_shape[0] samples, the last (or only) one only as large as
+    what is left needs (batch_sizes: one more compiled program when it is smaller, instead of
+    sampling a whole batch to keep a few), cut to num_samples; transform (on the device) applied.
 
     Batch i + 1 is dispatched before batch i is fetched: the device samples the next batch
     while the host copies (and the caller scores) this one, instead of idling in between.
     """
     batch = batch_shape[0]
-    num_batches = math.ceil(num_samples / batch)
+    sizes = batch_sizes(num_samples, batch, sampler.mesh.devices.size)
+    num_batches = len(sizes)
     start = time.time()
 
     def dispatch(i):
-        y = None
+        size, y = sizes[i], None
         if labels is not None:
-            y = np.resize(labels[i * batch:(i + 1) * batch], batch)
-        x = sampler.sample(jax.random.fold_in(key, i), batch_shape, y)['samples']
+            y = np.resize(labels[i * batch:i * batch + size], size)
+        x = sampler.sample(jax.random.fold_in(key, i), (size, *batch_shape[1:]), y)['samples']
         return x if transform is None else transform(x)
 
     pending = dispatch(0)

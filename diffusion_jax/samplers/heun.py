@@ -8,7 +8,8 @@ method). For k = K-1, …, 1 (σ_k → σ_{k-1}):
     d' = (x̃' - D(x̃'; σ_{k-1}))/σ_{k-1},   x̃_{k-1} = x̃ + (σ_{k-1} - σ_k)(d + d')/2,
 and the last step, to σ = 0, is Euler: x_0 = D(x̃; σ_0). Both evaluations use the model's own
 discrete levels (the respaced steps; with 'karras' spacing these are Karras' ρ = 7 levels snapped
-to them, as EDM's iDDPM preconditioner does). NFE = 2K - 1.
+to them, as EDM's iDDPM preconditioner does). NFE = 2K - 1. On a zero-terminal-SNR schedule
+(ᾱ = 0 at the first step, σ = ∞) the first step is DDIM's from ᾱ = 0, the Euler step's limit.
 """
 from __future__ import annotations
 
@@ -42,8 +43,20 @@ def heun_step(ctx, x, t):
         slope_next = (x_euler - common.predict_x0(ctx, x_next, t_next)) / sigma_next
         return (x_tilde + 0.5 * (sigma_next - sigma) * (slope + slope_next)) * sqrt_abar_next
 
-    # The step to σ = 0 makes no second evaluation (the NFE = 2K - 1 of Algorithm 1).
-    x = jax.lax.cond(t[0] == 0, lambda _: denoised, second_order, None)
+    def from_pure_noise(_):
+        # ᾱ_t = 0 (a zero-terminal-SNR schedule's first step): x̃ = x/√ᾱ and σ are infinite, but
+        # the Euler step's limit is finite, DDIM's from ᾱ = 0: x̃_{t-1} = D + σ_{t-1} ε̂, i.e.
+        # x_{t-1} = √ᾱ_{t-1} x̂_0 + √(1-ᾱ_{t-1}) ε̂ with ε̂ = x_t (predict_eps_from_x0 at ᾱ = 0).
+        # There is no finite level to average a second slope with, so it is first order.
+        t_next = jnp.maximum(t - 1, 0)
+        eps = d.predict_eps_from_x0(x, t, denoised)
+        return (common.coef(d, 'sqrt_alphas_cumprod', t_next, x) * denoised
+                + common.coef(d, 'sqrt_one_minus_alphas_cumprod', t_next, x) * eps)
+
+    # The step to σ = 0 makes no second evaluation (the NFE = 2K - 1 of Algorithm 1); neither
+    # does the step from ᾱ = 0 (2K - 2 on a zero-terminal-SNR schedule).
+    branch = jnp.where(t[0] == 0, 0, jnp.where(sqrt_abar.reshape(-1)[0] == 0, 1, 2))
+    x = jax.lax.switch(branch, (lambda _: denoised, from_pure_noise, second_order), None)
     return x, denoised
 
 

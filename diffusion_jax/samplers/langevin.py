@@ -73,7 +73,8 @@ def annealed_langevin_level(ctx, x, t, key):
     the state stays O(1) and the ε-network's score is used as is:
       * opts.langevin_steps steps x ← x + ε_t s(x, t) + √(2ε_t) z with ε_t = 2 α_t r² (1-ᾱ_t)
         (`annealed_step_size`, ∝ the noise level),
-      * then the move to the next level keeps y: x ← x √(ᾱ_{t-1}/ᾱ_t) = x/√α_t,
+      * then the move to the next level keeps y: x ← x √(ᾱ_{t-1}/ᾱ_t) = x/√α_t (from ᾱ_t = 0,
+        where y is infinite, DDIM's step instead),
       * after the last level the output is the denoised x̂_0 ≈ E[x_0 | x] at level 0
         (Tweedie's formula, the final denoising step of Song & Ermon 2020), clipped if configured.
     (Keeping x_t instead of y between levels collapsed the variance in a test on Gaussian data.)
@@ -89,6 +90,13 @@ def annealed_langevin_level(ctx, x, t, key):
     pred_x0 = d.p_mean_variance(model_output, x, t, ctx.opts.clip_denoised,
                                 denoised_fn=common.denoised_fn(ctx.opts))['pred_x0']
     rescaled = x * jax.lax.rsqrt(1.0 - common.coef(d, 'betas', t, x))
+    # At ᾱ_t = 0 (a zero-terminal-SNR schedule's first level) y = x/√ᾱ_t is infinite (and the
+    # Langevin step size 2 α_t r² (1-ᾱ_t) is 0, since β_t = 1): move to the next level by DDIM's
+    # step from ᾱ = 0 instead, √ᾱ_{t-1} x̂_0 + √(1-ᾱ_{t-1}) ε̂ with ε̂ = x_t.
+    from_pure_noise = (common.coef(d, 'sqrt_alphas_cumprod_prev', t, x) * pred_x0
+                       + jnp.sqrt(common.coef(d, 'one_minus_alphas_cumprod_prev', t, x))
+                       * d.predict_eps_from_x0(x, t, pred_x0))
+    rescaled = jnp.where(common.coef(d, 'alphas_cumprod', t, x) == 0, from_pure_noise, rescaled)
     return jnp.where(common.nonzero_mask(t, x) > 0, rescaled, pred_x0), pred_x0
 
 
