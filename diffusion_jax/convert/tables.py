@@ -218,3 +218,34 @@ def diffusers_unet_table(m, tree) -> list[Entry]:
         if level:
             entries += conv(f'up_blocks.{j}.upsamplers.0.conv', f'up_{level}_upsample/conv')
     return entries + group_norm('conv_norm_out', 'norm_out') + conv('conv_out', 'conv_out')
+
+
+# -- facebookresearch/DiT -------------------------------------------------------------------------
+
+def dit_table(m, tree) -> list[Entry]:
+    """facebookresearch/DiT's DiT state dict keys for our DiT (models/dit.py) of model config m.
+
+    The released state dict also holds `pos_embed` [1, T, D], a frozen parameter: it is not
+    ours to store (our table is a constant), so it is checked, not mapped (dit_constants).
+    The label table keeps its num_classes + 1 rows: DiT trains its null row (class dropout 0.1).
+    """
+    entries = conv('x_embedder.proj', 'x_embedder')
+    entries += linear('t_embedder.mlp.0', 't_embedder_mlp_0')
+    entries += linear('t_embedder.mlp.2', 't_embedder_mlp_2')
+    if _has(tree, 'y_embedder'):
+        entries.append(Entry(('y_embedder.embedding_table.weight',), ('y_embedder', 'embedding'),
+                             COPY))
+    for i in range(m['depth']):
+        for src, ours in (('attn.qkv', 'attn_qkv'), ('attn.proj', 'attn_proj'),
+                          ('mlp.fc1', 'mlp_fc1'), ('mlp.fc2', 'mlp_fc2'),
+                          ('adaLN_modulation.1', 'adaLN_modulation')):
+            entries += linear(f'blocks.{i}.{src}', f'blocks_{i}/{ours}')
+    return (entries + linear('final_layer.linear', 'final_layer_linear')
+            + linear('final_layer.adaLN_modulation.1', 'final_layer_adaLN_modulation'))
+
+
+def dit_constants(m) -> dict[str, np.ndarray]:
+    """Source keys that hold no parameter of ours but must equal our constant (DiT's pos_embed)."""
+    from diffusion_jax.models import dit  # pylint: disable=import-outside-toplevel
+    grid = m['image_size'] // m['patch_size']
+    return {'pos_embed': dit.sincos_pos_embed_2d(m['hidden_size'], grid, grid)[None]}

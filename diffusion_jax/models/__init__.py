@@ -1,7 +1,7 @@
 """Networks: the DDPM/ADM UNet, the noisy-image classifier and the MLP denoiser.
 
 Tools never name a class: `get_model(config.model)` builds whatever `model_config.name` says
-('unet' | 'classifier' | 'mlp'), and every network is called as
+('unet' | 'classifier' | 'mlp' | 'dit'), and every network is called as
 
     model.apply(variables, x_t, t, y=None, train=False, rngs={'dropout': key})
 
@@ -17,13 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.models.classifier import Classifier, classifier_log_prob_grad
+from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.layers import timestep_embedding
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.unet import UNet
 
-MODELS = {'unet': UNet, 'classifier': Classifier, 'mlp': MLP}
+MODELS = {'unet': UNet, 'classifier': Classifier, 'mlp': MLP, 'dit': DiT}
 
-__all__ = ['MODELS', 'UNet', 'Classifier', 'MLP', 'get_model', 'init_params', 'param_shapes',
+__all__ = ['MODELS', 'UNet', 'Classifier', 'MLP', 'DiT', 'get_model', 'init_params', 'param_shapes',
            'count_params', 'example_shape', 'classifier_log_prob_grad', 'timestep_embedding']
 
 
