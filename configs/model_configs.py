@@ -190,3 +190,25 @@ def tiny_dit(image_size: int = 8, in_channels: int = 4, num_classes: int = 10,
     c.num_heads = 4  # head dimension 16
     c.update(overrides)
     return c
+
+
+def sd_vae(image_size: int = 256, **overrides) -> ml_collections.ConfigDict:
+    """The KL-f8 autoencoder of Stable Diffusion (Rombach et al. 2022), in diffusers'
+    AutoencoderKL layout: the config.json of stabilityai/sd-vae-ft-ema / sd-vae-ft-mse."""
+    c = ml_collections.ConfigDict()
+    c.name = 'autoencoder'  # network: 'unet' | 'classifier' | 'mlp' | 'dit' | 'autoencoder'
+    c.image_size = image_size  # images it is initialised for (it is fully convolutional)
+    c.in_channels = 3  # RGB in [-1, 1]
+    c.out_channels = 3  # RGB reconstruction
+    c.latent_channels = 4  # z has 4 channels (KL-f8: 32x32x4 latents of 256x256 images)
+    c.block_out_channels = (128, 256, 512, 512)  # 4 levels: f = 2^3 = 8
+    c.layers_per_block = 2  # res blocks per encoder level (the decoder has one more)
+    c.norm_num_groups = 32  # GroupNorm groups
+    c.norm_epsilon = 1e-6  # diffusers' VAE GroupNorm ε
+    # Latents are multiplied by this before diffusion (Rombach et al. 2022, Sec. 4.3.2 and
+    # App. D.1: unit variance of the training latents; SD's config.json scaling_factor).
+    c.scaling_factor = 0.18215
+    c.attention_implementation = 'auto'  # cuDNN fused attention on GPUs where it applies, else XLA
+    c.dtype = 'float32'  # compute dtype; parameters stay float32
+    c.update(overrides)
+    return c

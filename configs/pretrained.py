@@ -17,6 +17,8 @@ defaults of the paper, with the flags of the released code cited:
   facebookresearch/DiT README (Peebles & Xie 2023): DiT-XL-2-256, DiT-XL-2-512 (class-conditional
     ImageNet on SD-VAE latents, 32x32x4 and 64x64x4; sample.py: 250 DDPM steps, --cfg-scale 4.0
     for pictures, 1.5 for the paper's FID-50K 2.27 at 256).
+  Stable Diffusion's KL-f8 autoencoder in diffusers' AutoencoderKL layout (stabilityai/
+    sd-vae-ft-ema, sd-vae-ft-mse; Rombach et al. 2022): sd_vae, the latent space of DiT.
 OpenAI's GroupNorm32 is torch.nn.GroupNorm (ε = 1e-5) and pads its stride-2 convs by 1; Ho et
 al.'s TF code uses ε = 1e-6 and 'SAME' padding ((0, 1) for stride 2), as does the diffusers port.
 """
@@ -60,6 +62,7 @@ SOURCES = {
     'ddpm_cifar10_32': 'diffusers',
     'DiT-XL-2-256': 'dit',
     'DiT-XL-2-512': 'dit',
+    'sd_vae': 'diffusers',
 }
 PRESETS = tuple(SOURCES)
 OPTIONS = PRESETS  # `--config=configs/pretrained.py:NAME`
@@ -213,6 +216,11 @@ def preset_config(name: str) -> ml_collections.ConfigDict:
             _diffusion(config, 'linear', 1000, 'learned_range', 'hybrid')
         _imagenet(config, size)
         config.training.sample_every_steps = 0  # a classifier draws no samples
+    elif name == 'sd_vae':
+        config.model = model_configs.sd_vae(256)  # sd-vae-ft-* config.json: sample_size 256
+        _imagenet(config, 256)  # fine-tuned on LAION/OpenImages; 256x256 RGB in [-1, 1]
+        config.data.num_classes = 0  # the autoencoder takes no labels
+        config.training.sample_every_steps = 0  # an autoencoder draws no diffusion samples
     elif name in ('DiT-XL-2-256', 'DiT-XL-2-512'):
         _dit(config, int(name.rsplit('-', 1)[1]))
     else:  # ddpm_cifar10_32: Ho et al.'s CIFAR-10 model (configs/cifar10.py) in TF's layout

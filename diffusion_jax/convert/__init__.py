@@ -8,7 +8,8 @@
     models.get_model(config.model).apply({'params': params}, x_nhwc, t, y)
 
 Sources: 'improved-diffusion' and 'guided-diffusion' (OpenAI's UNetModel / EncoderUNetModel
-.pt state dicts), 'diffusers' (UNet2DModel: a .safetensors / .bin file or a model folder) and
+.pt state dicts), 'diffusers' (UNet2DModel, or AutoencoderKL for the sd_vae preset: a .safetensors / .bin file
+or a model folder) and
 'dit' (facebookresearch/DiT's released .pt; its frozen pos_embed is checked against our fixed
 sin-cos table and not stored).
 Presets (configs/pretrained.py) fix the network, the diffusion and the sampling defaults of each
@@ -67,16 +68,22 @@ def _check_source(source: str, model_config) -> None:
         raise ValueError(f'--from={source!r} is not a known checkpoint layout: use one of '
                          f'{list(SOURCES)}.')
     name = model_config['name']
+    if source == 'diffusers' and name == 'autoencoder':
+        return  # AutoencoderKL (the SD VAE)
     if source == 'diffusers':
         bad = {k: model_config[k] for k in ('use_scale_shift_norm', 'resblock_updown')
                if model_config.get(k)}
         if name != 'unet' or bad or model_config.get('num_classes', 0):
-            raise ValueError(f'--from=diffusers reads UNet2DModel with DDPM blocks: '
+            raise ValueError(f'--from=diffusers reads UNet2DModel with DDPM blocks (or an '
+                             f'AutoencoderKL): '
                              f'model_config.name={name!r} {bad} num_classes='
                              f"{model_config.get('num_classes')} have no diffusers counterpart.")
     elif source == 'dit' and name != 'dit':
         raise ValueError(f'--from=dit reads facebookresearch/DiT checkpoints: model_config.name='
                          f"{name!r} must be 'dit'.")
+    elif name == 'autoencoder':
+        raise ValueError(f'--from={source} has no autoencoders: use --from=diffusers for '
+                         "model_config.name='autoencoder' (diffusers' AutoencoderKL).")
     elif source != 'dit' and name == 'dit':
         raise ValueError(f"--from={source} has no DiT layout: use --from=dit for model_config.name"
                          "='dit'.")
@@ -97,6 +104,8 @@ def name_table(source: str, model_config, our_shapes=None) -> list[tables.Entry]
     m = model_config.to_dict() if hasattr(model_config, 'to_dict') else dict(model_config)
     _check_source(source, m)
     tree = _our_shapes(model_config) if our_shapes is None else our_shapes
+    if source == 'diffusers' and m['name'] == 'autoencoder':
+        return tables.diffusers_vae_table(m, tree)
     if source == 'diffusers':
         return tables.diffusers_unet_table(m, tree)
     if source == 'dit':

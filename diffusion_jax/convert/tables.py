@@ -249,3 +249,48 @@ def dit_constants(m) -> dict[str, np.ndarray]:
     from diffusion_jax.models import dit  # pylint: disable=import-outside-toplevel
     grid = m['image_size'] // m['patch_size']
     return {'pos_embed': dit.sincos_pos_embed_2d(m['hidden_size'], grid, grid)[None]}
+
+
+# -- diffusers AutoencoderKL (the Stable Diffusion VAE) -------------------------------------------
+
+def _diffusers_vae_resnet(src: str, ours: str, tree) -> list[Entry]:
+    entries = (group_norm(f'{src}.norm1', f'{ours}/norm1') + conv(f'{src}.conv1', f'{ours}/conv1')
+               + group_norm(f'{src}.norm2', f'{ours}/norm2') + conv(f'{src}.conv2', f'{ours}/conv2'))
+    if _has(tree, f'{ours}/skip'):
+        entries += conv(f'{src}.conv_shortcut', f'{ours}/skip', CONV1X1)
+    return entries
+
+
+def _diffusers_vae_mid(src: str, ours: str, tree) -> list[Entry]:
+    return (_diffusers_vae_resnet(f'{src}.mid_block.resnets.0', f'{ours}/mid_block_1', tree)
+            + _diffusers_attention(f'{src}.mid_block.attentions.0', f'{ours}/mid_attn')
+            + _diffusers_vae_resnet(f'{src}.mid_block.resnets.1', f'{ours}/mid_block_2', tree))
+
+
+def diffusers_vae_table(m, tree) -> list[Entry]:
+    """diffusers AutoencoderKL keys for our AutoencoderKL (models/autoencoder.py)."""
+    levels = len(m['block_out_channels'])
+    entries = conv('encoder.conv_in', 'encoder/conv_in')
+    for level in range(levels):
+        for i in range(m['layers_per_block']):
+            entries += _diffusers_vae_resnet(f'encoder.down_blocks.{level}.resnets.{i}',
+                                             f'encoder/down_{level}_block_{i}', tree)
+        if level != levels - 1:
+            entries += conv(f'encoder.down_blocks.{level}.downsamplers.0.conv',
+                            f'encoder/down_{level}_downsample/conv')
+    entries += _diffusers_vae_mid('encoder', 'encoder', tree)
+    entries += group_norm('encoder.conv_norm_out', 'encoder/norm_out')
+    entries += conv('encoder.conv_out', 'encoder/conv_out')
+    entries += conv('quant_conv', 'quant_conv', CONV1X1)
+    entries += conv('post_quant_conv', 'post_quant_conv', CONV1X1)
+    entries += conv('decoder.conv_in', 'decoder/conv_in')
+    entries += _diffusers_vae_mid('decoder', 'decoder', tree)
+    for j in range(levels):
+        for i in range(m['layers_per_block'] + 1):
+            entries += _diffusers_vae_resnet(f'decoder.up_blocks.{j}.resnets.{i}',
+                                             f'decoder/up_{j}_block_{i}', tree)
+        if j != levels - 1:
+            entries += conv(f'decoder.up_blocks.{j}.upsamplers.0.conv',
+                            f'decoder/up_{j}_upsample/conv')
+    return (entries + group_norm('decoder.conv_norm_out', 'decoder/norm_out')
+            + conv('decoder.conv_out', 'decoder/conv_out'))

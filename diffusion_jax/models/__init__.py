@@ -1,11 +1,13 @@
 """Networks: the DDPM/ADM UNet, the noisy-image classifier and the MLP denoiser.
 
 Tools never name a class: `get_model(config.model)` builds whatever `model_config.name` says
-('unet' | 'classifier' | 'mlp' | 'dit'), and every network is called as
+('unet' | 'classifier' | 'mlp' | 'dit' | 'autoencoder'), and every denoising network is called as
 
     model.apply(variables, x_t, t, y=None, train=False, rngs={'dropout': key})
 
-(the classifier takes no y). `init_params` returns those variables, {'params': float32 pytree}.
+(the classifier takes no y; the autoencoder is reached through
+`apply(variables, x, method='encode')` -> (mean, logvar) and `apply(variables, z,
+method='decode')`). `init_params` returns those variables, {'params': float32 pytree}.
 """
 from __future__ import annotations
 
@@ -16,15 +18,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.models.autoencoder import AutoencoderKL
 from diffusion_jax.models.classifier import Classifier, classifier_log_prob_grad
 from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.layers import timestep_embedding
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.unet import UNet
 
-MODELS = {'unet': UNet, 'classifier': Classifier, 'mlp': MLP, 'dit': DiT}
+MODELS = {'unet': UNet, 'classifier': Classifier, 'mlp': MLP, 'dit': DiT,
+          'autoencoder': AutoencoderKL}
 
-__all__ = ['MODELS', 'UNet', 'Classifier', 'MLP', 'DiT', 'get_model', 'init_params', 'param_shapes',
+__all__ = ['MODELS', 'UNet', 'Classifier', 'MLP', 'DiT', 'AutoencoderKL', 'get_model', 'init_params', 'param_shapes',
            'count_params', 'example_shape', 'classifier_log_prob_grad', 'timestep_embedding']
 
 
@@ -71,7 +75,10 @@ def _dummy_inputs(model, spec):
         shape = example_shape(model if spec is None else get_model(spec))
     else:
         shape = tuple(spec)
-    return jnp.zeros((1, *shape), jnp.float32), jnp.zeros((1,), jnp.int32)
+    x = jnp.zeros((1, *shape), jnp.float32)
+    if not getattr(model, 'takes_timestep', True):  # the autoencoder: an image only
+        return (x,)
+    return x, jnp.zeros((1,), jnp.int32)
 
 
 def init_params(model, rng: jax.Array, spec=None):
@@ -80,14 +87,13 @@ def init_params(model, rng: jax.Array, spec=None):
     spec: None (input shape from the model's own fields), a model ConfigDict (same), or the
     shape of one example without the batch axis, e.g. (32, 32, 3) or (2,).
     """
-    x, t = _dummy_inputs(model, spec)
-    return jax.jit(model.init).lower(rng, x, t).compile(_INIT_COMPILER_OPTIONS)(rng, x, t)
+    args = _dummy_inputs(model, spec)
+    return jax.jit(model.init).lower(rng, *args).compile(_INIT_COMPILER_OPTIONS)(rng, *args)
 
 
 def param_shapes(model, spec=None):
     """Shapes and dtypes of init_params(model, ., spec), traced without compiling or computing."""
-    x, t = _dummy_inputs(model, spec)
-    return jax.eval_shape(model.init, jax.random.key(0), x, t)
+    return jax.eval_shape(model.init, jax.random.key(0), *_dummy_inputs(model, spec))
 
 
 def count_params(params) -> int:
