@@ -28,8 +28,9 @@ from diffusion_jax.models.unet import UNet
 MODELS = {'unet': UNet, 'classifier': Classifier, 'mlp': MLP, 'dit': DiT,
           'autoencoder': AutoencoderKL}
 
-__all__ = ['MODELS', 'UNet', 'Classifier', 'MLP', 'DiT', 'AutoencoderKL', 'get_model', 'init_params', 'param_shapes',
-           'count_params', 'example_shape', 'classifier_log_prob_grad', 'timestep_embedding']
+__all__ = ['MODELS', 'UNet', 'Classifier', 'MLP', 'DiT', 'AutoencoderKL', 'get_model',
+           'init_params', 'param_shapes', 'count_params', 'example_shape', 'to_nnx',
+           'classifier_log_prob_grad', 'timestep_embedding']
 
 
 def _as_dict(model_config) -> dict[str, Any]:
@@ -99,3 +100,42 @@ def param_shapes(model, spec=None):
 def count_params(params) -> int:
     """Number of scalars in a pytree of arrays or jax.ShapeDtypeStructs."""
     return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree.leaves(params)))
+
+
+def to_nnx(module, variables=None, *, rng: jax.Array | None = None, spec=None):
+    """The Linen `module` as a Flax NNX module (flax.nnx.bridge.ToNNX), with its variables.
+
+    variables: {'params': tree} (or the tree itself) to load, e.g. a checkpoint's; None:
+    init_params(module, rng, spec) (rng default jax.random.key(0)). The result is called like
+    the Linen module's apply without the variables: `nnx_model(x, t, y)`, or for the
+    autoencoder `nnx_model(x, method='encode')` / `nnx_model(z, method='decode')`;
+    nnx.state(nnx_model, nnx.Param) holds the parameters under the Linen names.
+    """
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    from flax.nnx import bridge  # pylint: disable=import-outside-toplevel
+    rng = jax.random.key(0) if rng is None else rng
+    if variables is None:
+        variables = init_params(module, rng, spec)
+    params = variables['params'] if set(variables) == {'params'} else variables
+    # The module's structure from shapes only (the bridge's lazy init runs the network eagerly,
+    # op by op: a minute for a small UNet on CPU), then the given values put in.
+    args = _dummy_inputs(module, spec)
+    wrapper = nnx.eval_shape(lambda: bridge.lazy_init(bridge.ToNNX(module, rngs=nnx.Rngs(rng)),
+                                                      *args))
+    state = nnx.state(wrapper, nnx.Param)
+    flat = dict(nnx.to_flat_state(state))
+    given = {tuple(p.key for p in path): leaf
+             for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    if set(given) != set(flat):
+        names = lambda paths: sorted('/'.join(map(str, p)) for p in paths)[:5]
+        raise ValueError(f'to_nnx: variables do not fit the module (missing: '
+                         f'{names(set(flat) - set(given))}, unexpected: '
+                         f'{names(set(given) - set(flat))}).')
+    for path, var in flat.items():
+        if tuple(given[path].shape) != tuple(var.value.shape):
+            raise ValueError(f'to_nnx: parameter {"/".join(map(str, path))} has shape '
+                             f'{tuple(given[path].shape)}, the module {tuple(var.value.shape)}.')
+        var.value = jnp.asarray(given[path])
+    nnx.update(wrapper, state)
+    wrapper.to_nnx__rngs = nnx.Rngs(rng)  # a real stream in place of the traced one
+    return wrapper
