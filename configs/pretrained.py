@@ -125,26 +125,30 @@ DIT_CFG_SCALE = 4.0
 
 
 def _dit(config, image_size: int) -> None:
-    """DiT-XL/2 at image_size pixels, on SD-VAE latents of image_size / 8 (DiT's models.py)."""
+    """DiT-XL/2 at image_size pixels, on SD-VAE latents of image_size / 8 (DiT's models.py).
+
+    Diffusion: improved DDPM's linear schedule, T = 1000, learned Σ, L_hybrid (DiT's
+    diffusion/__init__.py create_diffusion defaults with learn_sigma=True). Training (Peebles &
+    Xie 2023, Sec. 4): AdamW at a constant 1e-4, no warm-up, no gradient clipping, batch 256,
+    class dropout 0.1. Sampling (sample.py): 250 steps; DiT's guidance scale s mixes
+    ε_u + s(ε_c - ε_u), ours is w in (1 + w) ε_c - w ε_u, so w = s - 1 (DiT's own sampler guides
+    only the first 3 of the 4 latent channels; here all 4 are). The network sees latents: until
+    latent data (config.data.latents) exists, the data section describes the latent tensors
+    (image_size / 8, 4 channels) so that the model's size derives from it.
+    """
     latent = image_size // SD_VAE_DOWNSAMPLE
     config.model = model_configs.dit('DiT-XL/2', image_size=latent,
                                      in_channels=SD_VAE_LATENT_CHANNELS, num_classes=1000)
-    # DiT's diffusion: improved-DDPM's linear schedule, T = 1000, learned Σ, L_hybrid
-    # (diffusion/__init__.py create_diffusion defaults with learn_sigma=True).
     _diffusion(config, 'linear', 1000, 'learned_range', 'hybrid')
     _imagenet(config, image_size)
-    # The network sees latents: until latent data (config.data.latents) exists the data
-    # section describes the latent tensors, so that the model's size derives from it.
     config.data.image_size = latent
     config.data.channels = SD_VAE_LATENT_CHANNELS
     config.training.label_dropout = DIT_LABEL_DROPOUT
-    config.optim.learning_rate = 1e-4  # Peebles & Xie 2023, Sec. 4: AdamW, constant 1e-4
-    config.optim.warmup_steps = 0  # no warm-up (Sec. 4)
-    config.optim.grad_clip = 0.0  # no gradient clipping (Sec. 4)
-    config.training.batch_size = 256  # Sec. 4
-    config.sampling.num_steps = ADM_SAMPLING_STEPS  # sample.py --num-sampling-steps 250
-    # DiT's scale s mixes ε_u + s(ε_c - ε_u); ours is w with (1 + w) ε_c - w ε_u: w = s - 1.
-    # (DiT's own sampler guides only the first 3 of the 4 latent channels; here all 4 are.)
+    config.optim.learning_rate = 1e-4
+    config.optim.warmup_steps = 0
+    config.optim.grad_clip = 0.0
+    config.training.batch_size = 256
+    config.sampling.num_steps = ADM_SAMPLING_STEPS
     config.sampling.guidance_scale = DIT_CFG_SCALE - 1.0
 
 
@@ -217,10 +221,12 @@ def preset_config(name: str) -> ml_collections.ConfigDict:
         _imagenet(config, size)
         config.training.sample_every_steps = 0  # a classifier draws no samples
     elif name == 'sd_vae':
-        config.model = model_configs.sd_vae(256)  # sd-vae-ft-* config.json: sample_size 256
-        _imagenet(config, 256)  # fine-tuned on LAION/OpenImages; 256x256 RGB in [-1, 1]
-        config.data.num_classes = 0  # the autoencoder takes no labels
-        config.training.sample_every_steps = 0  # an autoencoder draws no diffusion samples
+        # sd-vae-ft-* config.json: sample_size 256; 256x256 RGB in [-1, 1], no labels, and an
+        # autoencoder draws no diffusion samples.
+        config.model = model_configs.sd_vae(256)
+        _imagenet(config, 256)
+        config.data.num_classes = 0
+        config.training.sample_every_steps = 0
     elif name in ('DiT-XL-2-256', 'DiT-XL-2-512'):
         _dit(config, int(name.rsplit('-', 1)[1]))
     else:  # ddpm_cifar10_32: Ho et al.'s CIFAR-10 model (configs/cifar10.py) in TF's layout

@@ -87,8 +87,9 @@ def create_train_state(config, model, optimizer, rng) -> TrainState:
 
 
 def abstract_train_state(config, model, optimizer, mesh) -> TrainState:
-    """The state's shapes, dtypes and (replicated) shardings, computed without initialising:
-    the target a checkpoint is restored into."""
+    """The state's shapes, dtypes and shardings (sharding.state_shardings: replicated, or
+    FSDP-sharded for config.sharding.fsdp > 1), computed without initialising: the target a
+    checkpoint is restored into (orbax restores onto this mesh whatever mesh saved it)."""
     def build(params):
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                           opt_state=optimizer.init(params),
@@ -96,8 +97,8 @@ def abstract_train_state(config, model, optimizer, mesh) -> TrainState:
                                                                config.diffusion.num_timesteps),
                           skipped=jnp.zeros((), jnp.int32))
     shapes = jax.eval_shape(build, models.param_shapes(model)['params'])
-    repl = sharding.replicated(mesh)
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, sharding.state_shardings(mesh, shapes))
 
 
 def _labels(labels, num_classes: int, label_dropout: float, rng):
@@ -223,8 +224,9 @@ def compile_train_step(train_step, mesh, state, batch, rng, batch_axis: int = 0)
     stacked batches of make_multi_step; the rest replicated, state donated). Calling the
     result never retraces: one compile per run, by construction."""
     repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh, batch_axis)
-    jitted = jax.jit(train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
-                     donate_argnums=0)
+    state_sh = sharding.state_shardings(mesh, state)
+    jitted = jax.jit(train_step, in_shardings=(state_sh, data, repl),
+                     out_shardings=(state_sh, repl), donate_argnums=0)
     return jitted.lower(state, batch, rng).compile()
 
 
@@ -301,7 +303,7 @@ def prepare_run(config, workdir: str) -> _Run:
     config = config_validation.resolve(config, 'train')
     model = models.get_model(config.model)
     diffusion = diffusion_lib.create_diffusion(config.diffusion)
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_mesh(fsdp=config.get('sharding', {}).get('fsdp', 1))
     sharding.check_global_batch(config.training.batch_size, mesh, 'training.batch_size')
     run_lib.check_resume(workdir, config)
     resume_step = checkpointing.check_compatible(workdir, models.param_shapes(model)['params'])
@@ -467,11 +469,12 @@ class _Throughput:
 
 
 def _initial_state(config, run, optimizer, ckpt, init_rng) -> TrainState:
-    """The newest readable checkpoint's state, or a fresh one; replicated over the mesh."""
+    """The newest readable checkpoint's state, or a fresh one; placed on the mesh by
+    sharding.state_shardings (replicated, or FSDP-sharded)."""
     state = ckpt.restore(abstract_train_state(config, run.model, optimizer, run.mesh))
     if state is None:
-        return sharding.replicate(create_train_state(config, run.model, optimizer, init_rng),
-                                  run.mesh)
+        return sharding.shard_state(create_train_state(config, run.model, optimizer, init_rng),
+                                    run.mesh)
     logger.info('resumed from %s at step %d', checkpointing.checkpoint_dir(ckpt.workdir),
                 int(state.step))
     return state
@@ -513,6 +516,9 @@ def train_and_evaluate(config, workdir: str | None = None, *,
         logger.info('%s: %s parameters, %d devices, global batch %d, %d step(s) per call, '
                     'workdir %s', config.get('name'), f'{models.count_params(state.params):,}',
                     mesh.devices.size, tc.batch_size, k, workdir)
+        logger.info('params+opt per device: %.2f MiB (sharding.fsdp=%d)',
+                    sharding.bytes_per_device((state.params, state.opt_state)) / 2**20,
+                    sharding.fsdp_size(mesh))
         batches = input_pipeline.prefetch(input_pipeline.stack_batches(
             input_pipeline.train_iterator(run.train_ds, tc.batch_size, tc.seed, start,
                                           config.data.random_flip), k),

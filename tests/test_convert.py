@@ -299,4 +299,5 @@ def test_preset_names_are_the_issue_s_api():
         'ddpm_cifar10_32': 'diffusers',
         'DiT-XL-2-256': 'dit',  # issue #20
         'DiT-XL-2-512': 'dit',
+        'sd_vae': 'diffusers',
     }
