@@ -87,6 +87,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     o.eps = 1e-8  # Adam ε (TF's default)
     o.weight_decay = 0.0  # decoupled weight decay (AdamW); 0 = plain Adam
 
+    config.sharding = ml_collections.ConfigDict()
+    # Mesh ('data', 'fsdp') of shape (devices / N, N); the batch is split over all devices.
+    config.sharding.fsdp = 1  # FSDP: params/EMA/optimiser state split over N devices; 1 = replicated
+
     config.sampling = configs.sampling_section()  # see diffusion_jax/generate.py
 
     config.eval = configs.eval_section()  # see configs/__init__.py

@@ -134,3 +134,81 @@ def swissroll_mlp(**overrides) -> ml_collections.ConfigDict:
     c.dtype = 'float32'  # compute dtype; parameters stay float32
     c.update(overrides)
     return c
+
+
+# Peebles & Xie 2023, Table 1 (and facebookresearch/DiT models.py's DiT_* constructors):
+# name -> (depth N, hidden size d, heads). Patch sizes 2, 4 and 8 make the /2, /4, /8 models.
+DIT_VARIANTS = {
+    'S': (12, 384, 6),
+    'B': (12, 768, 12),
+    'L': (24, 1024, 16),
+    'XL': (28, 1152, 16),
+}
+DIT_PATCH_SIZES = (2, 4, 8)
+DIT_PRESETS = tuple(f'DiT-{v}/{p}' for v in DIT_VARIANTS for p in DIT_PATCH_SIZES)
+
+
+def dit(preset: str = 'DiT-XL/2', image_size: int = 32, in_channels: int = 4,
+        num_classes: int = 1000, learn_sigma: bool = True,
+        **overrides) -> ml_collections.ConfigDict:
+    """A DiT of Peebles & Xie 2023 ('DiT-S/2' ... 'DiT-XL/8', also written 'DiT-XL-2').
+
+    Defaults are the paper's ImageNet-256 setting: 32x32x4 Stable Diffusion VAE latents, 1000
+    classes, learned Σ. DiT-XL/2 there has 674,834,720 trainable parameters (the reference's
+    675,129,632 also counts its frozen position table); DiT-S/2 32,865,056; DiT-B/4 130,426,496.
+    """
+    name = preset.replace('-', '/').replace('DiT/', 'DiT-', 1)
+    if name not in DIT_PRESETS:
+        raise ValueError(f'dit(preset={preset!r}): use one of {list(DIT_PRESETS)}.')
+    variant, patch = name[len('DiT-'):].split('/')
+    depth, hidden, heads = DIT_VARIANTS[variant]
+    c = ml_collections.ConfigDict()
+    c.name = 'dit'  # network: 'unet' | 'classifier' | 'mlp' | 'dit'
+    c.image_size = image_size  # latent side (256 / 8 = 32 for SD-VAE latents of 256x256 images)
+    c.in_channels = in_channels  # 4 SD-VAE latent channels
+    c.patch_size = int(patch)  # p: tokens = (image_size / p)^2 (Peebles & Xie 2023, Sec. 3.2)
+    c.hidden_size = hidden  # d (Table 1)
+    c.depth = depth  # N blocks (Table 1)
+    c.num_heads = heads  # attention heads (Table 1)
+    c.mlp_ratio = 4.0  # MLP hidden width 4·d (DiT's DiTBlock default)
+    c.num_classes = num_classes  # 1000 ImageNet classes (+ the null row of CFG), 0: unconditional
+    c.learn_sigma = learn_sigma  # output 2·in_channels: ε and the variance interpolation v
+    c.norm_epsilon = 1e-6  # DiT's LayerNorm(eps=1e-6)
+    c.attention_implementation = 'auto'  # cuDNN fused attention on GPUs where it applies, else XLA
+    c.dtype = 'float32'  # compute dtype; parameters stay float32
+    c.remat = False  # jax.checkpoint per block: recompute activations in the backward pass
+    c.update(overrides)
+    return c
+
+
+def tiny_dit(image_size: int = 8, in_channels: int = 4, num_classes: int = 10,
+             learn_sigma: bool = True, **overrides) -> ml_collections.ConfigDict:
+    """The DiT code path at CPU-test size: depth 2, width 64, 4 heads, patch 2."""
+    c = dit('DiT-S/2', image_size, in_channels, num_classes, learn_sigma)
+    c.depth = 2  # two blocks: enough to test the block stacking
+    c.hidden_size = 64  # small width; a multiple of 4 for the position table
+    c.num_heads = 4  # head dimension 16
+    c.update(overrides)
+    return c
+
+
+def sd_vae(image_size: int = 256, **overrides) -> ml_collections.ConfigDict:
+    """The KL-f8 autoencoder of Stable Diffusion (Rombach et al. 2022), in diffusers'
+    AutoencoderKL layout: the config.json of stabilityai/sd-vae-ft-ema / sd-vae-ft-mse."""
+    c = ml_collections.ConfigDict()
+    c.name = 'autoencoder'  # network: 'unet' | 'classifier' | 'mlp' | 'dit' | 'autoencoder'
+    c.image_size = image_size  # images it is initialised for (it is fully convolutional)
+    c.in_channels = 3  # RGB in [-1, 1]
+    c.out_channels = 3  # RGB reconstruction
+    c.latent_channels = 4  # z has 4 channels (KL-f8: 32x32x4 latents of 256x256 images)
+    c.block_out_channels = (128, 256, 512, 512)  # 4 levels: f = 2^3 = 8
+    c.layers_per_block = 2  # res blocks per encoder level (the decoder has one more)
+    c.norm_num_groups = 32  # GroupNorm groups
+    c.norm_epsilon = 1e-6  # diffusers' VAE GroupNorm ε
+    # Latents are multiplied by this before diffusion (Rombach et al. 2022, Sec. 4.3.2 and
+    # App. D.1: unit variance of the training latents; SD's config.json scaling_factor).
+    c.scaling_factor = 0.18215
+    c.attention_implementation = 'auto'  # cuDNN fused attention on GPUs where it applies, else XLA
+    c.dtype = 'float32'  # compute dtype; parameters stay float32
+    c.update(overrides)
+    return c

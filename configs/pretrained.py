@@ -14,6 +14,11 @@ defaults of the paper, with the flags of the released code cited:
     256x256_diffusion_uncond, 64x64_classifier, 256x256_classifier; sampling with
     --timestep_respacing 250 and the README's --classifier_scale.
   Ho et al. 2020, in diffusers' UNet2DModel layout (google/ddpm-cifar10-32): ddpm_cifar10_32.
+  facebookresearch/DiT README (Peebles & Xie 2023): DiT-XL-2-256, DiT-XL-2-512 (class-conditional
+    ImageNet on SD-VAE latents, 32x32x4 and 64x64x4; sample.py: 250 DDPM steps, --cfg-scale 4.0
+    for pictures, 1.5 for the paper's FID-50K 2.27 at 256).
+  Stable Diffusion's KL-f8 autoencoder in diffusers' AutoencoderKL layout (stabilityai/
+    sd-vae-ft-ema, sd-vae-ft-mse; Rombach et al. 2022): sd_vae, the latent space of DiT.
 OpenAI's GroupNorm32 is torch.nn.GroupNorm (ε = 1e-5) and pads its stride-2 convs by 1; Ho et
 al.'s TF code uses ε = 1e-6 and 'SAME' padding ((0, 1) for stride 2), as does the diffusers port.
 """
@@ -55,6 +60,9 @@ SOURCES = {
     '256x256_classifier': 'guided-diffusion',
     '128x128_diffusion': 'guided-diffusion',
     'ddpm_cifar10_32': 'diffusers',
+    'DiT-XL-2-256': 'dit',
+    'DiT-XL-2-512': 'dit',
+    'sd_vae': 'diffusers',
 }
 PRESETS = tuple(SOURCES)
 OPTIONS = PRESETS  # `--config=configs/pretrained.py:NAME`
@@ -105,6 +113,43 @@ def _adm_classifier(image_size: int, depth: int) -> ml_collections.ConfigDict:
     return model_configs.adm_classifier(
         image_size, num_classes=1000, num_res_blocks=depth,  # --classifier_depth
         attn_resolutions=(32, 16, 8), norm_epsilon=TORCH_GROUPNORM_EPSILON, qkv_order='legacy')
+
+
+# Peebles & Xie 2023: latents of the Stable Diffusion VAE, which downsamples by 8 to 4 channels.
+SD_VAE_DOWNSAMPLE = 8
+SD_VAE_LATENT_CHANNELS = 4
+# DiT's LabelEmbedder class_dropout_prob (Peebles & Xie 2023, Sec. 3.1: CFG training).
+DIT_LABEL_DROPOUT = 0.1
+# DiT's sample.py --cfg-scale default (pictures); the paper's FID-50K uses 1.5 (Table 4).
+DIT_CFG_SCALE = 4.0
+
+
+def _dit(config, image_size: int) -> None:
+    """DiT-XL/2 at image_size pixels, on SD-VAE latents of image_size / 8 (DiT's models.py).
+
+    Diffusion: improved DDPM's linear schedule, T = 1000, learned Σ, L_hybrid (DiT's
+    diffusion/__init__.py create_diffusion defaults with learn_sigma=True). Training (Peebles &
+    Xie 2023, Sec. 4): AdamW at a constant 1e-4, no warm-up, no gradient clipping, batch 256,
+    class dropout 0.1. Sampling (sample.py): 250 steps; DiT's guidance scale s mixes
+    ε_u + s(ε_c - ε_u), ours is w in (1 + w) ε_c - w ε_u, so w = s - 1 (DiT's own sampler guides
+    only the first 3 of the 4 latent channels; here all 4 are). The network sees latents: until
+    latent data (config.data.latents) exists, the data section describes the latent tensors
+    (image_size / 8, 4 channels) so that the model's size derives from it.
+    """
+    latent = image_size // SD_VAE_DOWNSAMPLE
+    config.model = model_configs.dit('DiT-XL/2', image_size=latent,
+                                     in_channels=SD_VAE_LATENT_CHANNELS, num_classes=1000)
+    _diffusion(config, 'linear', 1000, 'learned_range', 'hybrid')
+    _imagenet(config, image_size)
+    config.data.image_size = latent
+    config.data.channels = SD_VAE_LATENT_CHANNELS
+    config.training.label_dropout = DIT_LABEL_DROPOUT
+    config.optim.learning_rate = 1e-4
+    config.optim.warmup_steps = 0
+    config.optim.grad_clip = 0.0
+    config.training.batch_size = 256
+    config.sampling.num_steps = ADM_SAMPLING_STEPS
+    config.sampling.guidance_scale = DIT_CFG_SCALE - 1.0
 
 
 def _diffusion(config, schedule: str, num_timesteps: int, var_type: str, loss: str):
@@ -175,6 +220,15 @@ def preset_config(name: str) -> ml_collections.ConfigDict:
             _diffusion(config, 'linear', 1000, 'learned_range', 'hybrid')
         _imagenet(config, size)
         config.training.sample_every_steps = 0  # a classifier draws no samples
+    elif name == 'sd_vae':
+        # sd-vae-ft-* config.json: sample_size 256; 256x256 RGB in [-1, 1], no labels, and an
+        # autoencoder draws no diffusion samples.
+        config.model = model_configs.sd_vae(256)
+        _imagenet(config, 256)
+        config.data.num_classes = 0
+        config.training.sample_every_steps = 0
+    elif name in ('DiT-XL-2-256', 'DiT-XL-2-512'):
+        _dit(config, int(name.rsplit('-', 1)[1]))
     else:  # ddpm_cifar10_32: Ho et al.'s CIFAR-10 model (configs/cifar10.py) in TF's layout
         config.model.downsample_padding = 'same'  # TF 'SAME' / diffusers downsample_padding=0
         config.model.norm_epsilon = 1e-6  # diffusers config norm_eps=1e-06

@@ -35,6 +35,7 @@ CHECKS = (
     ('model.image_size / in_channels', 'equal data.image_size / data.channels (derived)'),
     ('model.out_channels (out_dim)', '2·C for a learned diffusion.model_var_type, C otherwise '
      '(derived)'),
+    ('model.learn_sigma (DiT)', 'True exactly for a learned diffusion.model_var_type (derived)'),
     ('model.num_classes', '0 or data.num_classes'),
     ('sampling.method', 'a registered sampler (diffusion_jax.samplers)'),
     ('sampling.num_steps', 'a valid respacing of diffusion.num_timesteps'),
@@ -148,6 +149,8 @@ def _derive_model(config, typed) -> None:
                              f'leave model.{model_field} unset to derive it).')
     if model.get('name') == 'classifier':
         return  # a classifier's output is its logits
+    if 'learn_sigma' in model:  # DiT: the output width is in_channels·(2 if learn_sigma)
+        _derive_learn_sigma(config, typed)
     field, want = _expected_out(model, config)
     if field not in model:
         return
@@ -166,6 +169,17 @@ def _derive_model(config, typed) -> None:
         raise ValueError(f'model.num_classes={classes} does not fit data.num_classes='
                          f'{data.get("num_classes", 0)}: a conditional model needs the dataset\'s '
                          'labels; set model.num_classes to 0 or to data.num_classes.')
+
+
+def _derive_learn_sigma(config, typed) -> None:
+    model, learned = config.model, config.diffusion.model_var_type in LEARNED_VARIANCES
+    if 'diffusion.model_var_type' in typed and 'model.learn_sigma' not in typed:
+        model.learn_sigma = learned
+    elif bool(model.learn_sigma) != learned:
+        raise ValueError(
+            f'model.learn_sigma={model.learn_sigma} does not fit diffusion.model_var_type='
+            f'{config.diffusion.model_var_type!r}: set --config.model.learn_sigma={learned} (a '
+            'learned variance needs the doubled output channels, a fixed one must not have them).')
 
 
 def sampler_names() -> tuple[str, ...]:

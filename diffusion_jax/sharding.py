@@ -1,9 +1,13 @@
-"""Data parallelism over every device of every host with jax.jit on a device Mesh.
+"""Data parallelism and FSDP over every device of every host with jax.jit on a device Mesh.
 
-One mesh axis, 'data', spans all devices (jax.devices() across hosts). Batches are sharded along
-their leading axis; parameters, optimiser state and other state are replicated. The same code runs
-on one CPU, 8 GPUs or a TPU pod: XLA's SPMD partitioner inserts the gradient all-reduce that pmap
-code writes by hand.
+The mesh has two axes, ('data', 'fsdp'), of sizes (devices / N, N) with N = config.sharding.fsdp.
+Batches are sharded along their leading axis over both axes (every device holds a slice).
+N = 1 is plain data parallelism: the state is replicated. N > 1 shards each array of the train
+state (parameters, EMA, optimiser moments) over 'fsdp' along its largest dimension that N divides
+(state_shardings; arrays smaller than FSDP_MIN_SIZE or with no such dimension stay replicated),
+so parameters + optimiser state per device shrink ~1/N. XLA's SPMD partitioner inserts the
+gradient reduction and the parameter all-gathers (no hand-written collectives); the same code
+runs on one CPU, 8 GPUs or a TPU pod.
 
 Several processes (hosts) join through `initialize_distributed` (the --coordinator_address,
 --num_processes and --process_id flags of diffusion_jax.main, or JAX's cluster detection);
@@ -16,16 +20,64 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
+FSDP_AXIS = 'fsdp'
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # a batch is split over every device
+# Arrays with fewer elements stay replicated under FSDP: biases and norms weigh nothing, and
+# gathering them would cost a collective each.
+FSDP_MIN_SIZE = 1024
 
 
-def make_mesh(devices=None) -> Mesh:
-    """A 1-D mesh named 'data' over the given devices (default: all devices of all hosts), laid
-    out by jax.make_mesh (which orders devices for the interconnect on GPU/TPU). Auto axes:
-    XLA's partitioner places the collectives, as with a plain Mesh (make_mesh's default of
-    Explicit axes would put shardings into the types of every traced array)."""
+def make_mesh(devices=None, fsdp: int = 1) -> Mesh:
+    """The ('data', 'fsdp') mesh of shape (devices / fsdp, fsdp) over the given devices (default:
+    all devices of all hosts), laid out by jax.make_mesh (which orders devices for the
+    interconnect on GPU/TPU; the 'fsdp' groups are neighbours). Auto axes: XLA's partitioner
+    places the collectives, as with a plain Mesh (make_mesh's default of Explicit axes would put
+    shardings into the types of every traced array)."""
     devices = jax.devices() if devices is None else list(devices)
-    return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices,
-                         axis_types=(jax.sharding.AxisType.Auto,))
+    if isinstance(fsdp, bool) or not isinstance(fsdp, int) or fsdp < 1 or len(devices) % fsdp:
+        raise ValueError(f'sharding.fsdp={fsdp!r} must be a positive integer that divides the '
+                         f'{len(devices)} devices (1: data parallelism only).')
+    auto = jax.sharding.AxisType.Auto
+    return jax.make_mesh((len(devices) // fsdp, fsdp), BATCH_AXES, devices=devices,
+                         axis_types=(auto, auto))
+
+
+def fsdp_size(mesh: Mesh) -> int:
+    return int(mesh.shape.get(FSDP_AXIS, 1))
+
+
+def param_spec(shape, fsdp: int) -> P:
+    """The rule for one array: its largest dimension that fsdp divides goes over 'fsdp' (the
+    first such dimension on ties); replicated when fsdp is 1, the array is smaller than
+    FSDP_MIN_SIZE elements or no dimension is divisible."""
+    shape = tuple(shape)
+    if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < FSDP_MIN_SIZE:
+        return P()
+    candidates = [i for i, d in enumerate(shape) if d % fsdp == 0]
+    if not candidates:
+        return P()
+    axis = max(candidates, key=lambda i: (shape[i], -i))
+    return P(*([None] * axis), FSDP_AXIS)
+
+
+def state_shardings(mesh: Mesh, tree):
+    """NamedShardings for a pytree of arrays / ShapeDtypeStructs (a train state) by param_spec."""
+    fsdp = fsdp_size(mesh)
+    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp)), tree)
+
+
+def shard_state(tree, mesh: Mesh):
+    """Place a pytree (a train state) on the mesh by state_shardings: replicated for fsdp = 1."""
+    return jax.device_put(tree, state_shardings(mesh, tree))
+
+
+def bytes_per_device(tree) -> int:
+    """The largest number of bytes of `tree`'s arrays that any one device holds."""
+    per_device = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    return max(per_device.values(), default=0)
 
 
 def cluster_detected() -> bool:
@@ -82,9 +134,11 @@ def any_process(flag: bool) -> bool:
 
 
 def data_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
-    """The batch axis (default: the leading one) split over 'data', the rest whole. batch_axis=1
-    is for stacked batches [K, B, ...] (K train steps per call: train.make_multi_step)."""
-    return NamedSharding(mesh, P(*([None] * batch_axis), DATA_AXIS))
+    """The batch axis (default: the leading one) split over all devices ('data' and 'fsdp'), the
+    rest whole. batch_axis=1 is for stacked batches [K, B, ...] (K train steps per call:
+    train.make_multi_step)."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    return NamedSharding(mesh, P(*([None] * batch_axis), axes))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

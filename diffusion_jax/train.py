@@ -169,8 +169,9 @@ def compile_train_step(train_step, mesh, state, batch, rng, batch_axis: int = 0)
     stacked batches of make_multi_step; the rest replicated, state donated). Calling the
     result never retraces: one compile per run, by construction."""
     repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh, batch_axis)
-    jitted = jax.jit(train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
-                     donate_argnums=0)
+    state_sh = sharding.state_shardings(mesh, state)
+    jitted = jax.jit(train_step, in_shardings=(state_sh, data, repl),
+                     out_shardings=(state_sh, repl), donate_argnums=0)
     return jitted.lower(state, batch, rng).compile()
 
 
@@ -242,7 +243,7 @@ def prepare_run(config, workdir: str) -> _Run:
     """
     model = models.get_model(config.model)
     diffusion = diffusion_lib.create_diffusion(config.diffusion)
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_mesh(fsdp=config.get('sharding', {}).get('fsdp', 1))
     sharding.check_global_batch(config.training.batch_size, mesh, 'training.batch_size')
     run_lib.check_resume(workdir, config)
     resume_step = checkpointing.check_compatible(workdir, models.param_shapes(model)['params'])
@@ -411,11 +412,12 @@ class _Throughput:
 
 
 def _initial_state(config, run, optimizer, ckpt, init_rng) -> TrainState:
-    """The newest readable checkpoint's state, or a fresh one; replicated over the mesh."""
+    """The newest readable checkpoint's state, or a fresh one; placed on the mesh by
+    sharding.state_shardings (replicated, or FSDP-sharded)."""
     state = ckpt.restore(abstract_train_state(config, run.model, optimizer, run.mesh))
     if state is None:
-        return sharding.replicate(create_train_state(config, run.model, optimizer, init_rng),
-                                  run.mesh)
+        return sharding.shard_state(create_train_state(config, run.model, optimizer, init_rng),
+                                    run.mesh)
     logger.info('resumed from %s at step %d', checkpointing.checkpoint_dir(ckpt.workdir),
                 int(state.step))
     return state
@@ -502,6 +504,9 @@ class _Loop:
         logger.info('%s: %s parameters, %d devices, global batch %d, %d step(s) per call, '
                     'workdir %s', config.get('name'), f'{models.count_params(state.params):,}',
                     run.mesh.devices.size, tc.batch_size, self.k, self.workdir)
+        logger.info('params+opt per device: %.2f MiB (sharding.fsdp=%d)',
+                    sharding.bytes_per_device((state.params, state.opt_state)) / 2**20,
+                    sharding.fsdp_size(run.mesh))
         self.batches = input_pipeline.prefetch(input_pipeline.stack_batches(
             input_pipeline.train_iterator(run.train_ds, tc.batch_size, tc.seed, start,
                                           config.data.random_flip), self.k),

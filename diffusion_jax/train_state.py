@@ -63,8 +63,9 @@ def create_train_state(config, model, optimizer, rng) -> TrainState:
 
 
 def abstract_train_state(config, model, optimizer, mesh) -> TrainState:
-    """The state's shapes, dtypes and (replicated) shardings, computed without initialising:
-    the target a checkpoint is restored into."""
+    """The state's shapes, dtypes and shardings (sharding.state_shardings: replicated, or
+    FSDP-sharded for config.sharding.fsdp > 1), computed without initialising: the target a
+    checkpoint is restored into (orbax restores onto this mesh whatever mesh saved it)."""
     def build(params):
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                           opt_state=optimizer.init(params),
@@ -72,5 +73,5 @@ def abstract_train_state(config, model, optimizer, mesh) -> TrainState:
                                                                config.diffusion.num_timesteps),
                           skipped=jnp.zeros((), jnp.int32))
     shapes = jax.eval_shape(build, models.param_shapes(model)['params'])
-    repl = sharding.replicated(mesh)
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, sharding.state_shardings(mesh, shapes))

@@ -49,8 +49,9 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
 
 def test_make_mesh_spans_every_device_with_automatic_axes():
     mesh = sharding.make_mesh()
-    assert mesh.axis_names == ('data',) and mesh.devices.size == 8
-    assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
+    # ('data', 'fsdp') with fsdp = 1 by default: data parallelism over every device.
+    assert mesh.axis_names == ('data', 'fsdp') and mesh.devices.shape == (8, 1)
+    assert mesh.axis_types == (jax.sharding.AxisType.Auto,) * 2
     assert sharding.make_mesh(jax.devices()[:2]).devices.size == 2
 
 

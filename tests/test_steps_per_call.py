@@ -91,7 +91,7 @@ def test_multi_step_equals_k_single_steps_on_a_unet():
     multi = train.compile_train_step(train.make_multi_step(step_fn, 3), mesh, fresh(),
                                      sharding.shard_batch(stacked, mesh, 1), rng, batch_axis=1)
     placed = sharding.shard_batch(stacked, mesh, 1)
-    assert placed['image'].sharding.spec == jax.sharding.PartitionSpec(None, 'data')
+    assert placed['image'].sharding.spec == jax.sharding.PartitionSpec(None, ('data', 'fsdp'))
     state3, m3 = multi(fresh(), placed, rng)
     single = train.compile_train_step(step_fn, mesh, fresh(),
                                       sharding.shard_batch(batches[0][1], mesh), rng)

@@ -8,7 +8,10 @@
     models.get_model(config.model).apply({'params': params}, x_nhwc, t, y)
 
 Sources: 'improved-diffusion' and 'guided-diffusion' (OpenAI's UNetModel / EncoderUNetModel
-.pt state dicts) and 'diffusers' (UNet2DModel: a .safetensors / .bin file or a model folder).
+.pt state dicts), 'diffusers' (UNet2DModel, or AutoencoderKL for the sd_vae preset: a .safetensors / .bin file
+or a model folder) and
+'dit' (facebookresearch/DiT's released .pt; its frozen pos_embed is checked against our fixed
+sin-cos table and not stored).
 Presets (configs/pretrained.py) fix the network, the diffusion and the sampling defaults of each
 published model. Every tensor is matched through an explicit name table (tables.py); any
 missing key, unexpected key or shape mismatch raises one ValueError with one line per problem.
@@ -24,14 +27,17 @@ import numpy as np
 
 from diffusion_jax.convert import tables
 
-SOURCES = ('improved-diffusion', 'guided-diffusion', 'diffusers')
+SOURCES = ('improved-diffusion', 'guided-diffusion', 'diffusers', 'dit')
 # Files a diffusers model folder may hold, in the order diffusers prefers them.
 DIFFUSERS_WEIGHT_FILES = ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.bin')
+# A source constant (DiT's frozen pos_embed) may differ from ours by float32 rounding only.
+CONSTANT_ATOL = 1e-5
 # Problems listed in full before the message is cut (a wrong file would list hundreds).
 MAX_LISTED_PROBLEMS = 40
 
 __all__ = ['SOURCES', 'load_torch_checkpoint', 'convert_state_dict', 'read_state_dict',
-           'name_table', 'expected_source_shapes', 'preset_config', 'convert']
+           'name_table', 'expected_source_shapes', 'source_constants', 'preset_config',
+           'convert']
 
 
 def _pretrained():
@@ -62,13 +68,25 @@ def _check_source(source: str, model_config) -> None:
         raise ValueError(f'--from={source!r} is not a known checkpoint layout: use one of '
                          f'{list(SOURCES)}.')
     name = model_config['name']
+    if source == 'diffusers' and name == 'autoencoder':
+        return  # AutoencoderKL (the SD VAE)
     if source == 'diffusers':
         bad = {k: model_config[k] for k in ('use_scale_shift_norm', 'resblock_updown')
                if model_config.get(k)}
         if name != 'unet' or bad or model_config.get('num_classes', 0):
-            raise ValueError(f'--from=diffusers reads UNet2DModel with DDPM blocks: '
+            raise ValueError(f'--from=diffusers reads UNet2DModel with DDPM blocks (or an '
+                             f'AutoencoderKL): '
                              f'model_config.name={name!r} {bad} num_classes='
                              f"{model_config.get('num_classes')} have no diffusers counterpart.")
+    elif source == 'dit' and name != 'dit':
+        raise ValueError(f'--from=dit reads facebookresearch/DiT checkpoints: model_config.name='
+                         f"{name!r} must be 'dit'.")
+    elif name == 'autoencoder':
+        raise ValueError(f'--from={source} has no autoencoders: use --from=diffusers for '
+                         "model_config.name='autoencoder' (diffusers' AutoencoderKL).")
+    elif source != 'dit' and name == 'dit':
+        raise ValueError(f"--from={source} has no DiT layout: use --from=dit for model_config.name"
+                         "='dit'.")
     elif source == 'improved-diffusion' and name != 'unet':
         raise ValueError(f'--from=improved-diffusion has no {name!r} networks; use '
                          '--from=guided-diffusion for ADM classifiers.')
@@ -86,11 +104,38 @@ def name_table(source: str, model_config, our_shapes=None) -> list[tables.Entry]
     m = model_config.to_dict() if hasattr(model_config, 'to_dict') else dict(model_config)
     _check_source(source, m)
     tree = _our_shapes(model_config) if our_shapes is None else our_shapes
+    if source == 'diffusers' and m['name'] == 'autoencoder':
+        return tables.diffusers_vae_table(m, tree)
     if source == 'diffusers':
         return tables.diffusers_unet_table(m, tree)
+    if source == 'dit':
+        return tables.dit_table(m, tree)
     if m['name'] == 'classifier':
         return tables.openai_classifier_table(m, tree)
     return tables.openai_unet_table(m, tree)
+
+
+def source_constants(source: str, model_config) -> dict[str, np.ndarray]:
+    """Keys a `source` checkpoint holds that are constants here: {key: the value we use}."""
+    m = model_config.to_dict() if hasattr(model_config, 'to_dict') else dict(model_config)
+    return tables.dit_constants(m) if source == 'dit' else {}
+
+
+def _check_constants(state_dict, constants) -> list[str]:
+    problems = []
+    for key, ours in constants.items():
+        if key not in state_dict:
+            problems.append(f'missing key {key} (shape {ours.shape}, a constant checked against '
+                            'ours)')
+            continue
+        theirs = _to_numpy(state_dict[key]).astype(np.float32)
+        if theirs.shape != ours.shape:
+            problems.append(f'shape mismatch {key}: {theirs.shape} in the checkpoint, '
+                            f'{ours.shape} expected (a constant checked against ours)')
+        elif not np.allclose(theirs, ours, rtol=0, atol=CONSTANT_ATOL):
+            problems.append(f'value mismatch {key}: differs from our fixed table by up to '
+                            f'{float(np.max(np.abs(theirs - ours))):.3g} (> {CONSTANT_ATOL})')
+    return problems
 
 
 def _get(tree, path):
@@ -115,6 +160,7 @@ def expected_source_shapes(source: str, model_config) -> dict[str, tuple[int, ..
         for key, shape in zip(entry.sources,
                               entry.transform.source_shapes(_get(shapes, entry.path).shape)):
             out[key] = tuple(shape)
+    out.update({k: tuple(v.shape) for k, v in source_constants(source, model_config).items()})
     return out
 
 
@@ -133,7 +179,8 @@ def convert_state_dict(state_dict: Mapping[str, Any], source: str, model_config)
     """
     shapes = _our_shapes(model_config)
     table = name_table(source, model_config, shapes)
-    problems, params, used = [], {}, set()
+    constants = source_constants(source, model_config)
+    problems, params, used = [], {}, set(constants)
     for entry in table:
         target = _get(shapes, entry.path)
         want = entry.transform.source_shapes(target.shape)
@@ -158,7 +205,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], source: str, model_config)
     # Unexpected keys first: a wrong file's hundreds of missing keys must not hide them.
     problems = [f'unexpected key {key} (shape {tuple(_to_numpy(state_dict[key]).shape)}): '
                 'no parameter of this network takes it' for key in state_dict
-                if key not in used] + problems
+                if key not in used] + _check_constants(state_dict, constants) + problems
     filled = {tuple(e.path) for e in table}
     problems += [f'no checkpoint key fills our parameter {"/".join(p)} (converter table gap)'
                  for p in _leaf_paths(shapes) if p not in filled]

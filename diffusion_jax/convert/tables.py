@@ -218,3 +218,79 @@ def diffusers_unet_table(m, tree) -> list[Entry]:
         if level:
             entries += conv(f'up_blocks.{j}.upsamplers.0.conv', f'up_{level}_upsample/conv')
     return entries + group_norm('conv_norm_out', 'norm_out') + conv('conv_out', 'conv_out')
+
+
+# -- facebookresearch/DiT -------------------------------------------------------------------------
+
+def dit_table(m, tree) -> list[Entry]:
+    """facebookresearch/DiT's DiT state dict keys for our DiT (models/dit.py) of model config m.
+
+    The released state dict also holds `pos_embed` [1, T, D], a frozen parameter: it is not
+    ours to store (our table is a constant), so it is checked, not mapped (dit_constants).
+    The label table keeps its num_classes + 1 rows: DiT trains its null row (class dropout 0.1).
+    """
+    entries = conv('x_embedder.proj', 'x_embedder')
+    entries += linear('t_embedder.mlp.0', 't_embedder_mlp_0')
+    entries += linear('t_embedder.mlp.2', 't_embedder_mlp_2')
+    if _has(tree, 'y_embedder'):
+        entries.append(Entry(('y_embedder.embedding_table.weight',), ('y_embedder', 'embedding'),
+                             COPY))
+    for i in range(m['depth']):
+        for src, ours in (('attn.qkv', 'attn_qkv'), ('attn.proj', 'attn_proj'),
+                          ('mlp.fc1', 'mlp_fc1'), ('mlp.fc2', 'mlp_fc2'),
+                          ('adaLN_modulation.1', 'adaLN_modulation')):
+            entries += linear(f'blocks.{i}.{src}', f'blocks_{i}/{ours}')
+    return (entries + linear('final_layer.linear', 'final_layer_linear')
+            + linear('final_layer.adaLN_modulation.1', 'final_layer_adaLN_modulation'))
+
+
+def dit_constants(m) -> dict[str, np.ndarray]:
+    """Source keys that hold no parameter of ours but must equal our constant (DiT's pos_embed)."""
+    from diffusion_jax.models import dit  # pylint: disable=import-outside-toplevel
+    grid = m['image_size'] // m['patch_size']
+    return {'pos_embed': dit.sincos_pos_embed_2d(m['hidden_size'], grid, grid)[None]}
+
+
+# -- diffusers AutoencoderKL (the Stable Diffusion VAE) -------------------------------------------
+
+def _diffusers_vae_resnet(src: str, ours: str, tree) -> list[Entry]:
+    entries = (group_norm(f'{src}.norm1', f'{ours}/norm1') + conv(f'{src}.conv1', f'{ours}/conv1')
+               + group_norm(f'{src}.norm2', f'{ours}/norm2') + conv(f'{src}.conv2', f'{ours}/conv2'))
+    if _has(tree, f'{ours}/skip'):
+        entries += conv(f'{src}.conv_shortcut', f'{ours}/skip', CONV1X1)
+    return entries
+
+
+def _diffusers_vae_mid(src: str, ours: str, tree) -> list[Entry]:
+    return (_diffusers_vae_resnet(f'{src}.mid_block.resnets.0', f'{ours}/mid_block_1', tree)
+            + _diffusers_attention(f'{src}.mid_block.attentions.0', f'{ours}/mid_attn')
+            + _diffusers_vae_resnet(f'{src}.mid_block.resnets.1', f'{ours}/mid_block_2', tree))
+
+
+def diffusers_vae_table(m, tree) -> list[Entry]:
+    """diffusers AutoencoderKL keys for our AutoencoderKL (models/autoencoder.py)."""
+    levels = len(m['block_out_channels'])
+    entries = conv('encoder.conv_in', 'encoder/conv_in')
+    for level in range(levels):
+        for i in range(m['layers_per_block']):
+            entries += _diffusers_vae_resnet(f'encoder.down_blocks.{level}.resnets.{i}',
+                                             f'encoder/down_{level}_block_{i}', tree)
+        if level != levels - 1:
+            entries += conv(f'encoder.down_blocks.{level}.downsamplers.0.conv',
+                            f'encoder/down_{level}_downsample/conv')
+    entries += _diffusers_vae_mid('encoder', 'encoder', tree)
+    entries += group_norm('encoder.conv_norm_out', 'encoder/norm_out')
+    entries += conv('encoder.conv_out', 'encoder/conv_out')
+    entries += conv('quant_conv', 'quant_conv', CONV1X1)
+    entries += conv('post_quant_conv', 'post_quant_conv', CONV1X1)
+    entries += conv('decoder.conv_in', 'decoder/conv_in')
+    entries += _diffusers_vae_mid('decoder', 'decoder', tree)
+    for j in range(levels):
+        for i in range(m['layers_per_block'] + 1):
+            entries += _diffusers_vae_resnet(f'decoder.up_blocks.{j}.resnets.{i}',
+                                             f'decoder/up_{j}_block_{i}', tree)
+        if j != levels - 1:
+            entries += conv(f'decoder.up_blocks.{j}.upsamplers.0.conv',
+                            f'decoder/up_{j}_upsample/conv')
+    return (entries + group_norm('decoder.conv_norm_out', 'decoder/norm_out')
+            + conv('decoder.conv_out', 'decoder/conv_out'))

@@ -1,11 +1,13 @@
 """Networks: the DDPM/ADM UNet, the noisy-image classifier and the MLP denoiser.
 
 Tools never name a class: `get_model(config.model)` builds whatever `model_config.name` says
-('unet' | 'classifier' | 'mlp'), and every network is called as
+('unet' | 'classifier' | 'mlp' | 'dit' | 'autoencoder'), and every denoising network is called as
 
     model.apply(variables, x_t, t, y=None, train=False, rngs={'dropout': key})
 
-(the classifier takes no y). `init_params` returns those variables, {'params': float32 pytree}.
+(the classifier takes no y; the autoencoder is reached through
+`apply(variables, x, method='encode')` -> (mean, logvar) and `apply(variables, z,
+method='decode')`). `init_params` returns those variables, {'params': float32 pytree}.
 """
 from __future__ import annotations
 
@@ -16,15 +18,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.models.autoencoder import AutoencoderKL
 from diffusion_jax.models.classifier import Classifier, classifier_log_prob_grad
+from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.layers import timestep_embedding
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.unet import UNet
 
-MODELS = {'unet': UNet, 'classifier': Classifier, 'mlp': MLP}
+MODELS = {'unet': UNet, 'classifier': Classifier, 'mlp': MLP, 'dit': DiT,
+          'autoencoder': AutoencoderKL}
 
-__all__ = ['MODELS', 'UNet', 'Classifier', 'MLP', 'get_model', 'init_params', 'param_shapes',
-           'count_params', 'example_shape', 'classifier_log_prob_grad', 'timestep_embedding']
+__all__ = ['MODELS', 'UNet', 'Classifier', 'MLP', 'DiT', 'AutoencoderKL', 'get_model',
+           'init_params', 'param_shapes', 'count_params', 'example_shape', 'to_nnx',
+           'classifier_log_prob_grad', 'timestep_embedding']
 
 
 def _as_dict(model_config) -> dict[str, Any]:
@@ -70,7 +76,10 @@ def _dummy_inputs(model, spec):
         shape = example_shape(model if spec is None else get_model(spec))
     else:
         shape = tuple(spec)
-    return jnp.zeros((1, *shape), jnp.float32), jnp.zeros((1,), jnp.int32)
+    x = jnp.zeros((1, *shape), jnp.float32)
+    if not getattr(model, 'takes_timestep', True):  # the autoencoder: an image only
+        return (x,)
+    return x, jnp.zeros((1,), jnp.int32)
 
 
 def init_params(model, rng: jax.Array, spec=None):
@@ -79,16 +88,54 @@ def init_params(model, rng: jax.Array, spec=None):
     spec: None (input shape from the model's own fields), a model ConfigDict (same), or the
     shape of one example without the batch axis, e.g. (32, 32, 3) or (2,).
     """
-    x, t = _dummy_inputs(model, spec)
-    return jax.jit(model.init).lower(rng, x, t).compile(_INIT_COMPILER_OPTIONS)(rng, x, t)
+    args = _dummy_inputs(model, spec)
+    return jax.jit(model.init).lower(rng, *args).compile(_INIT_COMPILER_OPTIONS)(rng, *args)
 
 
 def param_shapes(model, spec=None):
     """Shapes and dtypes of init_params(model, ., spec), traced without compiling or computing."""
-    x, t = _dummy_inputs(model, spec)
-    return jax.eval_shape(model.init, jax.random.key(0), x, t)
+    return jax.eval_shape(model.init, jax.random.key(0), *_dummy_inputs(model, spec))
 
 
 def count_params(params) -> int:
     """Number of scalars in a pytree of arrays or jax.ShapeDtypeStructs."""
     return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree.leaves(params)))
+
+
+def to_nnx(module, variables=None, *, rng: jax.Array | None = None, spec=None):
+    """The Linen `module` as a Flax NNX module (flax.nnx.bridge.ToNNX), with its variables.
+
+    variables: {'params': tree} (or the tree itself) to load, e.g. a checkpoint's; None:
+    init_params(module, rng, spec) (rng default jax.random.key(0)). The result is called like
+    the Linen module's apply without the variables: `nnx_model(x, t, y)`, or for the
+    autoencoder `nnx_model(x, method='encode')` / `nnx_model(z, method='decode')`;
+    nnx.state(nnx_model, nnx.Param) holds the parameters under the Linen names.
+    """
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    from flax.nnx import bridge  # pylint: disable=import-outside-toplevel
+    rng = jax.random.key(0) if rng is None else rng
+    if variables is None:
+        variables = init_params(module, rng, spec)
+    params = variables['params'] if set(variables) == {'params'} else variables
+    # The module's structure from shapes only (the bridge's lazy init runs the network eagerly,
+    # op by op: a minute for a small UNet on CPU), then the given values put in.
+    args = _dummy_inputs(module, spec)
+    wrapper = nnx.eval_shape(lambda: bridge.lazy_init(bridge.ToNNX(module, rngs=nnx.Rngs(rng)),
+                                                      *args))
+    state = nnx.state(wrapper, nnx.Param)
+    flat = dict(nnx.to_flat_state(state))
+    given = {tuple(p.key for p in path): leaf
+             for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    if set(given) != set(flat):
+        names = lambda paths: sorted('/'.join(map(str, p)) for p in paths)[:5]
+        raise ValueError(f'to_nnx: variables do not fit the module (missing: '
+                         f'{names(set(flat) - set(given))}, unexpected: '
+                         f'{names(set(given) - set(flat))}).')
+    for path, var in flat.items():
+        if tuple(given[path].shape) != tuple(var.value.shape):
+            raise ValueError(f'to_nnx: parameter {"/".join(map(str, path))} has shape '
+                             f'{tuple(given[path].shape)}, the module {tuple(var.value.shape)}.')
+        var.value = jnp.asarray(given[path])
+    nnx.update(wrapper, state)
+    wrapper.to_nnx__rngs = nnx.Rngs(rng)  # a real stream in place of the traced one
+    return wrapper

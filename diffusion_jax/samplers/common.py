@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from diffusion_jax import sharding as sharding_lib
 from diffusion_jax.diffusion import wrap_model
@@ -74,11 +74,10 @@ def per_example_norm(x):
 
 
 def constrain(x, mesh: Mesh | None, leading: int = 0):
-    """Keep the batch axis (after `leading` unsharded axes) split over the mesh's 'data' axis."""
+    """Keep the batch axis (after `leading` unsharded axes) split over the mesh's devices."""
     if mesh is None:
         return x
-    spec = P(*([None] * leading), sharding_lib.DATA_AXIS)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(x, sharding_lib.data_sharding(mesh, leading))
 
 
 def noise_like(key, x, repeat: int):
