@@ -78,6 +78,12 @@ def default_sampling_config() -> ml_collections.ConfigDict:
     # DDIM inversion for the interpolation strips: 'reference' (guided-diffusion's
     # ddim_reverse_sample, ε at the input's level, t -> t+1) | 'target_level' (ε_θ(x_{t-1}, t))
     c.inversion = 'reference'
+    # EDM Algorithm 2's churn for method='heun' on diffusion.process='edm' or 'flow' (Karras et
+    # al. 2022, Table 5; S_tmin/S_tmax in σ units: σ for EDM, t/(1-t) for flow): 0 = deterministic.
+    c.s_churn = 0.0
+    c.s_tmin = 0.0
+    c.s_tmax = float('inf')
+    c.s_noise = 1.0
     c.langevin_snr = samplers.DEFAULT_SNR  # r of the Langevin step (Song et al. 2021: 0.16)
     c.langevin_steps = samplers.DEFAULT_LANGEVIN_STEPS  # Langevin steps per level / per PC step
     c.seed = 0  # seeds x_T, the chain's noise and the random labels
@@ -94,6 +100,21 @@ def respaced(diffusion, num_steps):
         return diffusion
     return diffusion.respace(space_timesteps(diffusion.num_timesteps, str(num_steps),
                                              alphas_cumprod=np.asarray(diffusion.alphas_cumprod)))
+
+
+CHURN_FIELDS = ('s_churn', 's_tmin', 's_tmax', 's_noise')
+
+
+def sampling_target(config, diffusion):
+    """(what samplers.sample runs over, its extra options) for config.sampling: the respaced
+    GaussianDiffusion for diffusion.process='gaussian' (the default), else the run's process
+    (diffusion_jax.processes) with num_steps = K and the churn options."""
+    from diffusion_jax import processes  # pylint: disable=import-outside-toplevel
+    s = config.sampling
+    if config.diffusion.get('process', 'gaussian') == 'gaussian':
+        return respaced(diffusion, s.get('num_steps', '')), {}
+    options = {k: float(s[k]) for k in CHURN_FIELDS if k in s}
+    return processes.get_process(config.diffusion), dict(options, num_steps=int(s.num_steps))
 
 
 def parse_labels(labels, num_classes: int, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -221,9 +242,11 @@ def run_sampling(config, workdir: str) -> str:
     sharding.check_global_batch(s.batch_size, mesh, 'sampling.batch_size')
     sampler, example_shape = _build_sampler(config, loaded.variables, mesh)
     diffusion = sampler.diffusion
+    # The steps run: the respaced chain's K, or a continuous process's num_steps.
+    num_run = int(getattr(diffusion, 'num_timesteps', 0) or int(s.num_steps))
     folder = os.path.join(workdir, 'samples', str(step))
     logging.info('sampling %d with %s over %d of the run\'s T=%d steps (checkpoint %d), batch %d '
-                 'on %d devices', s.num_samples, s.method, diffusion.num_timesteps,
+                 'on %d devices', s.num_samples, s.method, num_run,
                  config.diffusion.num_timesteps, step, s.batch_size, mesh.devices.size)
 
     key_samples, key_progressive, key_interpolation = jax.random.split(jax.random.key(s.seed), 3)
@@ -237,7 +260,7 @@ def run_sampling(config, workdir: str) -> str:
     if jax.process_index() == 0:
         # The sampling section, plus what it ran on: the checkpoint and the trained diffusion.
         image_utils.write_json(os.path.join(folder, 'sampling_config.json'), dict(
-            s.to_dict(), step=step, sampling_timesteps=int(diffusion.num_timesteps),
+            s.to_dict(), step=step, sampling_timesteps=num_run,
             diffusion=config.diffusion.to_dict()))
     return folder
 
@@ -247,8 +270,10 @@ def _build_sampler(config, variables, mesh):
     from diffusion_jax import models  # pylint: disable=import-outside-toplevel
     from diffusion_jax.diffusion import create_diffusion  # pylint: disable=import-outside-toplevel
     model = models.get_model(config.model)
-    diffusion = respaced(create_diffusion(config.diffusion), config.sampling.num_steps)
-    return _Sampler(config, model, variables, diffusion, mesh), models.example_shape(model)
+    target, extra = sampling_target(config, create_diffusion(config.diffusion))
+    sampler = _Sampler(config, model, variables, target, mesh)
+    sampler.options.update(extra)
+    return sampler, models.example_shape(model)
 
 
 def _labels_for(sampler, count: int):
