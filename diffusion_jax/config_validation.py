@@ -44,7 +44,7 @@ CHECKS = (
     ('sampling.s_churn > 0', "method='heun'"),
     ('sampling.guidance_scale > 0', 'model.num_classes > 0 and training.label_dropout > 0'),
     ('training.label_dropout > 0', 'model.num_classes > 0'),
-    ('eval.nll_estimator / eval.feature_space', 'a known name'),
+    ('eval.nll_estimator / eval.feature_space', "a known name; 'ode' for flow and edm"),
 )
 
 
@@ -257,6 +257,11 @@ def _check_eval(config) -> None:
     if estimator not in evaluate.ESTIMATORS:
         raise ValueError(f'eval.nll_estimator={estimator!r}: use one of '
                          f'{", ".join(evaluate.ESTIMATORS)}.')
+    process = config.diffusion.get('process', 'gaussian')
+    if process != 'gaussian' and e.get('nll', True) and estimator != 'ode':
+        raise ValueError(f'eval.nll_estimator={estimator!r} is the discrete chain\'s bound; '
+                         f"diffusion.process={process!r} has only its ODE likelihood: set "
+                         "eval.nll_estimator='ode' (or eval.nll=False).")
     from diffusion_jax.evaluation import sample_quality  # pylint: disable=import-outside-toplevel
     space = e.get('feature_space', 'inception')
     if space not in sample_quality.FEATURE_SPACES:

@@ -12,6 +12,8 @@ time variable t, together with how a network is called on x_t and what it is tra
   output_to_x0(out, x, t) the network output as x̂_0
   denoise(model_fn, x, t) x̂_0(x_t, t) = output_to_x0(model_fn(*model_input(x, t)), x, t)
   time_grid(K)            the K + 1 sampling times, from the noise end down to the data end
+  velocity(model_fn, x, t) dx/dt of the probability-flow ODE; ode_limits(), prior_logp(z) for
+                          the ODE likelihood (evaluation.likelihood.ode_bpd)
   prior_sample(key, shape) x at the first grid time
   sample_time(key, B)     training times t ~ p_train(t), [B]
   loss(model_fn, x0, key) per-example training loss (a dict with 'loss' [B]), pure
@@ -107,6 +109,18 @@ class Process:
         """The probability-flow ODE's dx/dt = α'(t) x̂_0 + σ'(t) ε̂."""
         d_alpha, d_sigma = self.d_alpha_sigma(t)
         return bcast(d_alpha, x) * x0 + bcast(d_sigma, x) * self.eps_from_x0(x0, x, t)
+
+    def velocity(self, model_fn, x, t):
+        """The probability-flow ODE's dx/dt at (x [B, ...], t [B]) from the network."""
+        return self.velocity_from_x0(self.denoise(model_fn, x, t), x, t)
+
+    def ode_limits(self) -> tuple[float, float]:
+        """(t_data, t_noise): where the likelihood ODE starts and ends."""
+        raise NotImplementedError(f'process {self.name!r} has no probability-flow ODE limits.')
+
+    def prior_logp(self, z):
+        """log p_{t_noise}(z) per example [B] of the (approximate) prior at t_noise."""
+        raise NotImplementedError
 
     def marginal_sample(self, x0, t, noise):
         """x_t = α(t) x_0 + σ(t) ε; x0, noise [B, ...], t [B]."""

@@ -85,6 +85,17 @@ class EDM(Process):
         sigma = jnp.asarray(t, jnp.float32)
         return bcast(self.c_skip(sigma), x) * x + bcast(self.c_out(sigma), x) * out.astype(x.dtype)
 
+    def ode_limits(self):
+        """From σ_min (c_noise = ln σ/4 is -∞ at 0) to σ_max, as EDM's sampler spans."""
+        return float(self.sigma_min), float(self.sigma_max)
+
+    def prior_logp(self, z):
+        """N(0, σ_max² I): x_{σ_max} = x_0 + σ_max ε up to the data's own spread (σ_d² ≪ σ_max²)."""
+        flat = z.reshape(z.shape[0], -1)
+        dims = flat.shape[1]
+        return (-0.5 * jnp.sum(jnp.square(flat), axis=1) / self.sigma_max**2
+                - 0.5 * dims * np.log(2 * np.pi * self.sigma_max**2))
+
     def time_grid(self, num_steps: int) -> np.ndarray:
         """Karras et al. eq. 5 for K = num_steps levels, then 0: [K+1] float64, descending."""
         i = np.arange(num_steps, dtype=np.float64) / max(num_steps - 1, 1)

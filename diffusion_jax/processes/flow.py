@@ -93,6 +93,23 @@ class FlowMatching(Process):
             return out
         return x - bcast(t, x) * out
 
+    def velocity(self, model_fn, x, t):
+        """v̂ itself for a velocity network (exact at t = 0, where ε̂ = (x - α x̂_0)/σ is 0/0)."""
+        if self.prediction == 'x0':
+            return super().velocity(model_fn, x, t)
+        return model_fn(*self.model_input(x, t)).astype(x.dtype)
+
+    def ode_limits(self):
+        if self.prediction == 'x0':
+            raise ValueError("diffusion.flow.prediction='x0': the ODE velocity (x - x̂_0)/t is "
+                             "undefined at t = 0; the ODE likelihood needs prediction='velocity'.")
+        return 0.0, 1.0
+
+    def prior_logp(self, z):
+        """N(0, I) at t = 1 (exact: x_1 = ε)."""
+        flat = z.reshape(z.shape[0], -1)
+        return -0.5 * jnp.sum(jnp.square(flat), axis=1) - 0.5 * flat.shape[1] * np.log(2 * np.pi)
+
     def time_grid(self, num_steps: int) -> np.ndarray:
         """t_i = shift(1 - i/K), i = 0..K: [K+1] float64 from 1 down to 0."""
         t = 1.0 - np.arange(num_steps + 1, dtype=np.float64) / num_steps
