@@ -79,7 +79,7 @@ def solve(process, method, k, **kwargs):
 
 # (process, method): the order band of the error from K to 2K. The slope of log error over
 # log K between K and 2K is p + O(1/K); measured (2-core CPU, float32) at K = 32 -> 64:
-# flow euler 0.95, heun 2.07; edm euler 0.99, heun 2.10, dpmpp_2m 2.16, unipc 3.11; as on the VP
+# flow euler 0.95, heun 2.04; edm euler 0.99, heun 2.10, dpmpp_2m 2.16, unipc 3.11; as on the VP
 # chain (tests/test_solvers.py: ddim 1.00, dpmpp_2m 2.01, unipc 2.98, heun 2.18). Bands: the
 # VP test's.
 ORDERS = {('flow', 'euler'): (0.85, 1.15), ('flow', 'heun'): (1.8, 2.4),
