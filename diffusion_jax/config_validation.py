@@ -207,6 +207,14 @@ def _check_process_sampling(config, name: str) -> None:
             or int(k) < 1:
         raise ValueError(f'sampling.num_steps={k!r}: diffusion.process={name!r} samples over K '
                          'steps of its time grid; give an integer K >= 1 (e.g. 18).')
+    for field in ('progressive', 'interpolation'):
+        if s.get(field, False):
+            raise ValueError(f'sampling.{field}=True draws its figures along the discrete chain '
+                             f'(diffusion.process=\'gaussian\'), not for {name!r}: set '
+                             f'sampling.{field}=False.')
+    if s.get('classifier_scale', 0.0):
+        raise ValueError(f'sampling.classifier_scale={s.classifier_scale}: classifier guidance '
+                         f'runs on the gaussian chain only, not on {name!r}; set it to 0.')
     if s.get('s_churn', 0.0) and s.method != 'heun':
         raise ValueError(f"sampling.s_churn={s.s_churn} applies to method='heun' (EDM "
                          f"Algorithm 2), not {s.method!r}; set s_churn=0.")

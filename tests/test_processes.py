@@ -412,3 +412,51 @@ def test_ode_likelihood_of_each_process_is_the_gaussian_density(name):
         np.testing.assert_allclose(np.asarray(out['bpd']), expect, atol=1e-2)
     else:
         np.testing.assert_allclose(np.asarray(out['bpd']), expect, atol=5e-4)
+
+
+def test_sharded_process_sampling_equals_one_device():
+    from diffusion_jax import sharding
+    mesh = sharding.make_mesh()
+    assert mesh.devices.size == 8
+    one = solve(FLOW, 'heun', 4)
+    eight = solve(FLOW, 'heun', 4, mesh=mesh)
+    np.testing.assert_allclose(eight, one, rtol=1e-6, atol=1e-6)
+
+
+def test_config_refuses_what_a_process_cannot_do():
+    """config_validation.resolve: one line per refusal, before anything is built."""
+    from configs import digits, digits_edm, digits_flow
+    from diffusion_jax import config_validation
+    cases = [
+        (digits.get_config, {'diffusion.process': 'cold'},
+         r"diffusion.process='cold' is not a process; choose one of gaussian, flow, edm"),
+        (digits_flow.get_config, {'sampling.method': 'ancestral'},
+         r"sampling.method='ancestral' cannot run on diffusion.process='flow'; it runs euler"),
+        (digits_edm.get_config, {'diffusion.loss_weighting': 'min_snr'},
+         r"diffusion.loss_weighting='min_snr' applies to diffusion.process='gaussian'"),
+        (digits_edm.get_config, {'sampling.num_steps': 'ddim10'},
+         r"sampling.num_steps='ddim10': diffusion.process='edm' samples over K steps"),
+        (digits_edm.get_config, {'sampling.method': 'euler', 'sampling.s_churn': 5.0},
+         r"sampling.s_churn=5.0 applies to method='heun'"),
+        (digits_flow.get_config, {'eval.nll_estimator': 'full'},
+         r"eval.nll_estimator='full' is the discrete chain's bound"),
+        (digits_flow.get_config, {'sampling.progressive': True},
+         r'sampling.progressive=True draws its figures along the discrete chain'),
+        (digits_edm.get_config, {'diffusion.edm.sigma_min': 100.0},
+         r'diffusion.edm.sigma_min=100.0, sigma_max=80.0'),
+    ]
+    for make, edits, match in cases:
+        config = make()
+        for path, value in edits.items():
+            section, field = path.rsplit('.', 1)
+            node = config
+            for part in section.split('.'):
+                node = node[part]
+            node[field] = value
+        with pytest.raises(ValueError, match=match):
+            config_validation.resolve(config, 'train')
+    for make in (digits_flow.get_config, digits_edm.get_config):
+        config_validation.resolve(make(), 'train')  # the shipped configs are valid
+    config = digits.get_config()
+    config.diffusion.loss_weighting = 'min_snr'
+    config_validation.resolve(config, 'train')
