@@ -44,6 +44,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.model_var_type = 'fixed_large'  # σ² = β_t, Ho et al.'s CIFAR-10 choice (run_cifar.py)
     d.loss_type = 'mse'  # L_simple (Ho et al. 2020, eq. 14)
     d.timestep_sampler = 'uniform'  # t ~ U{1..T} (Ho et al. 2020, Algorithm 1)
+    d.process = 'gaussian'  # 'gaussian' (this DDPM family) | 'flow' | 'edm' (diffusion_jax.processes)
+    d.loss_weighting = 'none'  # 'min_snr': min-SNR-γ (Hang et al. 2023), gaussian + loss_type 'mse'
+    d.min_snr_gamma = 5.0  # γ of min-SNR (Hang et al. 2023, Sec. 4: γ = 5)
 
     config.data = data = ml_collections.ConfigDict()
     data.dataset = 'cifar10'  # tfds name, or 'digits' | 'swissroll' (embedded)

@@ -32,16 +32,20 @@ CHECKS = (
     ('training.steps_per_call (train)', '>= 1; num_train_steps and the log/checkpoint/sample '
      'cadences multiples of it; a resumed checkpoint step too'),
     ('diffusion.*', 'a valid schedule, mean/variance/loss type, timestep sampler'),
+    ('diffusion.process', "a registered process (gaussian, flow, edm); loss_weighting='min_snr' "
+     "and timestep_sampler='loss_aware' with gaussian only"),
     ('model.image_size / in_channels', 'equal data.image_size / data.channels (derived)'),
     ('model.out_channels (out_dim)', '2·C for a learned diffusion.model_var_type, C otherwise '
      '(derived)'),
     ('model.learn_sigma (DiT)', 'True exactly for a learned diffusion.model_var_type (derived)'),
     ('model.num_classes', '0 or data.num_classes'),
-    ('sampling.method', 'a registered sampler (diffusion_jax.samplers)'),
-    ('sampling.num_steps', 'a valid respacing of diffusion.num_timesteps'),
+    ('sampling.method', 'a registered sampler (diffusion_jax.samplers) the process runs'),
+    ('sampling.num_steps', 'a valid respacing of diffusion.num_timesteps (gaussian), an '
+     'integer K >= 1 (flow, edm)'),
+    ('sampling.s_churn > 0', "method='heun'"),
     ('sampling.guidance_scale > 0', 'model.num_classes > 0 and training.label_dropout > 0'),
     ('training.label_dropout > 0', 'model.num_classes > 0'),
-    ('eval.nll_estimator / eval.feature_space', 'a known name'),
+    ('eval.nll_estimator / eval.feature_space', "a known name; 'ode' for flow and edm"),
 )
 
 
@@ -119,6 +123,25 @@ def _check_diffusion(config) -> None:
     except ValueError as err:
         text = str(err)
         raise ValueError(text if text.startswith('diffusion.') else f'diffusion.{text}') from err
+    _check_process(d)
+
+
+def _check_process(d) -> None:
+    """diffusion.process and what depends on it (diffusion_jax.processes), one line each."""
+    from diffusion_jax import processes  # pylint: disable=import-outside-toplevel
+    name = d.get('process', 'gaussian')
+    processes.check_name(name)
+    weighting = d.get('loss_weighting', 'none')
+    if name != 'gaussian' and weighting != 'none':
+        raise ValueError(f'diffusion.loss_weighting={weighting!r} applies to diffusion.process='
+                         f"'gaussian' (ε/x0/v-prediction, Hang et al. 2023); {name!r} weights its "
+                         "loss through its own time law (and λ(σ) for edm): set "
+                         "loss_weighting='none'.")
+    if name != 'gaussian' and d.get('timestep_sampler', 'uniform') != 'uniform':
+        raise ValueError(f'diffusion.timestep_sampler={d.timestep_sampler!r} applies to the '
+                         f"discrete gaussian process; {name!r} draws its own training times: set "
+                         "timestep_sampler='uniform'.")
+    processes.get_process(d)  # the process's own fields (diffusion.flow.*, diffusion.edm.*)
 
 
 def _expected_out(model, config) -> tuple[str, int]:
@@ -188,8 +211,35 @@ def sampler_names() -> tuple[str, ...]:
     return tuple(samplers.METHODS)
 
 
+def _check_process_sampling(config, name: str) -> None:
+    """sampling.* for a continuous process: a method it runs, an integer num_steps >= 1."""
+    from diffusion_jax import processes  # pylint: disable=import-outside-toplevel
+    s = config.sampling
+    processes.get_process(config.diffusion).check_method(s.method)
+    k = s.num_steps
+    if isinstance(k, bool) or not (isinstance(k, int) or (isinstance(k, str) and k.isdigit())) \
+            or int(k) < 1:
+        raise ValueError(f'sampling.num_steps={k!r}: diffusion.process={name!r} samples over K '
+                         'steps of its time grid; give an integer K >= 1 (e.g. 18).')
+    for field in ('progressive', 'interpolation'):
+        if s.get(field, False):
+            raise ValueError(f'sampling.{field}=True draws its figures along the discrete chain '
+                             f'(diffusion.process=\'gaussian\'), not for {name!r}: set '
+                             f'sampling.{field}=False.')
+    if s.get('classifier_scale', 0.0):
+        raise ValueError(f'sampling.classifier_scale={s.classifier_scale}: classifier guidance '
+                         f'runs on the gaussian chain only, not on {name!r}; set it to 0.')
+    if s.get('s_churn', 0.0) and s.method != 'heun':
+        raise ValueError(f"sampling.s_churn={s.s_churn} applies to method='heun' (EDM "
+                         f"Algorithm 2), not {s.method!r}; set s_churn=0.")
+
+
 def _check_sampling(config) -> None:
     s = config.sampling
+    process = config.diffusion.get('process', 'gaussian')
+    if process != 'gaussian':
+        _check_process_sampling(config, process)
+        return
     names = sampler_names()
     if s.method not in names:
         raise ValueError(f'sampling.method={s.method!r} is not a sampler: use one of '
@@ -230,6 +280,11 @@ def _check_eval(config) -> None:
     estimator = e.get('nll_estimator', 'full')
     if estimator not in ESTIMATORS:
         raise ValueError(f'eval.nll_estimator={estimator!r}: use one of {", ".join(ESTIMATORS)}.')
+    process = config.diffusion.get('process', 'gaussian')
+    if process != 'gaussian' and e.get('nll', True) and estimator != 'ode':
+        raise ValueError(f'eval.nll_estimator={estimator!r} is the discrete chain\'s bound; '
+                         f"diffusion.process={process!r} has only its ODE likelihood: set "
+                         "eval.nll_estimator='ode' (or eval.nll=False).")
     space = e.get('feature_space', 'inception')
     if space not in FEATURE_SPACES:
         raise ValueError(f'eval.feature_space={space!r}: use one of {", ".join(FEATURE_SPACES)}.')

@@ -54,6 +54,12 @@ def default_sampling_config() -> ml_collections.ConfigDict:
     # DDIM inversion for the interpolation strips: 'reference' (guided-diffusion's
     # ddim_reverse_sample, ε at the input's level, t -> t+1) | 'target_level' (ε_θ(x_{t-1}, t))
     c.inversion = 'reference'
+    # EDM Algorithm 2's churn for method='heun' on diffusion.process='edm' or 'flow' (Karras et
+    # al. 2022, Table 5): S_churn, 0 = deterministic (Algorithm 1).
+    c.s_churn = 0.0
+    c.s_tmin = 0.0  # churn only where σ >= S_tmin (σ for EDM, t/(1-t) for flow)
+    c.s_tmax = float('inf')  # and σ <= S_tmax (inf: no upper bound)
+    c.s_noise = 1.0  # S_noise: the std of the added noise relative to N(0, I)
     c.langevin_snr = DEFAULT_SNR  # r of the Langevin step (Song et al. 2021: 0.16)
     c.langevin_steps = DEFAULT_LANGEVIN_STEPS  # Langevin steps per level / per PC step
     c.seed = 0  # seeds x_T, the chain's noise and the random labels

@@ -95,9 +95,11 @@ def run_resolved(config, workdir: str) -> str:
     sampler, example_shape = batches.build_sampler(config, loaded.variables, mesh,
                                                    _classifier(config))
     diffusion = sampler.diffusion
+    # The steps run: the respaced chain's K, or a continuous process's num_steps.
+    num_run = int(getattr(diffusion, 'num_timesteps', 0) or int(s.num_steps))
     folder = os.path.join(workdir, 'samples', str(step))
     logging.info('sampling %d with %s over %d of the run\'s T=%d steps (checkpoint %d), batch %d '
-                 'on %d devices', s.num_samples, s.method, diffusion.num_timesteps,
+                 'on %d devices', s.num_samples, s.method, num_run,
                  config.diffusion.num_timesteps, step, s.batch_size, mesh.devices.size)
 
     key_samples, key_progressive, key_interpolation = jax.random.split(jax.random.key(s.seed), 3)
@@ -111,7 +113,7 @@ def run_resolved(config, workdir: str) -> str:
     if jax.process_index() == 0:
         # The sampling section, plus what it ran on: the checkpoint and the trained diffusion.
         image_utils.write_json(os.path.join(folder, 'sampling_config.json'), dict(
-            s.to_dict(), step=step, sampling_timesteps=int(diffusion.num_timesteps),
+            s.to_dict(), step=step, sampling_timesteps=num_run,
             diffusion=config.diffusion.to_dict()))
     return folder
 

@@ -31,10 +31,11 @@ import numpy as np
 import optax
 
 from diffusion_jax import checkpointing, diffusion as diffusion_lib, guidance, image_utils
-from diffusion_jax import input_pipeline, logging_utils, models, run as run_lib, samplers
+from diffusion_jax import input_pipeline, logging_utils, models, processes, run as run_lib
+from diffusion_jax import samplers
 from diffusion_jax import sharding, timestep_sampling
 from diffusion_jax.defaults import default_workdir  # noqa: F401  (the old name)
-from diffusion_jax.respace import respaced
+from diffusion_jax.samplers.batches import sampling_target
 from diffusion_jax.timestep_sampling import SAMPLERS  # noqa: F401  (the old name)
 # The train state lives in the run layer (a checkpoint holds it); the old names stay here.
 from diffusion_jax.train_state import (TrainState, abstract_train_state,  # noqa: F401
@@ -103,6 +104,12 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
     label_dropout = config.training.label_dropout
     is_classifier = config.model.name == 'classifier'
     decay = config.training.ema_decay
+    # The process of diffusion.process (diffusion_jax.processes): 'gaussian' keeps the
+    # GaussianDiffusion path below unchanged (min-SNR multiplies its per-example loss);
+    # 'flow' and 'edm' draw their own times and noise in process.loss.
+    process = processes.get_process(config.diffusion)
+    continuous = not isinstance(process, processes.GaussianProcess)
+    min_snr = not continuous and process.loss_weighting != 'none'
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
@@ -110,7 +117,16 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
         x0 = batch['image']
         t, weights = timestep_sampling.sample(state.sampler_state, t_rng, x0.shape[0])
         noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-        if is_classifier:
+        if continuous:
+            y = _labels(batch['label'], num_classes, label_dropout, label_rng)
+
+            def loss_fn(params):
+                def model_fn(x_in, t_in):
+                    return model.apply({'params': params}, x_in, t_in, y, train=True,
+                                       rngs={'dropout': dropout_rng})
+                terms = process.loss(model_fn, x0, noise_rng)
+                return jnp.mean(terms['loss']), terms
+        elif is_classifier:
             loss_fn = functools.partial(_classifier_loss, model, diffusion, x0, t, noise,
                                         batch['label'], dropout_rng)
         else:
@@ -121,15 +137,21 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
                     return model.apply({'params': params}, x_t, t_model, y, train=True,
                                        rngs={'dropout': dropout_rng})
                 terms = diffusion.training_losses(model_fn, x0, t, noise)
+                if min_snr:
+                    terms = dict(terms, loss=process.loss_weight(t) * terms['loss'])
                 return jnp.mean(weights * terms['loss']), terms
 
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        if continuous:  # the loss per quarter of the process's training law (its quantile)
+            steps = diffusion.num_timesteps
+            t = jnp.minimum(jnp.floor(terms.pop('quantile') * steps), steps - 1).astype(jnp.int32)
+            terms = {k: v for k, v in terms.items() if k in ('loss', 'mse')}
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
         # The loss-aware sampler tracks L_t itself: the 'vb' term where there is one.
-        sampler_state = timestep_sampling.update(state.sampler_state, t,
-                                                 terms.get('vb', terms['loss']))
+        sampler_state = state.sampler_state if continuous else timestep_sampling.update(
+            state.sampler_state, t, terms.get('vb', terms['loss']))
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
         apply = finite & (state.skipped <= max_skips)
@@ -180,12 +202,13 @@ def make_sample_fn(config, model, diffusion, num: int, mesh=None) -> Callable:
     and classifier-free guidance scale; a conditional model cycles through the classes. The
     sampler compiles once: the parameters are a jit argument, not a constant."""
     s = config.sampling
-    diffusion = respaced(diffusion, s.get('num_steps', ''))
+    diffusion, process_options = sampling_target(config, diffusion)
     shape = (num, *models.example_shape(model))
     num_classes = config.model.get('num_classes', 0)
     y = jnp.arange(num, dtype=jnp.int32) % num_classes if num_classes else None
     options = {k: s[k] for k in ('method', 'eta', 'clip_denoised', 'langevin_snr',
                                  'langevin_steps', 'ddim_guidance', 'dynamic_threshold') if k in s}
+    options.update(process_options)
     if mesh is not None and num % mesh.devices.size == 0:
         options['mesh'] = mesh
 

@@ -62,7 +62,13 @@ def _ode_fn(config, model, diffusion):
     if options['dequantization'] not in likelihood.DEQUANTIZATION:
         raise ValueError(f"eval.ode_dequantization={options['dequantization']!r}: use one of "
                          f'{", ".join(likelihood.DEQUANTIZATION)}.')
-    likelihood.ContinuousVP.from_diffusion(diffusion)
+    from diffusion_jax import processes  # pylint: disable=import-outside-toplevel
+    process = processes.get_process(config.diffusion)
+    if isinstance(process, processes.GaussianProcess):
+        likelihood.ContinuousVP.from_diffusion(diffusion)
+    else:  # flow / edm: their own probability-flow ODE (likelihood.ode_bpd)
+        process.ode_limits()  # raises for a process without a likelihood ODE
+        diffusion = process
 
     def ode(variables, x0, y, rng):
         fn = lambda x_t, t: model.apply(variables, x_t, t, y=y if conditional else None)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import timestep_sampling
+from diffusion_jax import processes, timestep_sampling
 from diffusion_jax.diffusion import wrap_model
 
 # score_sde (likelihood.py, get_likelihood_fn): rtol = atol = 1e-5 with scipy's RK45
@@ -207,6 +207,18 @@ def probability_flow_drift(diffusion, model_fn, sde: ContinuousVP):
     return drift
 
 
+def _process_drift(process, model_fn):
+    """dx/dt = process.velocity(x, t) at the scalar ODE time t: [B, ...] -> [B, ...]."""
+    def drift(t, x):
+        return process.velocity(model_fn, x, jnp.full((x.shape[0],), t, jnp.float32))
+    return drift
+
+
+def _standard_normal_logp(z):
+    flat = z.reshape(z.shape[0], -1)
+    return -0.5 * jnp.sum(jnp.square(flat), axis=1) - 0.5 * flat.shape[1] * math.log(2 * math.pi)
+
+
 def _divergence(drift, tau, x, probe, hutchinson: str):
     """(f̃(x, τ), ∇·f̃ per example [B]): Hutchinson's z^T (∂f̃/∂x) z with a fixed probe z, or the
     exact trace from D forward-mode products (examples are independent, so one basis vector
@@ -238,8 +250,13 @@ def ode_bpd(diffusion, model_fn, x0, rng, *, solver: str = 'dopri5', rtol: float
         bpd = -log p_1(y)/(D ln 2) + 7  (7 = -log2 of the 2/256 bin width).
     See ContinuousVP for how the discrete schedule defines the SDE and the network's timestep.
 
+    Any process (diffusion_jax.processes): for 'flow' and 'edm' the ODE is dx/dt =
+    process.velocity from process.ode_limits()[0] (flow t = 0; EDM σ_min) to [1] (t = 1; σ_max)
+    with process.prior_logp (N(0, I); N(0, σ_max² I)) in place of N(0, I) and the VP SDE.
+
     Args:
-      diffusion: the (un-respaced or respaced) GaussianDiffusion the model was trained with.
+      diffusion: the (un-respaced or respaced) GaussianDiffusion the model was trained with, or
+        a process (model_fn then is called as the process calls its network).
       model_fn: (x [B, ...], timesteps [B] float) -> model output (as for the bound).
       x0: [B, ...] data on the 256-level grid in [-1, 1]. The solve runs in x0's floating dtype
         (float32 for integer or half inputs; float64 inputs under `jax.enable_x64` give a float64
@@ -261,17 +278,26 @@ def ode_bpd(diffusion, model_fn, x0, rng, *, solver: str = 'dopri5', rtol: float
     x0 = jnp.asarray(x0)
     dtype = jnp.promote_types(x0.dtype if jnp.issubdtype(x0.dtype, jnp.floating)
                               else jnp.float32, jnp.float32)
-    sde = ContinuousVP.from_diffusion(diffusion, dtype)
+    diffusion = getattr(diffusion, 'diffusion', diffusion)  # a GaussianProcess: its diffusion
+    if isinstance(diffusion, processes.Process):
+        # A continuous process: dx/dt = process.velocity from t_data to t_noise, its own prior.
+        t0, t1 = diffusion.ode_limits()
+        prior = diffusion.prior_logp
+        drift = _process_drift(diffusion, model_fn)
+    else:
+        sde = ContinuousVP.from_diffusion(diffusion, dtype)
+        t0, t1 = 1.0, sde.t_end
+        prior = _standard_normal_logp
+        drift = probability_flow_drift(diffusion, model_fn, sde)
     y, probe = _start_and_probe(x0, rng, dequantization, hutchinson, dtype)
-    drift = probability_flow_drift(diffusion, model_fn, sde)
 
     def vector_field(tau, state, args):  # pylint: disable=unused-argument
         dx, div = _divergence(drift, tau, state[0], probe, hutchinson)
         return dx, div
 
-    sol = _solve(vector_field, (y, jnp.zeros((y.shape[0],), dtype)), 1.0, sde.t_end,
+    sol = _solve(vector_field, (y, jnp.zeros((y.shape[0],), dtype)), t0, t1,
                  solver=solver, rtol=rtol, atol=atol, num_steps=num_steps, max_steps=max_steps)
-    return _ode_result(sol, y, solver)
+    return _ode_result(sol, y, solver, prior)
 
 
 def _start_and_probe(x0, rng, dequantization: str, hutchinson: str, dtype):
@@ -300,14 +326,13 @@ def _solve(vector_field, state, t0: float, t1: float, *, solver: str, rtol: floa
                                stepsize_controller=controller, max_steps=max_steps, throw=False)
 
 
-def _ode_result(sol, y, solver: str) -> dict:
+def _ode_result(sol, y, solver: str, prior) -> dict:
     """ode_bpd's dict from the solution at τ = K: the prior's log density of x(K) plus the
     integrated divergence, in bits/dim, with the solver's statistics."""
     import diffrax  # pylint: disable=import-outside-toplevel
     z, delta_logp = sol.ys[0][-1], sol.ys[1][-1]
     dims = int(np.prod(y.shape[1:]))
-    prior_logp = -0.5 * jnp.sum(jnp.square(z).reshape(z.shape[0], -1), axis=1) \
-        - 0.5 * dims * math.log(2 * math.pi)
+    prior_logp = prior(z)
     bpd = -(prior_logp + delta_logp) / (dims * math.log(2.0)) + _BITS_PER_BIN_WIDTH
     steps = sol.stats['num_steps']
     nfe = steps * _EVALS_PER_STEP[solver] + (1 if _FSAL[solver] else 0)

@@ -15,6 +15,10 @@ Layout (one sampler = one registered unit in one module, with its equation in th
   unipc.py       'unipc'      UniPC bh2, order 2 (Zhao et al. 2023)              NFE K
   heun.py        'heun'       EDM Algorithm 1 (Karras et al. 2022)               NFE 2K - 1
   chain.py       sample, reverse_from, langevin_correct: one jit per (method, options, K, shape)
+  process_solvers.py  the samplers over a continuous process (diffusion_jax.processes 'flow',
+                 'edm'): 'euler', 'heun' (EDM Alg. 2 with churn), 'ddim', 'dpmpp_2m', 'dpmpp_3m',
+                 'unipc' through the process's x̂_0 and λ (the dpm_solver/unipc updates);
+                 `sample(process, ...)` dispatches there
   editing.py     ddim_encode (inversion='reference' | 'target_level'), interpolate_ddim,
                  interpolate_ddpm, same_xt_samples, slerp
   batches.py     a run's samples in batches over the mesh: draw_samples, sample_batches
@@ -39,6 +43,7 @@ from diffusion_jax.samplers.editing import (INVERSIONS, ddim_encode, ddim_encode
                                             same_xt_samples, slerp)
 from diffusion_jax.samplers.langevin import annealed_step_size, langevin_step, snr_step_size
 from diffusion_jax.samplers.registry import get_sampler, names, nfe, register_sampler
+from diffusion_jax.samplers import process_solvers  # noqa: E402  (after the chain's modules)
 from diffusion_jax.guidance import (ClassifierGuidance, bind_model, classifier_free_model_fn,
                                     classifier_grad_fn, classifier_guidance)
 
@@ -49,5 +54,5 @@ __all__ = ['METHODS', 'INVERSIONS', 'DDIM_GUIDANCE', 'DEFAULT_SNR', 'DEFAULT_LAN
            'same_xt_samples', 'slerp', 'langevin_correct', 'ancestral_step', 'ddim_step',
            'ddim_encode_step', 'ddim_reverse_step', 'langevin_step', 'snr_step_size',
            'annealed_step_size', 'guided_model_output', 'condition_score', 'dynamic_threshold',
-           'register_sampler', 'get_sampler', 'names', 'nfe', 'ClassifierGuidance',
+           'register_sampler', 'get_sampler', 'names', 'nfe', 'process_solvers', 'ClassifierGuidance',
            'classifier_guidance', 'classifier_grad_fn', 'classifier_free_model_fn', 'bind_model']

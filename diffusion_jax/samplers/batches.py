@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from diffusion_jax import guidance as guidance_lib
-from diffusion_jax import models, sharding
+from diffusion_jax import models, processes, sharding
 from diffusion_jax.diffusion import create_diffusion
 from diffusion_jax.logging_utils import format_duration
 from diffusion_jax.respace import respaced
@@ -98,12 +98,28 @@ class Sampler:
                                guidance=self.guidance(y), mesh=self.mesh_for(shape[0]), **options)
 
 
+CHURN_FIELDS = ('s_churn', 's_tmin', 's_tmax', 's_noise')
+
+
+def sampling_target(config, diffusion):
+    """(what samplers.sample runs over, its extra options) for config.sampling: the respaced
+    GaussianDiffusion for diffusion.process='gaussian' (the default), else the run's process
+    (diffusion_jax.processes) with num_steps = K and the churn options."""
+    s = config.sampling
+    if config.diffusion.get('process', 'gaussian') == 'gaussian':
+        return respaced(diffusion, s.get('num_steps', '')), {}
+    options = {k: float(s[k]) for k in CHURN_FIELDS if k in s}
+    return processes.get_process(config.diffusion), dict(options, num_steps=int(s.num_steps))
+
+
 def build_sampler(config, variables, mesh, classifier=None):
-    """(Sampler over config.sampling's respaced diffusion, the model's example shape)."""
+    """(Sampler over config.sampling's respaced diffusion or the run's process, the model's
+    example shape)."""
     model = models.get_model(config.model)
-    diffusion = respaced(create_diffusion(config.diffusion), config.sampling.num_steps)
-    return (Sampler(config, model, variables, diffusion, mesh, classifier),
-            models.example_shape(model))
+    target, extra = sampling_target(config, create_diffusion(config.diffusion))
+    sampler = Sampler(config, model, variables, target, mesh, classifier)
+    sampler.options.update(extra)
+    return sampler, models.example_shape(model)
 
 
 def labels_for(sampler, count: int):

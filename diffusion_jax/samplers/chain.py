@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from diffusion_jax import respace as respace_lib
+from diffusion_jax.diffusion import GaussianDiffusion
 from diffusion_jax.samplers import common
 from diffusion_jax.samplers import langevin as langevin_lib
 from diffusion_jax.samplers.common import DEFAULT_LANGEVIN_STEPS, DEFAULT_SNR, Context, Options
@@ -176,11 +178,17 @@ def sample(diffusion, model_fn, rng, shape: Sequence[int], *, method: str = 'anc
            eta: float = 0.0, clip_denoised: bool = True, x_T=None, progress_steps=None,
            guidance=None, langevin_snr: float = DEFAULT_SNR,
            langevin_steps: int = DEFAULT_LANGEVIN_STEPS, mesh: Mesh | None = None,
-           ddim_guidance: str = 'condition_score', dynamic_threshold: float = 0.0):
+           ddim_guidance: str = 'condition_score', dynamic_threshold: float = 0.0,
+           num_steps=None, **process_options):
     """Samples x_0 by running the reverse chain from x_T ~ N(0, I) over every step of `diffusion`.
 
     Args:
       diffusion: a GaussianDiffusion, possibly respaced (diffusion.respace); its K steps are run.
+        Or a process (diffusion_jax.processes): a GaussianProcess runs its diffusion here; a
+        continuous one ('flow', 'edm') runs samplers.process_solvers.sample with num_steps = K,
+        x_T, clip_denoised, mesh and process_options (grid, s_churn, s_tmin, s_tmax, s_noise).
+      num_steps: for a process only: K (for a GaussianProcess a spacing of
+        respace.space_timesteps; None keeps its steps).
       model_fn: (x_t [B, ...], t_original [B]) -> network output (ε, x0 or v; 2C channels with a
         learned variance); best a pytree such as guidance.bind_model(apply, params) or
         guidance.classifier_free_model_fn(...).
@@ -202,6 +210,20 @@ def sample(diffusion, model_fn, rng, shape: Sequence[int], *, method: str = 'anc
     Returns:
       dict(samples=[B, ...] float32, progressive=[len(progress_steps), B, ...] if requested).
     """
+    if not isinstance(diffusion, GaussianDiffusion):
+        diffusion = _from_process(diffusion, num_steps)
+        if not isinstance(diffusion, GaussianDiffusion):  # a continuous process
+            from diffusion_jax.samplers import process_solvers  # pylint: disable=import-outside-toplevel
+            if guidance is not None:
+                raise ValueError('classifier guidance runs on the gaussian process only; '
+                                 'set sampling.classifier_scale=0.')
+            return process_solvers.sample(
+                diffusion, model_fn, rng, shape, method=method,
+                num_steps=18 if num_steps is None else num_steps, x_T=x_T,
+                clip_denoised=clip_denoised, mesh=mesh, **process_options)
+    elif num_steps is not None or process_options:
+        raise ValueError('num_steps and process options apply to a process; respace a '
+                         'GaussianDiffusion with diffusion.respace instead.')
     shape = tuple(int(s) for s in shape)
     check_batch(shape[0], mesh, 'sample')
     opts = make_options(diffusion, method, clip_denoised, langevin_steps, mesh, progress_steps,
@@ -209,6 +231,17 @@ def sample(diffusion, model_fn, rng, shape: Sequence[int], *, method: str = 'anc
     dynamic, static = partition((diffusion, model_fn, guidance))
     return _sample_jit(dynamic, rng, x_T, jnp.float32(eta), jnp.float32(langevin_snr),
                        static=static, opts=opts, shape=shape)
+
+
+def _from_process(process, num_steps):
+    """The GaussianDiffusion of a GaussianProcess (respaced by num_steps), else the process."""
+    inner = getattr(process, 'diffusion', None)
+    if not isinstance(inner, GaussianDiffusion):
+        return process
+    if num_steps in (None, ''):
+        return inner
+    return inner.respace(respace_lib.space_timesteps(inner.num_timesteps, num_steps,
+                                                     np.asarray(inner.alphas_cumprod)))
 
 
 @functools.partial(jax.jit, static_argnames=('static', 'opts'))

@@ -40,9 +40,16 @@ def levels(diffusion, k):
 def dpmpp_update(diffusion, x, k, m0, m1, m2, order):
     """x at level k-1 from x [B, ...] at level k by DPM-Solver++ of the given (traced scalar)
     order ∈ {1, 2, 3}; at k = 0 the result is m0 (the step to ᾱ = 1)."""
-    (lam_s2, lam_s1, lam_s0, lam_t), (alpha_t, sigma_t, sigma_s) = levels(diffusion, k)
-    final = k == 0
-    h = jnp.where(final, 1.0, lam_t - lam_s0)  # λ_{-1} = ∞: the step is replaced below
+    lam, (alpha_t, sigma_t, sigma_s) = levels(diffusion, k)
+    return dpmpp_update_levels(x, m0, m1, m2, order, lam, alpha_t, sigma_t, sigma_s, k == 0)
+
+
+def dpmpp_update_levels(x, m0, m1, m2, order, lam, alpha_t, sigma_t, sigma_s, final):
+    """The DPM-Solver++ step of any process from its levels (the module docstring's formulas):
+    lam = (λ_{s2}, λ_{s1}, λ_s, λ_t), α_t, σ_t, σ_s scalars; `final` (the step to σ = 0)
+    returns m0. Shapes: x, m0, m1, m2 [B, ...]."""
+    lam_s2, lam_s1, lam_s0, lam_t = lam
+    h = jnp.where(final, 1.0, lam_t - lam_s0)  # λ_t = ∞: the step is replaced below
     # Unused ratios are set to 1 so that no branch divides by zero.
     r0 = jnp.where(order >= 2, (lam_s0 - lam_s1) / h, 1.0)
     r1 = jnp.where(order >= 3, (lam_s1 - lam_s2) / h, 1.0)

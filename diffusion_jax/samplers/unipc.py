@@ -33,18 +33,28 @@ def init(ctx, x):  # pylint: disable=unused-argument
             'order': jnp.ones((), jnp.int32)}
 
 
-def _first_order(diffusion, x_s, m0, k, h):
-    """(σ_t/σ_s) x_s - α_t (e^{-h} - 1) m0 from level k to k-1, with α_t, σ_t at k-1."""
-    alpha_t, sigma_t, sigma_s = common.step_levels(diffusion, k)
-    return (sigma_t / sigma_s) * x_s - alpha_t * jnp.expm1(-h) * m0, alpha_t
+def _levels(diffusion, k):
+    """((λ_{k+1}, λ_k, λ_{k-1}), α_{k-1}, σ_{k-1}, σ_k) of the step from level k to k-1."""
+    lam = tuple(common.log_snr(diffusion, k + j) for j in (1, 0, -1))
+    return (lam, *common.step_levels(diffusion, k))
 
 
 def corrector(diffusion, x_s, m0, m1, m_t, k, order):
     """UniC for the step from level k (x_s, m0; m1 at k+1) to k-1 given m_t at k-1."""
-    lam_s1, lam_s, lam_t = (common.log_snr(diffusion, k + j) for j in (1, 0, -1))
+    return corrector_levels(x_s, m0, m1, m_t, order, *_levels(diffusion, k))
+
+
+def predictor(diffusion, x_s, m0, m1, k, order):
+    """UniP-order from level k to k-1 (order 1 or 2, traced); m0 at k, m1 at k+1."""
+    return predictor_levels(x_s, m0, m1, order, *_levels(diffusion, k), k == 0)
+
+
+def corrector_levels(x_s, m0, m1, m_t, order, lam, alpha_t, sigma_t, sigma_s):
+    """UniC of any process from its levels: lam = (λ_{s1}, λ_s, λ_t), α_t, σ_t, σ_s scalars."""
+    lam_s1, lam_s, lam_t = lam
     h = lam_t - lam_s
     hh = -h
-    base, alpha_t = _first_order(diffusion, x_s, m0, k, h)
+    base = (sigma_t / sigma_s) * x_s - alpha_t * jnp.expm1(-h) * m0
     b_h = jnp.expm1(hh)
     # B(h) ρ for R ρ = b (b_i B(h) = hh φ_{i+1}(hh) i!), solved in closed form for 2 × 2.
     bb1, bb2 = hh * common.phi(2, hh), 2.0 * hh * common.phi(3, hh)
@@ -57,14 +67,14 @@ def corrector(diffusion, x_s, m0, m1, m_t, k, order):
     return jnp.where(order >= 2, second, first)
 
 
-def predictor(diffusion, x_s, m0, m1, k, order):
-    """UniP-order from level k to k-1 (order 1 or 2, traced); m0 at k, m1 at k+1."""
-    lam_s1, lam_s, lam_t = (common.log_snr(diffusion, k + j) for j in (1, 0, -1))
-    h = jnp.where(k == 0, 1.0, lam_t - lam_s)  # λ_{-1} = ∞: replaced by x̂_0 below
-    base, alpha_t = _first_order(diffusion, x_s, m0, k, h)
+def predictor_levels(x_s, m0, m1, order, lam, alpha_t, sigma_t, sigma_s, final):
+    """UniP of any process from its levels; `final` (the step to σ = 0) returns m0."""
+    lam_s1, lam_s, lam_t = lam
+    h = jnp.where(final, 1.0, lam_t - lam_s)  # λ_t = ∞: replaced by x̂_0 below
+    base = (sigma_t / sigma_s) * x_s - alpha_t * jnp.expm1(-h) * m0
     r1 = jnp.where(order >= 2, (lam_s1 - lam_s) / h, -1.0)
     second = base - alpha_t * 0.5 * jnp.expm1(-h) * (m1 - m0) / r1
-    return jnp.where(k == 0, m0, jnp.where(order >= 2, second, base))
+    return jnp.where(final, m0, jnp.where(order >= 2, second, base))
 
 
 @register_sampler('unipc', init=init, summary='UniPC-bh2, order 2 (Zhao et al. 2023)')
