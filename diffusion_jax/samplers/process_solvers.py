@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.samplers import common, dpm_solver, unipc
-from diffusion_jax.samplers.chain import check_batch, partition
+from diffusion_jax.samplers.static import check_batch, partition
 
 
 class ProcessOptions(NamedTuple):
