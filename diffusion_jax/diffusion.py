@@ -305,6 +305,12 @@ class GaussianDiffusion:
         return (self._c('sqrt_one_minus_alphas_cumprod', t, x_t) * x_t
                 + self._c('sqrt_alphas_cumprod', t, x_t) * v)
 
+    def snr(self, t):
+        """Signal-to-noise ratio SNR_t = ᾱ_t/(1-ᾱ_t) [shape of t], float32, from the float64
+        table (min-SNR-γ weighting, Hang et al. 2023; 0 at a zero-terminal-SNR level)."""
+        abar = np.asarray(self.alphas_cumprod, np.float64)
+        return jnp.asarray(abar / (1.0 - abar), jnp.float32)[t]
+
     def score_from_eps(self, x_t, t, eps):
         """∇_x log q(x_t) ≈ -ε_θ(x_t, t)/√(1-ᾱ_t) (the NCSN connection; survey eq. of the score)."""
         return -eps / self._c('sqrt_one_minus_alphas_cumprod', t, x_t)

@@ -87,10 +87,8 @@ class GaussianProcess(Process):
         """Per-example weight [B] of the configured loss_weighting (1 for 'none')."""
         if self.loss_weighting == 'none':
             return jnp.ones(jnp.shape(t), jnp.float32)
-        # SNR_t = ᾱ_t/(1-ᾱ_t) from the float64 table, rounded to float32 once.
-        abar = np.asarray(self.diffusion.alphas_cumprod, np.float64)
-        snr = jnp.asarray(abar / (1.0 - abar), jnp.float32)[t]
-        return weighting.min_snr_weight(snr, self.min_snr_gamma, self.diffusion.model_mean_type)
+        return weighting.min_snr_weight(self.diffusion.snr(t), self.min_snr_gamma,
+                                        self.diffusion.model_mean_type)
 
     def loss(self, model_fn, x0, key, t=None):
         """training_losses at t (uniform if not given) times loss_weight(t):
