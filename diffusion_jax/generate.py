@@ -62,6 +62,10 @@ def default_sampling_config() -> ml_collections.ConfigDict:
     # Guidance rescale φ of Lin et al. 2023 (eq. 15-16; they use 0.7) for classifier-free
     # guidance: the guided output takes the conditional's std, mixed with weight φ; 0 = off.
     c.guidance_rescale = 0.0
+    # Guidance interval (Kynkäänniemi et al. 2024): 'lo,hi' applies classifier-free guidance only
+    # where σ lies in (lo, hi] (σ = √((1-ᾱ)/ᾱ); t/(1-t) for flow; σ for EDM; EDM2-XXL's is about
+    # '0.28,1.61'); '' = guidance at every step.
+    c.guidance_interval = ''
     c.classifier_scale = 0.0  # classifier guidance s (Dhariwal & Nichol 2021); 0 = off
     # How guided DDIM composes the classifier's shift with clipping: 'condition_score'
     # (guided-diffusion: ε from the clipped x̂_0, shifted, guided x̂_0 unclipped) | 'eps_shift'
@@ -115,6 +119,30 @@ def sampling_target(config, diffusion):
         return respaced(diffusion, s.get('num_steps', '')), {}
     options = {k: float(s[k]) for k in CHURN_FIELDS if k in s}
     return processes.get_process(config.diffusion), dict(options, num_steps=int(s.num_steps))
+
+
+def parse_guidance_interval(text) -> tuple[float, float] | None:
+    """'lo,hi' -> (lo, hi) with 0 <= lo < hi; '' -> None (ValueError naming the field)."""
+    if not text:
+        return None
+    try:
+        lo, hi = (float(v) for v in str(text).split(','))
+    except ValueError:
+        raise ValueError(f'sampling.guidance_interval={text!r} is not \'lo,hi\' (two numbers, '
+                         "e.g. '0.28,1.61'); '' turns it off.") from None
+    if not 0.0 <= lo < hi:
+        raise ValueError(f'sampling.guidance_interval={text!r} needs 0 <= lo < hi '
+                         "(e.g. '0.28,1.61').")
+    return lo, hi
+
+
+def guidance_interval(config):
+    """(lo, hi, σ of the network's time input) of sampling.guidance_interval, or None."""
+    from diffusion_jax import processes  # pylint: disable=import-outside-toplevel
+    bounds = parse_guidance_interval(config.sampling.get('guidance_interval', ''))
+    if bounds is None:
+        return None
+    return (*bounds, processes.get_process(config.diffusion).network_sigma())
 
 
 def parse_labels(labels, num_classes: int, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -194,7 +222,8 @@ class _Sampler:
         if self.num_classes and w:
             return guidance_lib.classifier_free_model_fn(
                 self.model.apply, self.variables, y, w, null_label=self.num_classes,
-                guidance_rescale=self.config.sampling.get('guidance_rescale', 0.0))
+                guidance_rescale=self.config.sampling.get('guidance_rescale', 0.0),
+                interval=guidance_interval(self.config))
         return guidance_lib.bind_model(self.model.apply, self.variables,
                                        y if self.num_classes else None)
 

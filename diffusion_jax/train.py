@@ -272,7 +272,8 @@ def make_sample_fn(config, model, diffusion, num: int, mesh=None) -> Callable:
         if y is not None and s.get('guidance_scale', 0.0):
             model_fn = guidance.classifier_free_model_fn(
                 model.apply, variables, y, s.guidance_scale, num_classes,
-                guidance_rescale=s.get('guidance_rescale', 0.0))
+                guidance_rescale=s.get('guidance_rescale', 0.0),
+                interval=generate.guidance_interval(config))
         else:
             model_fn = guidance.bind_model(model.apply, variables, y)
         return samplers.sample(diffusion, model_fn, rng, shape, **options)['samples']
