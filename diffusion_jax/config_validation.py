@@ -43,6 +43,7 @@ CHECKS = (
     ('sampling.num_steps', 'a valid respacing of diffusion.num_timesteps (gaussian), an '
      'integer K >= 1 (flow, edm)'),
     ('sampling.s_churn > 0', "method='heun'"),
+    ('sampling.guidance_interval', "'' or 'lo,hi' with 0 <= lo < hi"),
     ('sampling.guidance_scale > 0', 'model.num_classes > 0 and training.label_dropout > 0'),
     ('training.label_dropout > 0', 'model.num_classes > 0'),
     ('eval.nll_estimator / eval.feature_space', "a known name; 'ode' for flow and edm"),
@@ -236,6 +237,8 @@ def _check_process_sampling(config, name: str) -> None:
 
 def _check_sampling(config) -> None:
     s = config.sampling
+    from diffusion_jax import guidance  # pylint: disable=import-outside-toplevel
+    guidance.parse_guidance_interval(s.get('guidance_interval', ''))
     process = config.diffusion.get('process', 'gaussian')
     if process != 'gaussian':
         _check_process_sampling(config, process)

@@ -38,6 +38,10 @@ def default_sampling_config() -> ml_collections.ConfigDict:
     # Guidance rescale φ of Lin et al. 2023 (eq. 15-16; they use 0.7) for classifier-free
     # guidance: the guided output takes the conditional's std, mixed with weight φ; 0 = off.
     c.guidance_rescale = 0.0
+    # Guidance interval (Kynkäänniemi et al. 2024): 'lo,hi' applies classifier-free guidance only
+    # where σ lies in (lo, hi] (σ = √((1-ᾱ)/ᾱ); t/(1-t) for flow; σ for EDM; EDM2-XXL's is about
+    # '0.28,1.61'); '' = guidance at every step.
+    c.guidance_interval = ''
     c.classifier_scale = 0.0  # classifier guidance s (Dhariwal & Nichol 2021); 0 = off
     # How guided DDIM composes the classifier's shift with clipping: 'condition_score'
     # (guided-diffusion: ε from the clipped x̂_0, shifted, guided x̂_0 unclipped) | 'eps_shift'

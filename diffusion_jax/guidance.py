@@ -104,7 +104,7 @@ def _rescale(cond, guided, phi):
     return phi * (guided * ratio) + (1.0 - phi) * guided
 
 
-def _classifier_free_apply(model_apply, variables, y, w, null_label, rescale, x_t, t):
+def _classifier_free_apply(model_apply, variables, y, w, null_label, rescale, interval, x_t, t):
     # Two calls rather than one on a doubled batch: on a mesh, concatenating two sharded batches
     # would reshuffle examples between devices; the FLOPs are the same.
     cond = model_apply(variables, x_t, t, y=y)
@@ -112,6 +112,10 @@ def _classifier_free_apply(model_apply, variables, y, w, null_label, rescale, x_
     # Guide the mean output only: ε, x0 and v are all affine in one another at fixed (x_t, t), so
     # the guided combination means the same for each; a learned variance stays the conditional's.
     c = x_t.shape[-1]
+    if interval is not None:  # w = 0 outside (lo, hi]: exactly the conditional output
+        lo, hi, sigma_fn = interval
+        sigma = sigma_fn(t)
+        w = jnp.where((sigma > lo) & (sigma <= hi), w, 0.0).reshape((-1,) + (1,) * (x_t.ndim - 1))
     guided = (1.0 + w) * cond[..., :c] - w * uncond[..., :c]
     if rescale is not None:
         guided = _rescale(cond[..., :c], guided, rescale)
@@ -119,7 +123,7 @@ def _classifier_free_apply(model_apply, variables, y, w, null_label, rescale, x_
 
 
 def classifier_free_model_fn(model_apply: Callable, variables, y, w, null_label: int, *,
-                             guidance_rescale=0.0) -> Partial:
+                             guidance_rescale=0.0, interval=None) -> Partial:
     """ε̃(x_t, y) = (1 + w) ε(x_t, y) - w ε(x_t, ∅) (Ho & Salimans 2021, eq. 6) as a model_fn.
 
     Args:
@@ -132,11 +136,39 @@ def classifier_free_model_fn(model_apply: Callable, variables, y, w, null_label:
         rescaled to the conditional output's per-example std and mixed back with weight φ,
         against the over-exposure of large w. Applied to the network's mean output in its own
         parameterisation, as diffusers does. 0 (the default) is plain guidance, exactly.
+      interval: (lo, hi, sigma_fn) or None: the guidance interval of Kynkäänniemi et al. 2024,
+        w applied only where σ = sigma_fn(t) of the network's time input lies in (lo, hi], the
+        conditional output elsewhere (per example; sigma_fn: a process's network_sigma(), σ in
+        EDM units √((1-ᾱ)/ᾱ), t/(1-t), σ). It is decided per network evaluation: a Heun step
+        whose two evaluations straddle a bound guides one of them (the reference code decides
+        once per step).
     """
     rescale = float(guidance_rescale)
     if not 0.0 <= rescale <= 1.0:
         raise ValueError(f'sampling.guidance_rescale={guidance_rescale} must lie in [0, 1] '
                          '(Lin et al. 2023 use 0.7; 0 turns it off).')
+    if interval is not None:
+        lo, hi, sigma_fn = interval
+        if not 0.0 <= float(lo) < float(hi):
+            raise ValueError(f"sampling.guidance_interval='{lo},{hi}' needs 0 <= lo < hi "
+                             '(EDM2-XXL: 0.28,1.61).')
+        interval = (jnp.float32(lo), jnp.float32(hi), sigma_fn)
     return Partial(_classifier_free_apply, model_apply, variables, jnp.asarray(y, jnp.int32),
                    jnp.asarray(w, jnp.float32), int(null_label),
-                   jnp.asarray(rescale, jnp.float32) if rescale else None)
+                   jnp.asarray(rescale, jnp.float32) if rescale else None, interval)
+
+
+def parse_guidance_interval(text) -> tuple[float, float] | None:
+    """'lo,hi' -> (lo, hi) with 0 <= lo < hi (sampling.guidance_interval, Kynkäänniemi et al.
+    2024); '' -> None. ValueError naming the field otherwise."""
+    if not text:
+        return None
+    try:
+        lo, hi = (float(v) for v in str(text).split(','))
+    except ValueError:
+        raise ValueError(f'sampling.guidance_interval={text!r} is not \'lo,hi\' (two numbers, '
+                         "e.g. '0.28,1.61'); '' turns it off.") from None
+    if not 0.0 <= lo < hi:
+        raise ValueError(f'sampling.guidance_interval={text!r} needs 0 <= lo < hi '
+                         "(e.g. '0.28,1.61').")
+    return lo, hi

@@ -35,7 +35,7 @@ from diffusion_jax import input_pipeline, logging_utils, models, processes, run 
 from diffusion_jax import samplers
 from diffusion_jax import sharding, timestep_sampling
 from diffusion_jax.defaults import default_workdir  # noqa: F401  (the old name)
-from diffusion_jax.samplers.batches import sampling_target
+from diffusion_jax.samplers.batches import guidance_interval, sampling_target
 from diffusion_jax.timestep_sampling import SAMPLERS  # noqa: F401  (the old name)
 # The train state lives in the run layer (a checkpoint holds it); the old names stay here.
 from diffusion_jax.train_state import (TrainState, abstract_train_state,  # noqa: F401
@@ -217,7 +217,8 @@ def make_sample_fn(config, model, diffusion, num: int, mesh=None) -> Callable:
         if y is not None and s.get('guidance_scale', 0.0):
             model_fn = guidance.classifier_free_model_fn(
                 model.apply, variables, y, s.guidance_scale, num_classes,
-                guidance_rescale=s.get('guidance_rescale', 0.0))
+                guidance_rescale=s.get('guidance_rescale', 0.0),
+                interval=guidance_interval(config))
         else:
             model_fn = guidance.bind_model(model.apply, variables, y)
         return samplers.sample(diffusion, model_fn, rng, shape, **options)['samples']

@@ -17,6 +17,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 
 from diffusion_jax.processes.base import Process, bcast, mean_flat, register_process, section
 
@@ -77,6 +78,10 @@ class EDM(Process):
     def time_at_sigma_tilde(self, s):
         return jnp.asarray(s, jnp.float32)
 
+    def network_sigma(self):
+        """c_noise -> σ = e^{4 c_noise} (a pytree)."""
+        return Partial(_network_sigma)
+
     def model_input(self, x, t):
         sigma = jnp.asarray(t, jnp.float32)
         return bcast(self.c_in(sigma), x) * x, self.c_noise(sigma)
@@ -120,6 +125,10 @@ class EDM(Process):
         mse = mean_flat(jnp.square(self.denoise(model_fn, x_t, sigma) - x0))
         quantile = jax.scipy.stats.norm.cdf((jnp.log(sigma) - self.p_mean) / self.p_std)
         return dict(loss=self.loss_weight(sigma) * mse, mse=mse, t=sigma, quantile=quantile)
+
+
+def _network_sigma(c_noise):
+    return jnp.exp(4.0 * jnp.asarray(c_noise, jnp.float32))
 
 
 @register_process('edm')

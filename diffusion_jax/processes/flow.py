@@ -21,6 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 
 from diffusion_jax.processes.base import Process, bcast, mean_flat, register_process, section
 
@@ -84,6 +85,10 @@ class FlowMatching(Process):
         s = jnp.asarray(s, jnp.float32)
         return s / (1.0 + s)
 
+    def network_sigma(self):
+        """t_in -> σ̃ = t/(1-t) of the network's time input t_in = time_scale·t (a pytree)."""
+        return Partial(_network_sigma, jnp.float32(self.time_scale))
+
     def model_input(self, x, t):
         return x, jnp.asarray(t, jnp.float32) * self.time_scale
 
@@ -139,6 +144,11 @@ class FlowMatching(Process):
         target = x0 if self.prediction == 'x0' else noise - x0
         loss = mean_flat(jnp.square(out - target))
         return dict(loss=loss, mse=loss, t=t, quantile=t)
+
+
+def _network_sigma(time_scale, t_in):
+    t = jnp.asarray(t_in, jnp.float32) / time_scale
+    return t / (1.0 - t)
 
 
 @register_process('flow')

@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax.processes import weighting
@@ -63,6 +64,14 @@ class GaussianProcess(Process):
     def sigma_tilde(self, t):
         return jnp.asarray(self.diffusion.sqrt_recipm1_alphas_cumprod)[t].astype(jnp.float32)
 
+    def network_sigma(self):
+        """Original timestep -> σ = √((1-ᾱ)/ᾱ) (a pytree); needs the un-respaced diffusion."""
+        d = self.diffusion
+        if not np.array_equal(np.asarray(d.timestep_map), np.arange(d.num_timesteps)):
+            raise ValueError('network_sigma reads σ by original timestep: take it from the '
+                             'un-respaced process (processes.get_process(config.diffusion)).')
+        return Partial(_table_sigma, jnp.asarray(d.sqrt_recipm1_alphas_cumprod, jnp.float32))
+
     def model_input(self, x, t):
         return x, jnp.asarray(self.diffusion.timestep_map)[t]
 
@@ -104,6 +113,10 @@ class GaussianProcess(Process):
 
 
 jax.tree_util.register_pytree_node_class(GaussianProcess)
+
+
+def _table_sigma(table, t_in):
+    return table[jnp.asarray(t_in, jnp.int32)]
 
 
 def check_weighting(diffusion, loss_weighting: str, gamma: float) -> None:

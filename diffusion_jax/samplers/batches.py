@@ -69,7 +69,8 @@ class Sampler:
         if self.num_classes and w:
             return guidance_lib.classifier_free_model_fn(
                 self.model.apply, self.variables, y, w, null_label=self.num_classes,
-                guidance_rescale=self.config.sampling.get('guidance_rescale', 0.0))
+                guidance_rescale=self.config.sampling.get('guidance_rescale', 0.0),
+                interval=guidance_interval(self.config))
         return guidance_lib.bind_model(self.model.apply, self.variables,
                                        y if self.num_classes else None)
 
@@ -110,6 +111,14 @@ def sampling_target(config, diffusion):
         return respaced(diffusion, s.get('num_steps', '')), {}
     options = {k: float(s[k]) for k in CHURN_FIELDS if k in s}
     return processes.get_process(config.diffusion), dict(options, num_steps=int(s.num_steps))
+
+
+def guidance_interval(config):
+    """(lo, hi, σ of the network's time input) of sampling.guidance_interval, or None."""
+    bounds = guidance_lib.parse_guidance_interval(config.sampling.get('guidance_interval', ''))
+    if bounds is None:
+        return None
+    return (*bounds, processes.get_process(config.diffusion).network_sigma())
 
 
 def build_sampler(config, variables, mesh, classifier=None):
