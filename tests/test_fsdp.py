@@ -126,3 +126,18 @@ def test_checkpoint_saved_with_fsdp4_resumes_on_fsdp2(runs, tmp_path):
     for a, b in zip(jax.tree.leaves(jax.device_get(results[4].params)),
                     jax.tree.leaves(jax.device_get(results[1].params))):
         assert _rel(np.asarray(a), np.asarray(b)) <= 1e-5
+
+
+def test_fsdp_checkpoint_loads_replicated_on_one_device(runs):
+    """run.load (sampling, eval) restores the fsdp = 4 run's EMA parameters onto a 1-device mesh
+    and onto the default 8-device mesh, equal to the trained state's."""
+    from diffusion_jax import run  # pylint: disable=import-outside-toplevel
+    state, _, _, workdir = runs[4]
+    want = jax.tree.leaves(jax.device_get(state.ema_params))
+    for mesh in (sharding.make_mesh(jax.devices()[:1]), None):
+        loaded = run.load(str(workdir), mesh=mesh)
+        got = jax.tree.leaves(loaded.variables['params'])
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert a.sharding.spec == P()
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -52,11 +52,11 @@ def _free_port() -> int:
 class Launch:
     """The same command on 2 processes (4 CPU devices each); logs in <workdir>.<tag>.p<i>.log."""
 
-    def __init__(self, workdir, tag='run', **changes):
+    def __init__(self, workdir, tag='run', extra=(), **changes):
         port = _free_port()
         env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
                    XLA_FLAGS='--xla_force_host_platform_device_count=4')
-        flags = [f'--config.{k}={v}' for k, v in {**OVERRIDES, **changes}.items()]
+        flags = [f'--config.{k}={v}' for k, v in {**OVERRIDES, **changes}.items()] + list(extra)
         self.logs = [f'{workdir}.{tag}.p{i}.log' for i in range(2)]
         self.procs = []
         for i in range(2):
@@ -134,6 +134,20 @@ def test_two_processes_equal_one_process_of_eight_devices(two_process_run, tmp_p
     assert worst <= 1e-5
     for a, b in zip(got['extra'], want['extra']):  # step, sampler state, skip count
         np.testing.assert_array_equal(a, b)
+
+
+def test_two_processes_with_fsdp4_equal_one_process_of_eight_devices(two_process_run, tmp_path):
+    """FSDP across processes (issue #20): 2 x 4 devices with sharding.fsdp=4 (the state split
+    over 4 devices, the batch over all 8) train the same parameters as the 1 x 8 run."""
+    workdir = str(tmp_path / 'fsdp4')
+    launch = Launch(workdir, 'fsdp4', extra=['--config.sharding.fsdp=4',
+                                             f'--config.training.num_train_steps={EVERY}'])
+    assert launch.wait() == [0, 0], launch.text(0)[-3000:]
+    assert 'params+opt per device' in launch.text(0) and '(sharding.fsdp=4)' in launch.text(0)
+    got, want = _restore(workdir, EVERY), _restore(two_process_run, EVERY)
+    for item in ('params', 'ema_params', 'opt_state'):
+        for a, b in zip(got[item], want[item]):
+            assert float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)) <= 1e-5
 
 
 def test_preempted_killed_and_restarted_rerun_is_bit_equal(two_process_run, tmp_path):

@@ -148,7 +148,7 @@ def sample(diffusion, model_fn, rng, shape: Sequence[int], *, method: str = 'anc
       guidance: classifier guidance (guidance.classifier_guidance), or None.
       langevin_snr: r of the Langevin step size ('langevin' and 'pc').
       langevin_steps: Langevin steps per level ('langevin') or corrector steps per step ('pc').
-      mesh: shard the batch over this mesh's 'data' axis (sharding.make_mesh()).
+      mesh: shard the batch over this mesh's devices (sharding.make_mesh()).
       ddim_guidance: 'condition_score' (guided-diffusion's order, default) or 'eps_shift': how
         classifier guidance and clipping compose in DDIM (samplers.common).
       dynamic_threshold: Imagen's percentile p of dynamic thresholding of x̂_0; 0 = off.
