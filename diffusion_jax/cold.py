@@ -17,7 +17,7 @@ costs one einsum. D(x_0, 0) = x_0 for every degradation.
             'reflect' (mirror without repeating the edge, PyTorch's) or 'circular' padding;
             the 2-d kernel is separable, so the 2-d composition is the product of the 1-d ones.
             Bansal et al.'s CIFAR-10 schedule ('Special_6_routine'): σ_i = 0.35 + i/100, 11x11,
-            reflect, T = 50 (configs/cold_configs.py). At s = T the composition is followed by
+            reflect, T = 50 (configs/digits_cold_blur.py). At s = T the composition is followed by
             the spatial mean (their `--discrete` generation runs): D(x_0, T) = mean_hw(K^T x_0),
             one colour per channel, the state a Gaussian mixture can model.
   mask      m_s = ∏_{i<s} (1 - exp(-r²/(2 σ_i²))), σ_i = mask_std_step · (i + mask_initial),
@@ -171,8 +171,8 @@ def _check(field: str, value, ok: bool, fix: str) -> None:
 def create_cold_diffusion(config, image_shape) -> ColdDiffusion:
     """The ColdDiffusion of a `config.diffusion` section (process='cold') for images
     [H, W, C]. Fields: degradation, num_timesteps and the degradation's own (see the module
-    docstring; configs/cold_configs.py holds the paper's values). ValueError in one line on a
-    bad field."""
+    docstring; configs/digits_cold_blur.py and digits_cold_mask.py hold the paper's values).
+    ValueError in one line on a bad field."""
     height, width = int(image_shape[0]), int(image_shape[1])
     name = config.get('degradation', 'blur')
     _check('degradation', name, name in DEGRADATIONS, f'is not one of {", ".join(DEGRADATIONS)}.')
@@ -273,3 +273,59 @@ def fit_mean_prior(cold: ColdDiffusion, images, *, num_components: int = 10,
                      means=jnp.asarray(gmm.means_, jnp.float32),
                      chols=jnp.asarray(np.linalg.cholesky(gmm.covariances_), jnp.float32),
                      noise_std=jnp.float32(noise_std))
+
+
+@flax.struct.dataclass
+class DataPrior:
+    """The fully degraded states of given images: x_T = D(x_0, T) of images drawn uniformly
+    (with replacement) from `states` [N, H, W, C], for degradations whose end point keeps part
+    of the image (mask): sampling is then the deterministic restoration of degraded data."""
+    states: Any
+
+    def sample(self, key, shape):
+        idx = jax.random.randint(key, (shape[0],), 0, self.states.shape[0])
+        return self.states[idx]
+
+
+# ----------------------------------------------------------------------------------------------
+# A run's process (config.diffusion.process = 'cold')
+# ----------------------------------------------------------------------------------------------
+def is_cold(diffusion_config) -> bool:
+    """Whether a `config.diffusion` section selects cold diffusion (process='cold')."""
+    return diffusion_config.get('process', 'gaussian') == 'cold'
+
+
+def image_shape(config) -> tuple[int, int, int]:
+    """(H, W, C) of the run's data (data.image_size, data.channels)."""
+    return (int(config.data.image_size), int(config.data.image_size), int(config.data.channels))
+
+
+def create_for_config(config):
+    """The process a whole run config trains and samples with: a ColdDiffusion where
+    diffusion.process='cold', else diffusion.create_diffusion's GaussianDiffusion."""
+    if is_cold(config.diffusion):
+        return create_cold_diffusion(config.diffusion, image_shape(config))
+    from diffusion_jax.diffusion import create_diffusion  # pylint: disable=import-outside-toplevel
+    return create_diffusion(config.diffusion)
+
+
+def run_prior(config, cold: ColdDiffusion):
+    """The start states of a run's generation: blur/pixelate/fade a MeanPrior fitted to the
+    first diffusion.prior_fit_examples training images (deterministic: the split and the
+    mixture are seeded); mask a DataPrior of the degraded eval.split images (restoration of
+    held-out data)."""
+    # pylint: disable-next=import-outside-toplevel
+    from diffusion_jax import input_pipeline
+    d = config.diffusion
+    if cold.degradation in MEAN_END:
+        ds = input_pipeline.get_dataset(config.data, config.data.train_split)
+        n = min(len(ds), int(d.get('prior_fit_examples', 10000)))
+        images = ds.get(np.arange(n))['image']
+        return fit_mean_prior(cold, images, num_components=int(d.get('prior_components', 10)),
+                              noise_std=float(d.get('prior_noise_std', 0.002)),
+                              seed=int(config.data.get('split_seed', 0)))
+    split = config.get('eval', {}).get('split', 'test') if 'eval' in config else 'test'
+    ds = input_pipeline.get_dataset(config.data, split)
+    n = min(len(ds), int(d.get('prior_fit_examples', 10000)))
+    images = jnp.asarray(ds.get(np.arange(n))['image'], jnp.float32)
+    return DataPrior(states=cold.degrade(images, jnp.full((n,), cold.num_timesteps, jnp.int32)))

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from diffusion_jax import cold
+
 MODES = ('train', 'eval', 'sample')
 LEARNED_VARIANCES = ('learned', 'learned_range')
 BATCH_FIELDS = ('training.batch_size', 'sampling.batch_size', 'eval.batch_size')
@@ -114,7 +116,10 @@ def _check_diffusion(config) -> None:
         raise ValueError(f'diffusion.timestep_sampler={d.timestep_sampler!r} is not valid; '
                          f'choose one of {", ".join(train.SAMPLERS)}.')
     try:
-        create_diffusion(d)
+        if cold.is_cold(d):
+            cold.create_cold_diffusion(d, cold.image_shape(config))
+        else:
+            create_diffusion(d)
     except ValueError as err:
         text = str(err)
         raise ValueError(text if text.startswith('diffusion.') else f'diffusion.{text}') from err
@@ -180,6 +185,9 @@ def _check_sampling(config) -> None:
     if s.method not in names:
         raise ValueError(f'sampling.method={s.method!r} is not a sampler: use one of '
                          f'{", ".join(names)}.')
+    if cold.is_cold(config.diffusion) or s.method in cold.METHODS:
+        _check_cold_sampling(config)
+        return
     from diffusion_jax import generate  # pylint: disable=import-outside-toplevel
     from diffusion_jax.diffusion import create_diffusion  # pylint: disable=import-outside-toplevel
     try:
@@ -187,6 +195,21 @@ def _check_sampling(config) -> None:
     except (ValueError, KeyError) as err:
         raise ValueError(f'sampling.num_steps={s.num_steps!r} is not a respacing of '
                          f'diffusion.num_timesteps={config.diffusion.num_timesteps}: {err}') from err
+
+
+def _check_cold_sampling(config) -> None:
+    """Cold diffusion runs its own samplers over all T levels; Gaussian runs never run them."""
+    s = config.sampling
+    if not cold.is_cold(config.diffusion):
+        raise ValueError(f'sampling.method={s.method!r} runs on diffusion.process=\'cold\' only; '
+                         'this run is Gaussian: choose another sampling.method.')
+    if s.method not in cold.METHODS:
+        raise ValueError(f'sampling.method={s.method!r} cannot run on diffusion.process=\'cold\'; '
+                         f'use one of {", ".join(cold.METHODS)}.')
+    if s.get('num_steps', '') not in ('', None, 0):
+        raise ValueError(f'sampling.num_steps={s.num_steps!r}: cold diffusion restores over all '
+                         f'diffusion.num_timesteps={config.diffusion.num_timesteps} levels; set '
+                         "sampling.num_steps=''.")
 
 
 def check_guidance(config) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 
 from diffusion_jax import guidance as guidance_lib
-from diffusion_jax import image_utils, samplers, sharding
+from diffusion_jax import cold, image_utils, samplers, sharding
 from diffusion_jax.logging_utils import format_duration
 from diffusion_jax.respace import space_timesteps
 
@@ -157,6 +157,9 @@ class _Sampler:
         s = config.sampling
         self.config, self.model, self.variables = config, model, variables
         self.diffusion, self.mesh = diffusion, mesh
+        # Cold diffusion (diffusion.process='cold') starts at its fully degraded prior's x_T.
+        self.prior = (cold.run_prior(config, diffusion)
+                      if isinstance(diffusion, cold.ColdDiffusion) else None)
         self.num_classes = int(config.model.get('num_classes', 0) or 0)
         self.grad_fn, classifier_classes = None, 0
         if s.classifier_scale:
@@ -198,6 +201,8 @@ class _Sampler:
     def sample(self, rng, shape, y=None, **overrides):
         y = self.place(y)
         options = dict(self.options, **overrides)
+        if self.prior is not None:
+            options['x_T'] = self.prior.sample(rng, shape)
         return samplers.sample(self.diffusion, self.model_fn(y), rng, shape,
                                guidance=self.guidance(y), mesh=self.mesh_for(shape[0]), **options)
 
@@ -247,7 +252,10 @@ def _build_sampler(config, variables, mesh):
     from diffusion_jax import models  # pylint: disable=import-outside-toplevel
     from diffusion_jax.diffusion import create_diffusion  # pylint: disable=import-outside-toplevel
     model = models.get_model(config.model)
-    diffusion = respaced(create_diffusion(config.diffusion), config.sampling.num_steps)
+    if cold.is_cold(config.diffusion):
+        diffusion = cold.create_for_config(config)  # all T levels (no respacing)
+    else:
+        diffusion = respaced(create_diffusion(config.diffusion), config.sampling.num_steps)
     return _Sampler(config, model, variables, diffusion, mesh), models.example_shape(model)
 
 

@@ -220,8 +220,7 @@ def load(workdir, overrides=None, *, step=None, use_ema: bool = True, mesh=None)
     """
     # pylint: disable=import-outside-toplevel
     import jax
-    from diffusion_jax import checkpointing, models, sharding
-    from diffusion_jax.diffusion import create_diffusion
+    from diffusion_jax import checkpointing, cold, models, sharding
     on_disk = Run(workdir)
     stored = on_disk.config
     if overrides is None or isinstance(overrides, ml_collections.ConfigDict):
@@ -230,7 +229,7 @@ def load(workdir, overrides=None, *, step=None, use_ema: bool = True, mesh=None)
         config = merge_config(stored, typed=overrides)
     chosen = on_disk.checkpoint_step(step)
     model = models.get_model(config.model)
-    diffusion = create_diffusion(config.diffusion)
+    diffusion = cold.create_for_config(config)
     abstract = models.param_shapes(model)['params']
     checkpointing.check_compatible(str(on_disk.workdir), abstract)  # raises on other shapes
     replicated = sharding.replicated(mesh if mesh is not None else sharding.make_mesh())

@@ -233,10 +233,14 @@ def make_sample_fn(config, model, diffusion, num: int, mesh=None) -> Callable:
     and classifier-free guidance scale; a conditional model cycles through the classes. The
     sampler compiles once: the parameters are a jit argument, not a constant."""
     # pylint: disable-next=import-outside-toplevel
-    from diffusion_jax import generate, guidance, samplers
+    from diffusion_jax import cold, generate, guidance, samplers
     s = config.sampling
-    diffusion = generate.respaced(diffusion, s.get('num_steps', ''))
     shape = (num, *models.example_shape(model))
+    prior = None  # cold diffusion starts at its fully degraded prior's x_T, and is not respaced
+    if isinstance(diffusion, cold.ColdDiffusion):
+        prior = cold.run_prior(config, diffusion)
+    else:
+        diffusion = generate.respaced(diffusion, s.get('num_steps', ''))
     num_classes = config.model.get('num_classes', 0)
     y = jnp.arange(num, dtype=jnp.int32) % num_classes if num_classes else None
     options = {k: s[k] for k in ('method', 'eta', 'clip_denoised', 'langevin_snr',
@@ -252,7 +256,8 @@ def make_sample_fn(config, model, diffusion, num: int, mesh=None) -> Callable:
                 guidance_rescale=s.get('guidance_rescale', 0.0))
         else:
             model_fn = guidance.bind_model(model.apply, variables, y)
-        return samplers.sample(diffusion, model_fn, rng, shape, **options)['samples']
+        x_T = None if prior is None else prior.sample(rng, shape)
+        return samplers.sample(diffusion, model_fn, rng, shape, x_T=x_T, **options)['samples']
 
     return sample_fn
 
@@ -300,7 +305,8 @@ def prepare_run(config, workdir: str) -> _Run:
     from diffusion_jax import config_validation, run as run_lib
     config = config_validation.resolve(config, 'train')
     model = models.get_model(config.model)
-    diffusion = diffusion_lib.create_diffusion(config.diffusion)
+    from diffusion_jax import cold  # pylint: disable=import-outside-toplevel
+    diffusion = cold.create_for_config(config)  # Gaussian, or process='cold'
     mesh = sharding.make_mesh()
     sharding.check_global_batch(config.training.batch_size, mesh, 'training.batch_size')
     run_lib.check_resume(workdir, config)
