@@ -19,6 +19,8 @@ Layout (one sampler = one registered unit in one module, with its equation in th
   chain.py       sample, reverse_from, langevin_correct: one jit per (method, options, K, shape)
   editing.py     ddim_encode (inversion='reference' | 'target_level'), interpolate_ddim,
                  interpolate_ddpm, same_xt_samples, slerp
+  edit.py        repaint (Lugmayr et al. 2022, with resampling), sdedit (Meng et al. 2022),
+                 ddim_edit (invert, decode with another label/scale), make_mask
 Guidance stays in diffusion_jax.guidance: it builds model-side pytrees (classifier-free model_fn,
 classifier gradient) that train.py, generate.py and the experiments use without a sampler; how
 a sampler applies a classifier's gradient (and in which order with clipping) is in common.py.
@@ -28,6 +30,8 @@ from diffusion_jax.samplers import ancestral, ddim, langevin  # noqa: F401
 from diffusion_jax.samplers import dpm_solver, unipc, heun  # noqa: F401  (isort: skip)
 from diffusion_jax.samplers import cold  # noqa: F401  (isort: skip)
 from diffusion_jax.samplers.cold import cold_generate, cold_restore
+from diffusion_jax.samplers.edit import (MASKS, ddim_edit, make_mask, repaint, repaint_schedule,
+                                         sdedit, sdedit_start)
 from diffusion_jax.samplers.ancestral import ancestral_step
 from diffusion_jax.samplers.chain import langevin_correct, reverse_from, sample
 from diffusion_jax.samplers.common import (DDIM_GUIDANCE, DEFAULT_LANGEVIN_STEPS, DEFAULT_SNR,
@@ -44,7 +48,9 @@ from diffusion_jax.guidance import (ClassifierGuidance, bind_model, classifier_f
 METHODS = names()  # every registered method name, from the registry
 
 __all__ = ['METHODS', 'INVERSIONS', 'DDIM_GUIDANCE', 'DEFAULT_SNR', 'DEFAULT_LANGEVIN_STEPS',
-           'sample', 'reverse_from', 'cold_restore', 'cold_generate', 'ddim_encode', 'interpolate_ddpm', 'interpolate_ddim',
+           'sample', 'reverse_from', 'cold_restore', 'cold_generate', 'repaint', 'sdedit',
+           'ddim_edit', 'make_mask', 'repaint_schedule', 'sdedit_start', 'MASKS',
+           'ddim_encode', 'interpolate_ddpm', 'interpolate_ddim',
            'same_xt_samples', 'slerp', 'langevin_correct', 'ancestral_step', 'ddim_step',
            'ddim_encode_step', 'ddim_reverse_step', 'langevin_step', 'snr_step_size',
            'annealed_step_size', 'guided_model_output', 'condition_score', 'dynamic_threshold',
