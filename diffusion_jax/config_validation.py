@@ -20,14 +20,14 @@ import ml_collections
 
 from diffusion_jax import cold
 
-MODES = ('train', 'eval', 'sample')
+MODES = ('train', 'eval', 'sample', 'edit')
 LEARNED_VARIANCES = ('learned', 'learned_range')
 BATCH_FIELDS = ('training.batch_size', 'sampling.batch_size', 'eval.batch_size')
 # Integer fields that may be -1: "the latest checkpoint".
 LATEST_ALLOWED = ('sampling.checkpoint_step', 'eval.checkpoint_step')
 
 CHECKS = (
-    ('--mode', 'one of train, eval, sample'),
+    ('--mode', 'one of train, eval, sample, edit'),
     ('any count (`*batch_size`, `*_steps`, `num_*`, `keep_checkpoints`, ...)', 'not negative'),
     ('training/sampling/eval.batch_size', '> 0'),
     ('training.num_train_steps, log_every_steps, checkpoint_every_steps (train)', '> 0'),

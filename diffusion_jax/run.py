@@ -39,7 +39,7 @@ from etils import epath
 CONFIG_FILE = 'config.json'
 TRAINED_SECTIONS = ('model', 'diffusion', 'data')  # fixed by the trained network
 RESUME_SECTIONS = TRAINED_SECTIONS + ('optim',)  # a resumed run must also keep its optimiser
-MODE_SECTIONS = ('sampling', 'eval')  # what --mode=sample / --mode=eval may change
+MODE_SECTIONS = ('sampling', 'eval', 'edit')  # what --mode=sample / eval / edit may change
 TRAINED_FIELDS = ('training.label_dropout',)  # outside TRAINED_SECTIONS, fixed by training too
 LATEST = -1  # sampling.checkpoint_step / eval.checkpoint_step: the newest valid checkpoint
 
@@ -131,11 +131,12 @@ def get_config(workdir: str) -> ml_collections.ConfigDict:
 def with_mode_defaults(config) -> ml_collections.ConfigDict:
     """config with today's default for every sampling/eval field it lacks (a run trained before
     a field existed can still be sampled with an override of that field)."""
-    from diffusion_jax import generate  # pylint: disable=import-outside-toplevel
+    from diffusion_jax import edit, generate  # pylint: disable=import-outside-toplevel
     from diffusion_jax.evaluation import evaluate  # pylint: disable=import-outside-toplevel
     config = ml_collections.ConfigDict(config.to_dict())
     for name, defaults in (('sampling', generate.default_sampling_config()),
-                           ('eval', evaluate.default_eval_config())):
+                           ('eval', evaluate.default_eval_config()),
+                           ('edit', edit.default_edit_config())):
         section = config.get(name) or ml_collections.ConfigDict()
         for key, value in defaults.items():
             if key not in section:
