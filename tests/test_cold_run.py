@@ -51,6 +51,17 @@ def test_blur_run_trains_samples_and_reloads(tmp_path):
     assert samples.shape == (8, 8, 8, 1)
     written = json.loads(pathlib.Path(folder, 'sampling_config.json').read_text())
     assert written['method'] == 'cold' and written['diffusion']['process'] == 'cold'
+    # --mode=eval: restoration errors instead of an NLL; the floor is mean |D(x_0, T) - x_0|.
+    from diffusion_jax.evaluation import evaluate  # pylint: disable=import-outside-toplevel
+    config = run_lib.with_mode_defaults(loaded.config)
+    config.eval.update(batch_size=64, num_batches=2)
+    res = evaluate.run_eval(config, workdir)['restoration']
+    test = input_pipeline.get_dataset(loaded.config.data, 'test')
+    x0 = jnp.asarray(test.get(np.arange(128))['image'])
+    floor = jnp.mean(jnp.abs(loaded.diffusion.degrade(x0, jnp.full((128,), 10)) - x0))
+    assert res['num_images'] == 128 and len(res['direct_l1_per_level']) == 10
+    np.testing.assert_allclose(res['degraded_l1'], float(floor), rtol=1e-5)
+    assert os.path.isfile(os.path.join(workdir, 'eval', 'restoration_6.json'))
 
 
 def test_mask_run_restores_the_degraded_held_out_digits():
