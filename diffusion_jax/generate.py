@@ -47,7 +47,8 @@ def default_sampling_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # One of samplers.METHODS: 'ancestral' (DDPM Alg. 2) | 'ddim' | 'langevin' | 'pc' |
     # 'dpmpp_2m' | 'dpmpp_3m' (DPM-Solver++, Lu et al. 2022) | 'unipc' (Zhao et al. 2023) |
-    # 'heun' (EDM Alg. 1, Karras et al. 2022; 2K-1 network calls)
+    # 'heun' (EDM Alg. 1, Karras et al. 2022; 2K-1 network calls) | 'cold' / 'cold_naive'
+    # (Bansal et al. 2022 Alg. 2 / 1; diffusion.process='cold' runs only)
     c.method = 'ancestral'
     c.num_steps = ''  # respacing: '' = all T steps; '250' (even) or 'ddim50' (DDIM's stride)
     c.eta = 0.0  # DDIM's η: 0 deterministic, 1 the ancestral sampler with β̃ (Song et al. 2021)
