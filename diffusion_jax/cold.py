@@ -157,6 +157,15 @@ class ColdDiffusion:
         err = jnp.abs(self.restore(model_fn, x_s, s) - x0)
         return dict(loss=jnp.mean(err, axis=tuple(range(1, x0.ndim))))
 
+    def loss(self, model_fn, x0, key, t=None):
+        """The same L1 loss in the process interface's form (diffusion_jax.processes): levels
+        s ~ U{1, …, T} drawn from key unless given as t [B]. Returns dict(loss=[B], t=[B]
+        levels, quantile=[B] (s - 1)/T, the metrics' loss-per-quarter axis)."""
+        if t is None:
+            t = jax.random.randint(key, (x0.shape[0],), 1, self.num_timesteps + 1)
+        loss = self.training_losses(model_fn, x0, t - 1)['loss']
+        return dict(loss=loss, t=t, quantile=(t - 1).astype(jnp.float32) / self.num_timesteps)
+
     def check_method(self, method: str) -> None:
         if method not in METHODS:
             raise ValueError(f'sampling.method={method!r} cannot run on diffusion.process='

@@ -176,6 +176,11 @@ def test_l1_restoration_loss(x0):
     ident = d.training_losses(Partial(lambda x, tt: x), x0, t)['loss']
     expect = np.mean(np.abs(np.asarray(d.degrade(x0, t + 1)) - np.asarray(x0)), axis=(1, 2, 3))
     np.testing.assert_allclose(ident, expect, rtol=1e-6)
+    # The process-interface form draws levels in [1, T] and computes the same loss.
+    out = d.loss(Partial(lambda x, tt: x), x0, jax.random.key(4))
+    assert np.all((np.asarray(out['t']) >= 1) & (np.asarray(out['t']) <= T))
+    np.testing.assert_allclose(out['loss'], d.training_losses(Partial(lambda x, tt: x), x0,
+                                                              out['t'] - 1)['loss'])
 
 
 def test_prior_matches_the_degraded_channel_means():
