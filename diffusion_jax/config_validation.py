@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import ml_collections
 
-MODES = ('train', 'eval', 'sample')
+from diffusion_jax import cold
+
+MODES = ('train', 'eval', 'sample', 'edit')
 LEARNED_VARIANCES = ('learned', 'learned_range')
 BATCH_FIELDS = ('training.batch_size', 'sampling.batch_size', 'eval.batch_size')
 # Integer fields that may be -1: "the latest checkpoint".
 LATEST_ALLOWED = ('sampling.checkpoint_step', 'eval.checkpoint_step')
 
 CHECKS = (
-    ('--mode', 'one of train, eval, sample'),
+    ('--mode', 'one of train, eval, sample, edit'),
     ('any count (`*batch_size`, `*_steps`, `num_*`, `keep_checkpoints`, ...)', 'not negative'),
     ('training/sampling/eval.batch_size', '> 0'),
     ('training.num_train_steps, log_every_steps, checkpoint_every_steps (train)', '> 0'),
@@ -120,11 +122,15 @@ def _check_diffusion(config) -> None:
         raise ValueError(f'diffusion.timestep_sampler={d.timestep_sampler!r} is not valid; '
                          f'choose one of {", ".join(timestep_sampling.SAMPLERS)}.')
     try:
-        create_diffusion(d)
+        if cold.is_cold(d):
+            cold.create_cold_diffusion(d, cold.image_shape(config))
+        else:
+            create_diffusion(d)
     except ValueError as err:
         text = str(err)
         raise ValueError(text if text.startswith('diffusion.') else f'diffusion.{text}') from err
-    _check_process(d)
+    if not cold.is_cold(d):  # cold diffusion's own fields are checked by create_cold_diffusion
+        _check_process(d)
 
 
 def _check_process(d) -> None:
@@ -240,13 +246,16 @@ def _check_sampling(config) -> None:
     from diffusion_jax import guidance  # pylint: disable=import-outside-toplevel
     guidance.parse_guidance_interval(s.get('guidance_interval', ''))
     process = config.diffusion.get('process', 'gaussian')
-    if process != 'gaussian':
+    if process not in ('gaussian', 'cold'):
         _check_process_sampling(config, process)
         return
     names = sampler_names()
     if s.method not in names:
         raise ValueError(f'sampling.method={s.method!r} is not a sampler: use one of '
                          f'{", ".join(names)}.')
+    if cold.is_cold(config.diffusion) or s.method in cold.METHODS:
+        _check_cold_sampling(config)
+        return
     from diffusion_jax.diffusion import create_diffusion  # pylint: disable=import-outside-toplevel
     from diffusion_jax.respace import respaced  # pylint: disable=import-outside-toplevel
     try:
@@ -254,6 +263,21 @@ def _check_sampling(config) -> None:
     except (ValueError, KeyError) as err:
         raise ValueError(f'sampling.num_steps={s.num_steps!r} is not a respacing of '
                          f'diffusion.num_timesteps={config.diffusion.num_timesteps}: {err}') from err
+
+
+def _check_cold_sampling(config) -> None:
+    """Cold diffusion runs its own samplers over all T levels; Gaussian runs never run them."""
+    s = config.sampling
+    if not cold.is_cold(config.diffusion):
+        raise ValueError(f'sampling.method={s.method!r} runs on diffusion.process=\'cold\' only; '
+                         'this run is Gaussian: choose another sampling.method.')
+    if s.method not in cold.METHODS:
+        raise ValueError(f'sampling.method={s.method!r} cannot run on diffusion.process=\'cold\'; '
+                         f'use one of {", ".join(cold.METHODS)}.')
+    if s.get('num_steps', '') not in ('', None, 0):
+        raise ValueError(f'sampling.num_steps={s.num_steps!r}: cold diffusion restores over all '
+                         f'diffusion.num_timesteps={config.diffusion.num_timesteps} levels; set '
+                         "sampling.num_steps=''.")
 
 
 def check_guidance(config) -> None:

@@ -6,8 +6,9 @@
     python -m diffusion_jax.main --workdir=runs/digits --mode=eval --config.eval.nll_estimator=sampled
 
 Modes: train (diffusion_jax.train), eval (NLL and sample quality, diffusion_jax.evaluation.
-evaluate) and sample (diffusion_jax.generate); each gets the config that
-diffusion_jax.run.resolve_config returned, once per command (their run_resolved).
+evaluate), sample (diffusion_jax.generate) and edit (RePaint / SDEdit / DDIM edits of given
+images, diffusion_jax.edit); each gets the config that diffusion_jax.run.resolve_config returned,
+once per command (their run_resolved).
 Train needs --config; sample and eval load the run's stored config.json (diffusion_jax.run), so
 --config is optional for them (a file contributes its sampling/eval sections only), typed
 overrides apply, and a typed model/diffusion/data (or training.label_dropout) override that
@@ -28,7 +29,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-MODES = ('train', 'eval', 'sample')
+MODES = ('train', 'eval', 'sample', 'edit')
 STORED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'run.py')
 
 config_flags.DEFINE_config_file(
@@ -59,6 +60,9 @@ def run(config, workdir: str | None, mode: str):
     if mode == 'eval':
         from diffusion_jax.evaluation import evaluate
         return evaluate.run_resolved(config, workdir)
+    if mode == 'edit':
+        from diffusion_jax import edit
+        return edit.run_edit(config, workdir)
     from diffusion_jax import generate
     return generate.run_resolved(config, workdir)
 
@@ -142,9 +146,10 @@ def _verbose(argv) -> bool:
 
 
 def with_stored_config(argv: list[str]) -> list[str]:
-    """argv with --config=<run.py>:WORKDIR added for a sample/eval command without --config (so
-    its --config.* overrides parse against the stored fields); a --config file that does not
-    exist is a ValueError here, before config_flags turns it into a multi-line trace."""
+    """argv with --config=<run.py>:WORKDIR added for a sample/eval/edit command without
+    --config (so its --config.* overrides parse against the stored fields); a --config file
+    that does not exist is a ValueError here, before config_flags turns it into a multi-line
+    trace."""
     path = _flag_value(argv, 'config')
     if path is not None:
         file = path.split(':', 1)[0]
@@ -153,7 +158,7 @@ def with_stored_config(argv: list[str]) -> list[str]:
                              '--config=configs/digits.py.')
         return argv
     mode, workdir = _flag_value(argv, 'mode'), _flag_value(argv, 'workdir')
-    if mode in ('sample', 'eval') and workdir:
+    if mode in ('sample', 'eval', 'edit') and workdir:
         from diffusion_jax import run as run_lib  # pylint: disable=import-outside-toplevel
         run_lib.Run(workdir).config  # pylint: disable=expression-not-assigned  (raises: no run)
         return [argv[0], f'--config={STORED_CONFIG}:{workdir}', *argv[1:]]

@@ -48,7 +48,7 @@ from diffusion_jax import config_validation, defaults
 CONFIG_FILE = 'config.json'
 TRAINED_SECTIONS = ('model', 'diffusion', 'data')  # fixed by the trained network
 RESUME_SECTIONS = TRAINED_SECTIONS + ('optim',)  # a resumed run must also keep its optimiser
-MODE_SECTIONS = ('sampling', 'eval')  # what --mode=sample / --mode=eval may change
+MODE_SECTIONS = ('sampling', 'eval', 'edit')  # what --mode=sample / eval / edit may change
 TRAINED_FIELDS = ('training.label_dropout',)  # outside TRAINED_SECTIONS, fixed by training too
 # Fields inside the trained sections that are not part of what was trained: where the data
 # lives and how it is read (batches are a pure function of seed and step whatever the worker
@@ -178,7 +178,8 @@ def with_mode_defaults(config) -> ml_collections.ConfigDict:
     a field existed can still be sampled with an override of that field)."""
     config = ml_collections.ConfigDict(config.to_dict())
     for name, section_defaults in (('sampling', defaults.default_sampling_config()),
-                                   ('eval', defaults.default_eval_config())):
+                                   ('eval', defaults.default_eval_config()),
+                                   ('edit', defaults.default_edit_config())):
         section = config.get(name) or ml_collections.ConfigDict()
         for key, value in section_defaults.items():
             if key not in section:
@@ -308,12 +309,11 @@ def load_resolved(workdir, config, *, step=None, use_ema: bool = True, mesh=None
     the model and diffusion of config, the parameters of the checkpoint at `step`."""
     # pylint: disable=import-outside-toplevel
     import jax
-    from diffusion_jax import checkpointing, models, sharding
-    from diffusion_jax.diffusion import create_diffusion
+    from diffusion_jax import checkpointing, cold, models, sharding
     on_disk = Run(workdir)
     chosen = on_disk.checkpoint_step(step)
     model = models.get_model(config.model)
-    diffusion = create_diffusion(config.diffusion)
+    diffusion = cold.create_for_config(config)
     abstract = models.param_shapes(model)['params']
     checkpointing.check_compatible(str(on_disk.workdir), abstract)  # raises on other shapes
     replicated = sharding.replicated(mesh if mesh is not None else sharding.make_mesh())

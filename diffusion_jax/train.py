@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from diffusion_jax import checkpointing, diffusion as diffusion_lib, guidance, image_utils
+from diffusion_jax import checkpointing, cold, diffusion as diffusion_lib, guidance, image_utils
 from diffusion_jax import input_pipeline, logging_utils, models, processes, run as run_lib
 from diffusion_jax import samplers
 from diffusion_jax import sharding, timestep_sampling
@@ -107,9 +107,11 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
     # The process of diffusion.process (diffusion_jax.processes): 'gaussian' keeps the
     # GaussianDiffusion path below unchanged (min-SNR multiplies its per-example loss);
     # 'flow' and 'edm' draw their own times and noise in process.loss.
-    process = processes.get_process(config.diffusion)
-    continuous = not isinstance(process, processes.GaussianProcess)
-    min_snr = not continuous and process.loss_weighting != 'none'
+    # 'cold' (diffusion_jax.cold) trains through the same path: its training_losses is the L1
+    # restoration loss.
+    process = None if cold.is_cold(config.diffusion) else processes.get_process(config.diffusion)
+    continuous = process is not None and not isinstance(process, processes.GaussianProcess)
+    min_snr = process is not None and not continuous and process.loss_weighting != 'none'
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
@@ -202,8 +204,13 @@ def make_sample_fn(config, model, diffusion, num: int, mesh=None) -> Callable:
     and classifier-free guidance scale; a conditional model cycles through the classes. The
     sampler compiles once: the parameters are a jit argument, not a constant."""
     s = config.sampling
-    diffusion, process_options = sampling_target(config, diffusion)
     shape = (num, *models.example_shape(model))
+    prior, process_options = None, {}
+    # Cold diffusion starts at its fully degraded prior's x_T, and is not respaced.
+    if isinstance(diffusion, cold.ColdDiffusion):
+        prior = cold.run_prior(config, diffusion)
+    else:
+        diffusion, process_options = sampling_target(config, diffusion)
     num_classes = config.model.get('num_classes', 0)
     y = jnp.arange(num, dtype=jnp.int32) % num_classes if num_classes else None
     options = {k: s[k] for k in ('method', 'eta', 'clip_denoised', 'langevin_snr',
@@ -221,7 +228,8 @@ def make_sample_fn(config, model, diffusion, num: int, mesh=None) -> Callable:
                 interval=guidance_interval(config))
         else:
             model_fn = guidance.bind_model(model.apply, variables, y)
-        return samplers.sample(diffusion, model_fn, rng, shape, **options)['samples']
+        x_T = None if prior is None else prior.sample(rng, shape)
+        return samplers.sample(diffusion, model_fn, rng, shape, x_T=x_T, **options)['samples']
 
     return sample_fn
 
@@ -266,7 +274,7 @@ def prepare_run(config, workdir: str) -> _Run:
     its model/diffusion/data/optim sections (diffusion_jax.run.check_resume).
     """
     model = models.get_model(config.model)
-    diffusion = diffusion_lib.create_diffusion(config.diffusion)
+    diffusion = cold.create_for_config(config)  # Gaussian, or process='cold'
     mesh = sharding.make_mesh(fsdp=config.get('sharding', {}).get('fsdp', 1))
     sharding.check_global_batch(config.training.batch_size, mesh, 'training.batch_size')
     run_lib.check_resume(workdir, config)

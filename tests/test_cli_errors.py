@@ -40,7 +40,7 @@ def cli(args, workdir):
      "error: --config.training.batch_size=eight: invalid literal for int() with base 10: 'eight'"
      " (give a value of the field's type; --helpfull lists flags)"),
     (['--config=configs/digits.py', '--mode=smaple'],
-     "error: --mode=smaple: value should be one of <train|eval|sample> (give a value of the "
+     "error: --mode=smaple: value should be one of <train|eval|sample|edit> (give a value of the "
      "field's type; --helpfull lists flags)"),
     (['--config=configs/digits.py:runlcoal'],
      "error: digits: unknown config argument(s) ['runlcoal']; this file offers ['runlocal'] "

@@ -170,7 +170,12 @@ def test_mixture_weights_at_about_10_nfe(method, spec):
 TAU = 0.25
 
 
-@pytest.mark.parametrize('method', samplers.METHODS)
+# The samplers of the Gaussian chain (the cold-diffusion ones run on a ColdDiffusion only:
+# tests/test_cold.py).
+GAUSSIAN_METHODS = tuple(m for m in samplers.METHODS if m not in ('cold', 'cold_naive'))
+
+
+@pytest.mark.parametrize('method', GAUSSIAN_METHODS)
 def test_guidance_identities(method):
     n, d, key = 64, spaced('ddim10'), jax.random.key(5)
     params = mixture_params(TAU)
@@ -299,8 +304,9 @@ def test_ddim_inversion_reconstruction_on_the_mixture():
 # ----------------------------------------------------------------------------------------------
 def test_registry_lists_the_methods_and_their_nfe():
     assert samplers.METHODS == ('ancestral', 'ddim', 'langevin', 'pc', 'dpmpp_2m', 'dpmpp_3m',
-                                'unipc', 'heun')
-    assert [samplers.nfe(m, 10, 2) for m in samplers.METHODS] == [10, 10, 30, 30, 10, 10, 10, 19]
+                                'unipc', 'heun', 'cold', 'cold_naive')
+    assert [samplers.nfe(m, 10, 2) for m in samplers.METHODS] == [10, 10, 30, 30, 10, 10, 10, 19,
+                                                                  10, 10]
     with pytest.raises(ValueError, match='dpmpp_2m, dpmpp_3m, unipc, heun'):
         samplers.sample(spaced('ddim10'), mixture_model(0.0), jax.random.key(0), (4, 2),
                         method='euler')
@@ -325,7 +331,7 @@ def test_network_calls_at_run_time_are_the_registered_nfe():
     """Each network evaluation runs a host callback once: heun's skipped second evaluation at
     the last step (lax.cond) and the Langevin corrector loops are counted as they execute."""
     d = spaced('ddim4')
-    for method in samplers.METHODS:
+    for method in GAUSSIAN_METHODS:
         calls = _Calls()
         x = samplers.sample(d, Partial(_counted_mixture, calls), jax.random.key(0), (8, 2),
                             method=method, langevin_steps=2)['samples']

@@ -11,7 +11,9 @@
     data, a small classifier trained on the dataset (eval.feature_space='feature_net',
     eval.feature_net_dir) — the latter's FID is not comparable with Inception FID.
 
-Results go to workdir/eval/<what>_<step>.json (written atomically), plus a sample grid.
+A cold-diffusion run (diffusion.process='cold') reports restoration errors instead of the NLL
+(evaluation/cold_eval.py). Results go to workdir/eval/<what>_<step>.json (written atomically),
+plus a sample grid.
 """
 from __future__ import annotations
 
@@ -211,7 +213,11 @@ def run_resolved(config, workdir: str) -> dict:
                                use_ema=bool(e.get('use_ema', True)), mesh=mesh)
     variables, step = loaded.variables, loaded.step
     results = {}
-    if e.get('nll', True):
+    from diffusion_jax import cold
+    if cold.is_cold(config.diffusion):  # no likelihood: the restoration errors instead
+        from diffusion_jax.evaluation import cold_eval
+        results['restoration'] = cold_eval.evaluate_restoration(config, workdir, loaded, mesh)
+    elif e.get('nll', True):
         results['nll'] = evaluate_nll(config, workdir, variables, step, mesh)
     if e.get('sample_quality', False):
         results['sample_quality'] = sample_quality.evaluate_samples(config, workdir, variables,

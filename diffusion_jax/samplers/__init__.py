@@ -14,6 +14,8 @@ Layout (one sampler = one registered unit in one module, with its equation in th
   dpm_solver.py  'dpmpp_2m', 'dpmpp_3m'  DPM-Solver++ multistep (Lu et al. 2022)  NFE K
   unipc.py       'unipc'      UniPC bh2, order 2 (Zhao et al. 2023)              NFE K
   heun.py        'heun'       EDM Algorithm 1 (Karras et al. 2022)               NFE 2K - 1
+  cold.py        'cold', 'cold_naive'  Bansal et al. 2022 Algorithms 2 and 1 over a
+                 diffusion_jax.cold.ColdDiffusion; cold_restore, cold_generate     NFE T
   chain.py       sample, reverse_from, langevin_correct: one jit per (method, options, K, shape)
   process_solvers.py  the samplers over a continuous process (diffusion_jax.processes 'flow',
                  'edm'): 'euler', 'heun' (EDM Alg. 2 with churn), 'ddim', 'dpmpp_2m', 'dpmpp_3m',
@@ -21,6 +23,8 @@ Layout (one sampler = one registered unit in one module, with its equation in th
                  `sample(process, ...)` dispatches there
   editing.py     ddim_encode (inversion='reference' | 'target_level'), interpolate_ddim,
                  interpolate_ddpm, same_xt_samples, slerp
+  edit.py        repaint (Lugmayr et al. 2022, with resampling), sdedit (Meng et al. 2022),
+                 ddim_edit (invert, decode with another label/scale), make_mask
   batches.py     a run's samples in batches over the mesh: draw_samples, sample_batches
                  (imported as diffusion_jax.samplers.batches; --mode=sample and FID use it)
 Samplers call the network as ctx.model_fn(x, t) with their own step indices t: common.context
@@ -33,6 +37,10 @@ a sampler applies a classifier's gradient (and in which order with clipping) is 
 # Import order registers the samplers: METHODS lists them in this order.
 from diffusion_jax.samplers import ancestral, ddim, langevin  # noqa: F401
 from diffusion_jax.samplers import dpm_solver, unipc, heun  # noqa: F401  (isort: skip)
+from diffusion_jax.samplers import cold  # noqa: F401  (isort: skip)
+from diffusion_jax.samplers.cold import cold_generate, cold_restore
+from diffusion_jax.samplers.edit import (MASKS, ddim_edit, make_mask, repaint, repaint_schedule,
+                                         sdedit, sdedit_start)
 from diffusion_jax.samplers.ancestral import ancestral_step
 from diffusion_jax.samplers.chain import langevin_correct, reverse_from, sample
 from diffusion_jax.samplers.common import (DDIM_GUIDANCE, DEFAULT_LANGEVIN_STEPS, DEFAULT_SNR,
@@ -50,7 +58,9 @@ from diffusion_jax.guidance import (ClassifierGuidance, bind_model, classifier_f
 METHODS = names()  # every registered method name, from the registry
 
 __all__ = ['METHODS', 'INVERSIONS', 'DDIM_GUIDANCE', 'DEFAULT_SNR', 'DEFAULT_LANGEVIN_STEPS',
-           'sample', 'reverse_from', 'ddim_encode', 'interpolate_ddpm', 'interpolate_ddim',
+           'sample', 'reverse_from', 'cold_restore', 'cold_generate', 'repaint', 'sdedit',
+           'ddim_edit', 'make_mask', 'repaint_schedule', 'sdedit_start', 'MASKS',
+           'ddim_encode', 'interpolate_ddpm', 'interpolate_ddim',
            'same_xt_samples', 'slerp', 'langevin_correct', 'ancestral_step', 'ddim_step',
            'ddim_encode_step', 'ddim_reverse_step', 'langevin_step', 'snr_step_size',
            'annealed_step_size', 'guided_model_output', 'condition_score', 'dynamic_threshold',

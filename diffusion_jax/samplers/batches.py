@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from diffusion_jax import guidance as guidance_lib
-from diffusion_jax import models, processes, sharding
+from diffusion_jax import cold, models, processes, sharding
 from diffusion_jax.diffusion import create_diffusion
 from diffusion_jax.logging_utils import format_duration
 from diffusion_jax.respace import respaced
@@ -49,6 +49,9 @@ class Sampler:
         s = config.sampling
         self.config, self.model, self.variables = config, model, variables
         self.diffusion, self.mesh = diffusion, mesh
+        # Cold diffusion (diffusion.process='cold') starts at its fully degraded prior's x_T.
+        self.prior = (cold.run_prior(config, diffusion)
+                      if isinstance(diffusion, cold.ColdDiffusion) else None)
         self.num_classes = int(config.model.get('num_classes', 0) or 0)
         self.grad_fn, classifier_classes = None, 0
         if s.classifier_scale:
@@ -95,6 +98,8 @@ class Sampler:
     def sample(self, rng, shape, y=None, **overrides):
         y = self.place(y)
         options = dict(self.options, **overrides)
+        if self.prior is not None:
+            options['x_T'] = self.prior.sample(rng, shape)
         return chain.sample(self.diffusion, self.model_fn(y), rng, shape,
                                guidance=self.guidance(y), mesh=self.mesh_for(shape[0]), **options)
 
@@ -104,11 +109,14 @@ CHURN_FIELDS = ('s_churn', 's_tmin', 's_tmax', 's_noise')
 
 def sampling_target(config, diffusion):
     """(what samplers.sample runs over, its extra options) for config.sampling: the respaced
-    GaussianDiffusion for diffusion.process='gaussian' (the default), else the run's process
-    (diffusion_jax.processes) with num_steps = K and the churn options."""
+    GaussianDiffusion for diffusion.process='gaussian' (the default), the ColdDiffusion of
+    'cold' (diffusion_jax.cold), else the run's process (diffusion_jax.processes) with
+    num_steps = K and the churn options."""
     s = config.sampling
     if config.diffusion.get('process', 'gaussian') == 'gaussian':
         return respaced(diffusion, s.get('num_steps', '')), {}
+    if cold.is_cold(config.diffusion):
+        return cold.create_for_config(config), {}  # all T levels (a cold chain is not respaced)
     options = {k: float(s[k]) for k in CHURN_FIELDS if k in s}
     return processes.get_process(config.diffusion), dict(options, num_steps=int(s.num_steps))
 
