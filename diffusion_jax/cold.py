@@ -30,8 +30,8 @@ costs one einsum. D(x_0, 0) = x_0 for every degradation.
             (this project's addition, not one of the paper's).
 
 The network R(x_s, ·) is called with the chain index s - 1 ∈ [0, T) (as the reference code
-calls denoise_fn(x_t, t - 1)); `timestep_map` is the identity on [0, T), so the samplers'
-model-wrapper convention (samplers.common.original_t) holds unchanged.
+calls denoise_fn(x_t, t - 1)); `timestep_map` is the identity on [0, T), so the one model
+wrapper (diffusion.wrap_model, through ColdDiffusion.model_time) passes the index unchanged.
 """
 from __future__ import annotations
 
@@ -130,6 +130,10 @@ class ColdDiffusion:
 
     methods = METHODS
     process = 'cold'
+
+    def model_time(self, t):
+        """The network's time input for chain index t: the index itself (diffusion.wrap_model)."""
+        return t
 
     def degrade(self, x0, s):
         """D(x_0, s): x0 [B, H, W, C], s [B] int in [0, T] (or a scalar). Returns [B, H, W, C]."""

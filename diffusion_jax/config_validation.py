@@ -308,7 +308,7 @@ def _check_eval(config) -> None:
     if estimator not in ESTIMATORS:
         raise ValueError(f'eval.nll_estimator={estimator!r}: use one of {", ".join(ESTIMATORS)}.')
     process = config.diffusion.get('process', 'gaussian')
-    if process != 'gaussian' and e.get('nll', True) and estimator != 'ode':
+    if process not in ('gaussian', 'cold') and e.get('nll', True) and estimator != 'ode':
         raise ValueError(f'eval.nll_estimator={estimator!r} is the discrete chain\'s bound; '
                          f"diffusion.process={process!r} has only its ODE likelihood: set "
                          "eval.nll_estimator='ode' (or eval.nll=False).")

@@ -133,7 +133,8 @@ def build_sampler(config, variables, mesh, classifier=None):
     """(Sampler over config.sampling's respaced diffusion or the run's process, the model's
     example shape)."""
     model = models.get_model(config.model)
-    target, extra = sampling_target(config, create_diffusion(config.diffusion))
+    base = None if cold.is_cold(config.diffusion) else create_diffusion(config.diffusion)
+    target, extra = sampling_target(config, base)
     sampler = Sampler(config, model, variables, target, mesh, classifier)
     sampler.options.update(extra)
     return sampler, models.example_shape(model)

@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from diffusion_jax import respace as respace_lib
+from diffusion_jax.cold import ColdDiffusion
 from diffusion_jax.diffusion import GaussianDiffusion
 from diffusion_jax.samplers import common
 from diffusion_jax.samplers.static import check_batch, partition  # noqa: F401  (the old names)
@@ -155,7 +156,7 @@ def sample(diffusion, model_fn, rng, shape: Sequence[int], *, method: str = 'anc
     Returns:
       dict(samples=[B, ...] float32, progressive=[len(progress_steps), B, ...] if requested).
     """
-    if not isinstance(diffusion, GaussianDiffusion):
+    if not isinstance(diffusion, (GaussianDiffusion, ColdDiffusion)):
         diffusion = _from_process(diffusion, num_steps)
         if not isinstance(diffusion, GaussianDiffusion):  # a continuous process
             from diffusion_jax.samplers import process_solvers  # pylint: disable=import-outside-toplevel

@@ -108,7 +108,7 @@ def _repaint_step(ctx, x, x0, mask, level, up, key):
         return jnp.sqrt(1.0 - beta) * x + jnp.sqrt(beta) * noise
 
     def reverse(_):
-        out = ancestral.ancestral_step(d, ctx.model_fn(x, common.original_t(d, t)), x, t,
+        out = ancestral.ancestral_step(d, ctx.model_fn(x, t), x, t,
                                        jax.random.normal(k_step, x.shape, x.dtype),
                                        clip_denoised=ctx.opts.clip_denoised,
                                        guidance=ctx.guidance)
