@@ -31,6 +31,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     options = configs.parse_arg(arg, OPTIONS, 'cifar10')
     config = ml_collections.ConfigDict()
     config.name = 'cifar10'  # run name: the default workdir is runs/<name>
+    # JAX's persistent compilation cache, so a second command does not compile again: 'auto' =
+    # <user cache folder>/diffusion_jax/xla ($XDG_CACHE_HOME or ~/.cache), '' = off, or a folder.
+    config.compile_cache_dir = 'auto'
 
     config.model = model_configs.ddpm_cifar10()  # 35,746,307 parameters (Ho et al., App. B)
 

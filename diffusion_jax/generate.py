@@ -90,6 +90,7 @@ def run_resolved(config, workdir: str) -> str:
     mesh = sharding.make_mesh()
     s = config.sampling
     sharding.check_global_batch(s.batch_size, mesh, 'sampling.batch_size')
+    sharding.use_compile_cache(config.get('compile_cache_dir', sharding.AUTO_CACHE))
     loaded = _load_params(config, workdir, mesh)
     step = loaded.step
     sampler, example_shape = batches.build_sampler(config, loaded.variables, mesh,

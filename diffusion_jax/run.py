@@ -185,6 +185,8 @@ def with_mode_defaults(config) -> ml_collections.ConfigDict:
             if key not in section:
                 section[key] = value
         config[name] = section
+    if 'compile_cache_dir' not in config:  # a machine's setting, not the run's (sharding)
+        config.compile_cache_dir = 'auto'
     return config
 
 
@@ -218,6 +220,8 @@ def merge_config(stored, config=None, typed: Mapping[str, Any] | None = None):
         for name in MODE_SECTIONS:
             if name in given:
                 merged[name] = given[name]
+        if 'compile_cache_dir' in given:  # this machine's too
+            merged['compile_cache_dir'] = given['compile_cache_dir']
         for path in UNTRAINED_FIELDS:  # this machine's, as the given config says
             section, field = path.split('.')
             if field in (given.get(section) or {}) and isinstance(merged.get(section), dict):

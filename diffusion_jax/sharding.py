@@ -12,8 +12,17 @@ runs on one CPU, 8 GPUs or a TPU pod.
 Several processes (hosts) join through `initialize_distributed` (the --coordinator_address,
 --num_processes and --process_id flags of diffusion_jax.main, or JAX's cluster detection);
 `any_process` ORs a host-side flag over them (the agreed stop of a preempted run).
+
+Compilation: `use_compile_cache` turns on JAX's persistent compilation cache (config field
+`compile_cache_dir`: 'auto' = <user cache folder>/diffusion_jax/xla, '' = off), so a second
+command over the same programs loads them instead of compiling; `CompileClock` measures the
+time spent tracing, lowering and compiling (or loading), so a report can state compile and run
+time apart.
 """
 from __future__ import annotations
+
+import os
+import time
 
 import jax
 import numpy as np
@@ -180,3 +189,70 @@ def to_host(tree):
         return jax.device_get(tree)
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# Compilation
+# ----------------------------------------------------------------------------------------------
+AUTO_CACHE = 'auto'
+# JAX's duration events of turning a function into an executable (dispatch.py), and the
+# persistent cache's hit event (compiler.py).
+_COMPILE_EVENTS = ('/jax/core/compile/jaxpr_trace_duration',
+                   '/jax/core/compile/jaxpr_to_mlir_module_duration',
+                   '/jax/core/compile/backend_compile_duration')
+_CACHE_HIT_EVENT = '/jax/compilation_cache/cache_hits'
+
+
+def default_compile_cache_dir() -> str:
+    """<user cache folder>/diffusion_jax/xla: $XDG_CACHE_HOME if set, else ~/.cache."""
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(base, 'diffusion_jax', 'xla')
+
+
+def use_compile_cache(path: str | None) -> str | None:
+    """Points JAX's persistent compilation cache at `path` (config.compile_cache_dir): 'auto'
+    for default_compile_cache_dir() on this machine, '' or None for off. Returns the folder
+    used (None: off). Programs that compile in under jax_persistent_cache_min_compile_time_secs
+    (JAX's default 1 s) are not stored: loading them would cost about as much."""
+    path = default_compile_cache_dir() if path == AUTO_CACHE else (
+        os.path.expanduser(path) if path else None)
+    if jax.config.jax_compilation_cache_dir != path:
+        # pylint: disable-next=import-outside-toplevel
+        from jax.experimental.compilation_cache import compilation_cache
+        compilation_cache.reset_cache()  # else a folder set earlier in this process stays in use
+        jax.config.update('jax_compilation_cache_dir', path)
+    return path
+
+
+class CompileClock:
+    """with CompileClock() as clock: ... -> clock.seconds spent turning functions into
+    executables (tracing, lowering, compiling or loading from the persistent cache) inside the
+    block, on this thread and any other, and clock.cache_hits, the programs the persistent
+    cache served. The rest of a block's wall time is running (and dispatching)."""
+
+    def __init__(self):
+        self.seconds, self.cache_hits, self.start = 0.0, 0, 0.0
+
+    def _duration(self, event, duration, **kwargs):  # pylint: disable=unused-argument
+        if event in _COMPILE_EVENTS:
+            self.seconds += duration
+
+    def _event(self, event, **kwargs):  # pylint: disable=unused-argument
+        if event == _CACHE_HIT_EVENT:
+            self.cache_hits += 1
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        jax.monitoring.register_event_duration_secs_listener(self._duration)
+        jax.monitoring.register_event_listener(self._event)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._duration)
+        jax.monitoring.unregister_event_listener(self._event)
+
+    def report(self) -> str:
+        """'compile 12.3s (2 programs from the persistent cache), run 4.5s' so far."""
+        total = time.perf_counter() - self.start
+        cached = f' ({self.cache_hits} from the persistent cache)' if self.cache_hits else ''
+        return f'compile {self.seconds:.1f}s{cached}, run {max(total - self.seconds, 0.0):.1f}s'

@@ -480,6 +480,7 @@ def run_resolved(config, workdir: str, *,
                  on_step: Callable[[int, TrainState], None] | None = None) -> TrainState:
     """train_and_evaluate for a config that run.resolve_config returned (main calls this)."""
     run = prepare_run(config, workdir)
+    sharding.use_compile_cache(run.config.get('compile_cache_dir', sharding.AUTO_CACHE))
     _write_config(run.config, workdir)
     loop = _Loop(run, workdir, on_step)
     try:
@@ -547,12 +548,13 @@ class _Loop:
 
     def _compile(self, state, batch, start: int):
         logger.info('compiling the train step (first step takes a while)...')
-        t0 = time.perf_counter()
-        train_step = compile_train_step(
-            make_multi_step(make_train_step(self.config, self.run.model, self.run.diffusion,
-                                            self.optimizer, self.schedule), self.k),
-            self.run.mesh, state, batch, self.train_rng, self.batch_axis)
-        logger.info('compiled in %.1fs', time.perf_counter() - t0)
+        with sharding.CompileClock() as clock:
+            train_step = compile_train_step(
+                make_multi_step(make_train_step(self.config, self.run.model, self.run.diffusion,
+                                                self.optimizer, self.schedule), self.k),
+                self.run.mesh, state, batch, self.train_rng, self.batch_axis)
+        logger.info('compiled in %.1fs%s', clock.seconds,
+                    f' ({clock.cache_hits} from the persistent cache)' if clock.cache_hits else '')
         self.throughput = _Throughput(start, self.tc.batch_size, self.tc.num_train_steps)
         return train_step
 

@@ -205,6 +205,7 @@ def run_eval(config, workdir: str) -> dict:
 def run_resolved(config, workdir: str) -> dict:
     """run_eval for a config that run.resolve_config returned (main calls this)."""
     e = config.eval
+    sharding.use_compile_cache(config.get('compile_cache_dir', sharding.AUTO_CACHE))
     if e.get('samples_path', ''):
         return {'sample_quality': sample_quality.evaluate_samples_file(config, workdir)}
     mesh = sharding.make_mesh()

@@ -221,18 +221,24 @@ def draw_batches(sampler, key, batch_shape, num_samples: int, labels, transform=
         x = sampler.sample(jax.random.fold_in(key, i), (size, *batch_shape[1:]), y)['samples']
         return x if transform is None else transform(x)
 
-    pending = dispatch(0)
+    # The first batch is fetched before the next is dispatched, so that its compile (or
+    # persistent-cache load) and run time are measured alone.
+    with sharding.CompileClock() as clock:
+        x = np.asarray(sharding.to_host(dispatch(0)))
+    first = time.time() - start
+    logging.info('batch 1/%d: %s, ETA %s', num_batches, clock.report(),
+                 format_duration((first - clock.seconds) * (num_batches - 1)))
+    pending = None
     for i in range(num_batches):
-        current, pending = pending, dispatch(i + 1) if i + 1 < num_batches else None
-        x = np.asarray(sharding.to_host(current))
-        if i == 0:  # the ETA as soon as there is one (this batch includes the compilation)
-            first = time.time() - start
-            logging.info('batch 1/%d took %.1fs (with compilation), ETA %s', num_batches, first,
-                         format_duration(first * (num_batches - 1)))
-        elif (i + 1) % 10 == 0 or i + 1 == num_batches:
-            per_batch = (time.time() - start - first) / i
-            logging.info('batch %d/%d, %.2f samples/s, ETA %s', i + 1, num_batches,
-                         batch / per_batch, format_duration(per_batch * (num_batches - i - 1)))
+        if i:
+            current = pending
+        pending = dispatch(i + 1) if i + 1 < num_batches else None
+        if i:
+            x = np.asarray(sharding.to_host(current))
+            if (i + 1) % 10 == 0 or i + 1 == num_batches:
+                per_batch = (time.time() - start - first) / i
+                logging.info('batch %d/%d, %.2f samples/s, ETA %s', i + 1, num_batches,
+                             batch / per_batch, format_duration(per_batch * (num_batches - i - 1)))
         yield x[:num_samples - i * batch]
 
 
