@@ -43,10 +43,12 @@ def default_sampling_config() -> ml_collections.ConfigDict:
     # '0.28,1.61'); '' = guidance at every step.
     c.guidance_interval = ''
     c.classifier_scale = 0.0  # classifier guidance s (Dhariwal & Nichol 2021); 0 = off
-    # How guided DDIM composes the classifier's shift with clipping: 'condition_score'
-    # (guided-diffusion: ε from the clipped x̂_0, shifted, guided x̂_0 unclipped) | 'eps_shift'
-    # (the shifted raw ε̂, then clip; this project's earlier order). Equal without clipping.
-    c.ddim_guidance = 'condition_score'
+    # How classifier guidance composes with clipping in ddim, dpmpp_*, unipc and heun:
+    # 'condition_score' (guided-diffusion: ε from the clipped x̂_0, shifted, guided x̂_0
+    # unclipped) | 'eps_shift' (the shifted raw ε̂, then clip: DPM-Solver++'s reference and
+    # diffusers') | 'auto': the method's reference (eps_shift for dpmpp_*/unipc, else
+    # condition_score). Equal without clipping.
+    c.ddim_guidance = 'auto'
     c.classifier_workdir = ''  # workdir of the noisy classifier run (its config.json + checkpoint)
     c.labels = ''  # class labels: '' random uniform, '3' all class 3, '0,1,2' cycled
     c.use_ema = True  # sample with the EMA parameters (Ho et al. 2020, App. B)

@@ -65,7 +65,7 @@ def test_sample_with_the_plain_config_runs_the_stored_run(trained, caplog):
             folder = main.run(config, workdir, 'sample')
     finally:
         absl_logging.set_verbosity(verbosity)
-    assert 'batch 1/1 took' in caplog.text and 'ETA' in caplog.text  # the ETA after batch 1
+    assert 'batch 1/1: compile' in caplog.text and 'ETA' in caplog.text  # the ETA after batch 1
     assert folder == os.path.join(workdir, 'samples', '4')
     with open(os.path.join(folder, 'sampling_config.json'), encoding='utf-8') as f:
         written = json.load(f)

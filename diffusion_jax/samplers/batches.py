@@ -64,7 +64,7 @@ class Sampler:
         self.label_classes = self.num_classes or classifier_classes
         self.options = dict(method=s.method, eta=s.eta, clip_denoised=s.clip_denoised,
                             langevin_snr=s.langevin_snr, langevin_steps=s.langevin_steps,
-                            ddim_guidance=s.get('ddim_guidance', 'condition_score'),
+                            ddim_guidance=s.get('ddim_guidance', 'auto'),
                             dynamic_threshold=s.get('dynamic_threshold', 0.0))
 
     def model_fn(self, y):

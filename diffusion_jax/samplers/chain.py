@@ -72,7 +72,7 @@ def run_chain(ctx: Context, x, rng, start, stop):
 
 
 def make_options(diffusion, method, clip_denoised, langevin_steps, mesh, progress_steps=None,
-                 noise_repeat=1, ddim_guidance='condition_score',
+                 noise_repeat=1, ddim_guidance='auto',
                  dynamic_threshold=0.0) -> Options:
     """The static Options of a call, validated (ValueError naming the sampling.* field)."""
     get_sampler(method)  # raises with the registered names
@@ -124,7 +124,7 @@ def sample(diffusion, model_fn, rng, shape: Sequence[int], *, method: str = 'anc
            eta: float = 0.0, clip_denoised: bool = True, x_T=None, progress_steps=None,
            guidance=None, langevin_snr: float = DEFAULT_SNR,
            langevin_steps: int = DEFAULT_LANGEVIN_STEPS, mesh: Mesh | None = None,
-           ddim_guidance: str = 'condition_score', dynamic_threshold: float = 0.0,
+           ddim_guidance: str = 'auto', dynamic_threshold: float = 0.0,
            num_steps=None, **process_options):
     """Samples x_0 by running the reverse chain from x_T ~ N(0, I) over every step of `diffusion`.
 
@@ -149,9 +149,10 @@ def sample(diffusion, model_fn, rng, shape: Sequence[int], *, method: str = 'anc
       guidance: classifier guidance (guidance.classifier_guidance), or None.
       langevin_snr: r of the Langevin step size ('langevin' and 'pc').
       langevin_steps: Langevin steps per level ('langevin') or corrector steps per step ('pc').
-      mesh: shard the batch over this mesh's devices (sharding.make_mesh()).
-      ddim_guidance: 'condition_score' (guided-diffusion's order, default) or 'eps_shift': how
-        classifier guidance and clipping compose in DDIM (samplers.common).
+      mesh: shard the batch over this mesh's 'data' axis (sharding.make_mesh()).
+      ddim_guidance: how classifier guidance and clipping compose in every method that makes
+        x̂_0 ('condition_score': guided-diffusion's; 'eps_shift': DPM-Solver++'s and diffusers';
+        'auto', the default: the method's reference; samplers.common).
       dynamic_threshold: Imagen's percentile p of dynamic thresholding of x̂_0; 0 = off.
     Returns:
       dict(samples=[B, ...] float32, progressive=[len(progress_steps), B, ...] if requested).
@@ -202,7 +203,7 @@ def reverse_from(diffusion, model_fn, rng, x_t, start, *, stop=0, method: str = 
                  eta: float = 0.0, clip_denoised: bool = True, guidance=None,
                  langevin_snr: float = DEFAULT_SNR, langevin_steps: int = DEFAULT_LANGEVIN_STEPS,
                  mesh: Mesh | None = None, noise_repeat: int = 1,
-                 ddim_guidance: str = 'condition_score', dynamic_threshold: float = 0.0):
+                 ddim_guidance: str = 'auto', dynamic_threshold: float = 0.0):
     """Runs the reverse chain's steps start, start-1, …, stop from x_t [B, ...] (at level start).
 
     stop = 0 gives x_0; stop = s + 1 gives x_s. start and stop are traced: one compile serves

@@ -5,8 +5,12 @@ Guidance order. Classifier guidance enters every sampler as a shift of the score
 ε̃ = ε̂ - s √(1-ᾱ_t) ∇_{x_t} log p_φ(y|x_t) (Dhariwal & Nichol 2021, Algorithm 2). Where x̂_0 is
 clipped or thresholded, the default follows guided-diffusion's `condition_score`: ε̂ is taken from
 the *clipped* x̂_0, shifted, and the guided x̂_0 = (x_t - √(1-ᾱ_t) ε̃)/√ᾱ_t is used unclipped.
-sampling.ddim_guidance='eps_shift' keeps this project's earlier order for DDIM (shift the raw ε̂,
-then clip the x̂_0 derived from it). Without clipping the two are the same step.
+sampling.ddim_guidance='eps_shift' is the other order (shift the raw ε̂, then clip the x̂_0
+derived from it), the one DPM-Solver++'s reference code and diffusers' multistep schedulers use
+(guidance acts on the network output, thresholding on the x̂_0 made from it). Every method that
+makes x̂_0 from the network (ddim, dpmpp_*, unipc, heun) honours the option; 'auto' (the default)
+is each method's reference: 'eps_shift' for dpmpp_2m/dpmpp_3m/unipc, 'condition_score' for the
+others. Without clipping the two are the same step.
 """
 from __future__ import annotations
 
@@ -24,7 +28,9 @@ from diffusion_jax.diffusion import wrap_model
 # configs/default_cifar10_configs.py: sampling.snr = 0.16) and its one corrector step per level.
 DEFAULT_SNR = 0.16
 DEFAULT_LANGEVIN_STEPS = 1
-DDIM_GUIDANCE = ('condition_score', 'eps_shift')
+DDIM_GUIDANCE = ('auto', 'condition_score', 'eps_shift')
+# The order of each method's reference implementation, where it is not guided-diffusion's.
+REFERENCE_GUIDANCE = {'dpmpp_2m': 'eps_shift', 'dpmpp_3m': 'eps_shift', 'unipc': 'eps_shift'}
 
 
 class Options(NamedTuple):
@@ -35,7 +41,7 @@ class Options(NamedTuple):
     noise_repeat: int = 1
     mesh: Mesh | None = None
     progress: tuple[int, ...] = ()
-    ddim_guidance: str = 'condition_score'
+    ddim_guidance: str = 'auto'
     dynamic_threshold: float = 0.0
 
 
@@ -151,14 +157,25 @@ def condition_score(diffusion, pred_x0, x_t, t, guidance):
     return diffusion.predict_x0_from_eps(x_t, t, eps)
 
 
+def guidance_order(opts: Options) -> str:
+    """opts.ddim_guidance with 'auto' resolved to the method's reference order."""
+    if opts.ddim_guidance != 'auto':
+        return opts.ddim_guidance
+    return REFERENCE_GUIDANCE.get(opts.method, 'condition_score')
+
+
 def predict_x0(ctx: Context, x, t):
     """The data prediction the ODE solvers integrate: x̂_0(x_t, t) from the network in whatever it
-    predicts (ε, x0, v), thresholded/clipped as configured, then classifier-guided
-    (`condition_score`). Shapes: x [B, ...], t [B]. Returns [B, ...]."""
+    predicts (ε, x0, v), classifier-guided and thresholded/clipped in the order of
+    `guidance_order` ('condition_score': clip, then guide, the guided x̂_0 unclipped;
+    'eps_shift': guide the network output, then clip). Shapes: x [B, ...], t [B] -> [B, ...]."""
     d = ctx.diffusion
-    out = d.p_mean_variance(ctx.model_fn(x, t), x, t,
+    model_output, guidance = ctx.model_fn(x, t), ctx.guidance
+    if guidance is not None and guidance_order(ctx.opts) == 'eps_shift':
+        model_output, guidance = guided_model_output(d, model_output, x, t, guidance), None
+    out = d.p_mean_variance(model_output, x, t,
                             clip_denoised=ctx.opts.clip_denoised, denoised_fn=denoised_fn(ctx.opts))
-    return condition_score(d, out['pred_x0'], x, t, ctx.guidance)
+    return condition_score(d, out['pred_x0'], x, t, guidance)
 
 
 def score(diffusion, model_output, x_t, t, guidance):

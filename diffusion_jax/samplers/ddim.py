@@ -46,5 +46,6 @@ def chain_step(ctx, state, t, key):
     out = ddim_step(d, ctx.model_fn(x, t), x, t,
                     common.noise_like(key, x, ctx.opts.noise_repeat), eta=ctx.eta,
                     clip_denoised=ctx.opts.clip_denoised, guidance=ctx.guidance,
-                    ddim_guidance=ctx.opts.ddim_guidance, denoised_fn=common.denoised_fn(ctx.opts))
+                    ddim_guidance=common.guidance_order(ctx.opts),
+                    denoised_fn=common.denoised_fn(ctx.opts))
     return {'x': out['sample']}, out['pred_x0']
