@@ -137,7 +137,10 @@ def _check_process(d) -> None:
     """diffusion.process and what depends on it (diffusion_jax.processes), one line each."""
     from diffusion_jax import processes  # pylint: disable=import-outside-toplevel
     name = d.get('process', 'gaussian')
-    processes.check_name(name)
+    known = (*processes.names(), 'cold')  # cold diffusion is built beside them (diffusion_jax.cold)
+    if name not in known:
+        raise ValueError(f'diffusion.process={name!r} is not a process; choose one of '
+                         f'{", ".join(known)}.')
     weighting = d.get('loss_weighting', 'none')
     if name != 'gaussian' and weighting != 'none':
         raise ValueError(f'diffusion.loss_weighting={weighting!r} applies to diffusion.process='

@@ -322,8 +322,8 @@ def test_gaussian_process_is_todays_diffusion():
 
 
 def test_bad_input_is_one_line():
-    cfg = ml_collections.ConfigDict(dict(process='cold'))
-    with pytest.raises(ValueError, match=r"diffusion.process='cold' .* gaussian, flow, edm"):
+    cfg = ml_collections.ConfigDict(dict(process='vesde'))
+    with pytest.raises(ValueError, match=r"diffusion.process='vesde' .* gaussian, flow, edm"):
         processes.get_process(cfg)
     with pytest.raises(ValueError, match=r"sampling.method='ancestral' cannot run on "
                                          r"diffusion.process='flow'.*euler, heun"):
@@ -428,8 +428,8 @@ def test_config_refuses_what_a_process_cannot_do():
     from configs import digits, digits_edm, digits_flow
     from diffusion_jax import config_validation
     cases = [
-        (digits.get_config, {'diffusion.process': 'cold'},
-         r"diffusion.process='cold' is not a process; choose one of gaussian, flow, edm"),
+        (digits.get_config, {'diffusion.process': 'vesde'},
+         r"diffusion.process='vesde' is not a process; choose one of gaussian, flow, edm, cold"),
         (digits_flow.get_config, {'sampling.method': 'ancestral'},
          r"sampling.method='ancestral' cannot run on diffusion.process='flow'; it runs euler"),
         (digits_edm.get_config, {'diffusion.loss_weighting': 'min_snr'},
