@@ -25,7 +25,7 @@ PACKAGE = 'diffusion_jax'
 LAYERS = (
     ('core', ('diffusion_jax', 'diffusion_jax.schedules', 'diffusion_jax.diffusion',
               'diffusion_jax.respace', 'diffusion_jax.timestep_sampling',
-              'diffusion_jax.processes', 'diffusion_jax.cold')),
+              'diffusion_jax.processes', 'diffusion_jax.cold', 'diffusion_jax.distillation')),
     ('networks', ('diffusion_jax.models', 'diffusion_jax.evaluation.inception',
                   'diffusion_jax.evaluation.convert_inception',
                   'diffusion_jax.evaluation.feature_net', 'diffusion_jax.evaluation.fid')),
