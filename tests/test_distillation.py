@@ -12,8 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.tree_util import Partial
 
+from diffusion_jax import diffusion as dl
 from diffusion_jax import distillation as dist
+from diffusion_jax import respace, samplers, schedules
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
 
@@ -210,3 +213,56 @@ def test_pseudo_huber_and_ema():
     s = dist.karras_sigmas(5, 0.002, 80.0, 7.0)
     np.testing.assert_allclose([s[0], s[-1]], [0.002, 80.0], rtol=1e-5)
     assert bool(jnp.all(jnp.diff(s) > 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling.method='consistency' on the chain
+# ----------------------------------------------------------------------------------------------
+def _student_eps(tables, x, t_orig):
+    """An ε-network whose consistency function (c_skip y + (1 - c_skip) x̂) is f* exactly:
+    x̂ = (f* - c_skip y)/(1 - c_skip), ε = (x - √ᾱ x̂)/√(1 - ᾱ), at the original timestep."""
+    sqrt_ab, sqrt_1m, sig = (jnp.asarray(a)[t_orig].reshape(-1, 1) for a in tables)
+    y = x / sqrt_ab
+    f = f_star(y, sig[:, 0])
+    skip = dist.c_skip(sig, SIGMA_MIN_VP, SIGMA_DATA)
+    x0 = (f - skip * y) / (1.0 - skip)
+    return (x - sqrt_ab * x0) / sqrt_1m
+
+
+SIGMA_MIN_VP = None
+
+
+@pytest.fixture(scope='module')
+def vp_diffusion():
+    global SIGMA_MIN_VP  # the teacher's σ̃ at timestep 0, as distillation uses it
+    d = dl.GaussianDiffusion(schedules.linear(1000), 'eps', 'fixed_small')
+    SIGMA_MIN_VP = float(d.sqrt_recipm1_alphas_cumprod[0])
+    tables = (np.asarray(d.sqrt_alphas_cumprod, np.float32),
+              np.asarray(d.sqrt_one_minus_alphas_cumprod, np.float32),
+              np.asarray(d.sqrt_recipm1_alphas_cumprod, np.float32))
+    return d, Partial(_student_eps, tuple(jnp.asarray(a) for a in tables))
+
+
+@pytest.mark.parametrize('steps', ['trailing1', 'trailing2', 'trailing4'])
+def test_consistency_sampler_draws_the_data_distribution(vp_diffusion, steps):
+    """sampling.method='consistency' with 1, 2, 4 calls of a student whose consistency function
+    is f* draws N(MU, S² + σ_min²) (5 standard errors of 8192 scalars)."""
+    d, model = vp_diffusion
+    n = 8192
+    x = np.asarray(samplers.sample(respace.respaced(d, steps), model, jax.random.key(7), (n, 1),
+                                   method='consistency', clip_denoised=False,
+                                   consistency=(SIGMA_MIN_VP, SIGMA_DATA))['samples'])[:, 0]
+    std = math.sqrt(S**2 + SIGMA_MIN_VP**2)
+    assert abs(x.mean() - MU) < 5 * std / math.sqrt(n)
+    assert abs(x.std() - std) < 5 * std / math.sqrt(2 * n)
+    assert samplers.nfe('consistency', int(steps[len('trailing'):])) == int(steps[-1])
+
+
+def test_consistency_sampler_refusals(vp_diffusion):
+    d, model = vp_diffusion
+    with pytest.raises(ValueError, match=r"method='consistency' needs consistency="):
+        samplers.sample(d.respace([999]), model, jax.random.key(0), (8, 1),
+                        method='consistency')
+    with pytest.raises(ValueError, match="applies to method='consistency', not 'ddim'"):
+        samplers.sample(d.respace([999]), model, jax.random.key(0), (8, 1), method='ddim',
+                        consistency=(0.01, 0.5))
