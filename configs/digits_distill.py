@@ -41,11 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # progressive: the teacher's DDIM steps of this round; the student takes half as many.
     # Salimans & Ho start from 1024 (CIFAR-10); the digits teacher has T = 200 levels: 8 -> 4.
     d.start_steps = 8
-    # consistency: N levels of the discretisation (Song et al. 2023, CIFAR-10 CD: N = 18),
-    # σ_data (their App. C: 0.5), and the pseudo-Huber c = 0.00054 √d (Song & Dhariwal 2023).
-    d.num_scales = 18
-    d.sigma_data = 0.5
-    d.huber_c_per_dim = 0.00054
+    d.num_scales = 18  # consistency: N levels (Song et al. 2023, CIFAR-10 CD: N = 18)
+    d.sigma_data = 0.5  # consistency: σ_data of c_skip (Song et al. 2023, App. C: 0.5)
+    d.huber_c_per_dim = 0.00054  # pseudo-Huber c = 0.00054 √d (Song & Dhariwal 2023, §3.3)
 
     t = config.training
     t.num_train_steps = 500 if 'runlocal' not in options else 20

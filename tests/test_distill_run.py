@@ -2,6 +2,7 @@
 student starts as the teacher's EMA, trains with the ordinary loop, samples with its method,
 resumes bit-exactly, and the teacher's workdir is never written; bad input is one line."""
 import hashlib
+import json
 import os
 import pathlib
 import sys
@@ -10,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import checkpointing, train
+from diffusion_jax import checkpointing, generate, train
 from diffusion_jax import run as run_lib
 
 try:
@@ -61,22 +62,32 @@ def _params(workdir, step, item='params'):
     return checkpointing.restore_items(workdir, {item: None}, step=step)[0][item]
 
 
-@pytest.mark.parametrize('method', ['progressive', 'consistency'])
-def test_distillation_run_starts_from_the_teacher_and_never_writes_it(teacher, tmp_path, method):
+@pytest.fixture(scope='module')
+def students(teacher, tmp_path_factory):
+    """{method: (workdir, first step's params, teacher hashes before, teacher EMA)}."""
     before = tree_hash(teacher)
-    teacher_ema = run_lib.load(teacher).variables['params']
-    seen = {}
+    teacher_ema = jax.device_get(run_lib.load(teacher).variables['params'])
+    out = {}
+    for method in ('progressive', 'consistency'):
+        seen = {}
 
-    def on_step(step, state):
-        seen.setdefault('first', (step, jax.device_get(state.params)))
+        def on_step(step, state, seen=seen):
+            seen.setdefault('first', (step, jax.device_get(state.params)))
 
-    workdir = str(tmp_path / method)
-    state = train.train_and_evaluate(student_config(teacher, method), workdir, on_step=on_step)
-    assert int(state.step) == 4
+        workdir = str(tmp_path_factory.mktemp(method) / 'run')
+        state = train.train_and_evaluate(student_config(teacher, method), workdir,
+                                         on_step=on_step)
+        assert int(state.step) == 4
+        out[method] = (workdir, seen['first'], before, teacher_ema)
+    return out
+
+
+@pytest.mark.parametrize('method', ['progressive', 'consistency'])
+def test_distillation_run_starts_from_the_teacher_and_never_writes_it(teacher, students, method):
+    workdir, (step, first), before, teacher_ema = students[method]
     assert tree_hash(teacher) == before
     # After one Adam step of lr 2e-3 every weight is within ~lr of the teacher's EMA weight
     # it started from (a fresh init would be O(1) away).
-    step, first = seen['first']
     assert step == 1
     gaps = jax.tree.leaves(jax.tree.map(lambda a, b: np.max(np.abs(a - b)), first, teacher_ema))
     assert max(gaps) < 3e-3
@@ -84,11 +95,17 @@ def test_distillation_run_starts_from_the_teacher_and_never_writes_it(teacher, t
     assert grid.shape == (8, 8, 8, 1)
     stored = run_lib.Run(workdir).config
     assert stored.distill.method == method and stored.distill.teacher_workdir == teacher
+    # --mode=sample with no flags: the stored config names the student's sampler and steps.
+    folder = generate.run_sampling(None, workdir)
+    written = json.loads(pathlib.Path(folder, 'sampling_config.json').read_text())
+    assert written['method'] == ('consistency' if method == 'consistency' else 'ddim')
+    assert written['num_steps'] == ('trailing2' if method == 'consistency' else 'trailing4')
+    assert np.load(os.path.join(folder, 'samples.npz'))['images'].shape == (8, 8, 8, 1)
+    assert tree_hash(teacher) == before
 
 
-def test_distillation_resumes_bit_exactly(teacher, tmp_path):
-    straight = str(tmp_path / 'straight')
-    train.train_and_evaluate(student_config(teacher, 'consistency', 4), straight)
+def test_distillation_resumes_bit_exactly(teacher, students, tmp_path):
+    straight = students['consistency'][0]
     split = str(tmp_path / 'split')
     train.train_and_evaluate(student_config(teacher, 'consistency', 2), split)
     train.train_and_evaluate(student_config(teacher, 'consistency', 4), split)
