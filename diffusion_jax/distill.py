@@ -50,7 +50,11 @@ def check_config(config) -> None:
                          f"got {config.diffusion.get('process')!r}.")
     t = int(config.diffusion.num_timesteps)
     if d.method == 'progressive':
-        distillation.halve_steps(int(d.start_steps), 1)  # raises on an odd / 1-step teacher
+        n = int(d.start_steps)
+        if n < 2 or n % 2:
+            raise ValueError(f'distill.start_steps={n}: a progressive round halves the '
+                             "teacher's steps, so the student would go below one step or be "
+                             'fractional; use an even start_steps >= 2 (the last round: 2 -> 1).')
         if t % int(d.start_steps):
             raise ValueError(f'distill.start_steps={d.start_steps} must divide '
                              f'diffusion.num_timesteps={t} (the teacher\'s trailing grid).')

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import checkpointing, generate, train
+from diffusion_jax import checkpointing, generate, models, train
 from diffusion_jax import run as run_lib
 
 try:
@@ -27,8 +27,9 @@ def tiny(config, steps=4):
     config.model = model_configs.tiny_unet(image_size=8, in_channels=1, ch_mult=(1,),
                                            attn_resolutions=())
     config.diffusion.update(num_timesteps=16, beta_start=1e-3, beta_end=0.5)
+    # No grid during training (--mode=sample is tested instead): one compile less per run.
     config.training.update(batch_size=16, num_train_steps=steps, log_every_steps=2,
-                           checkpoint_every_steps=2, sample_every_steps=steps,
+                           checkpoint_every_steps=steps, sample_every_steps=0,
                            num_sample_images=8)
     config.optim.update(learning_rate=2e-3, warmup_steps=0)
     config.sampling.update(num_samples=8, batch_size=8)
@@ -45,9 +46,14 @@ def tree_hash(root) -> dict:
 
 @pytest.fixture(scope='module')
 def teacher(tmp_path_factory):
+    """A teacher run written by run.create (no training: the compile is the cost here), with
+    EMA weights that differ from its raw weights, so the test can tell which the student got."""
     workdir = str(tmp_path_factory.mktemp('teacher') / 'run')
-    train.train_and_evaluate(tiny(digits.get_config()), workdir)
-    checkpointing.Checkpointer(workdir, 2).close()
+    config = tiny(digits.get_config())
+    model = models.get_model(config.model)
+    params = models.init_params(model, jax.random.key(1))['params']
+    ema = models.init_params(model, jax.random.key(2))['params']
+    run_lib.create(workdir, config, params, ema_params=ema)
     return workdir
 
 
@@ -67,6 +73,7 @@ def students(teacher, tmp_path_factory):
     """{method: (workdir, first step's params, teacher hashes before, teacher EMA)}."""
     before = tree_hash(teacher)
     teacher_ema = jax.device_get(run_lib.load(teacher).variables['params'])
+    teacher_raw = jax.device_get(run_lib.load(teacher, use_ema=False).variables['params'])
     out = {}
     for method in ('progressive', 'consistency'):
         seen = {}
@@ -78,21 +85,20 @@ def students(teacher, tmp_path_factory):
         state = train.train_and_evaluate(student_config(teacher, method), workdir,
                                          on_step=on_step)
         assert int(state.step) == 4
-        out[method] = (workdir, seen['first'], before, teacher_ema)
+        out[method] = (workdir, seen['first'], before, teacher_ema, teacher_raw)
     return out
 
 
 @pytest.mark.parametrize('method', ['progressive', 'consistency'])
 def test_distillation_run_starts_from_the_teacher_and_never_writes_it(teacher, students, method):
-    workdir, (step, first), before, teacher_ema = students[method]
+    workdir, (step, first), before, teacher_ema, teacher_raw = students[method]
     assert tree_hash(teacher) == before
     # After one Adam step of lr 2e-3 every weight is within ~lr of the teacher's EMA weight
-    # it started from (a fresh init would be O(1) away).
+    # it started from; the teacher's raw weights (another init) are O(0.1) away.
     assert step == 1
-    gaps = jax.tree.leaves(jax.tree.map(lambda a, b: np.max(np.abs(a - b)), first, teacher_ema))
-    assert max(gaps) < 3e-3
-    grid = np.load(os.path.join(workdir, 'samples', '4', 'ema_grid.npz'))['images']
-    assert grid.shape == (8, 8, 8, 1)
+    gap = lambda ref: max(jax.tree.leaves(jax.tree.map(  # noqa: E731
+        lambda a, b: np.max(np.abs(a - b)), first, ref)))
+    assert gap(teacher_ema) < 3e-3 < 0.05 < gap(teacher_raw)
     stored = run_lib.Run(workdir).config
     assert stored.distill.method == method and stored.distill.teacher_workdir == teacher
     # --mode=sample with no flags: the stored config names the student's sampler and steps.
@@ -118,7 +124,9 @@ def test_distillation_resumes_bit_exactly(teacher, students, tmp_path):
     (lambda c, t: c.distill.update(teacher_workdir=t + '_missing'),
      r"distill.teacher_workdir='.*_missing' is not a run"),
     (lambda c, t: c.distill.update(start_steps=1),
-     r'distill.rounds=1 from distill.start_steps=1'),
+     r'distill.start_steps=1: a progressive round halves .* below one step'),
+    (lambda c, t: c.distill.update(start_steps=6),
+     r'distill.start_steps=6 must divide diffusion.num_timesteps=16'),
     (lambda c, t: c.distill.update(method='ect'), r"distill.method='ect' is not available"),
     (lambda c, t: c.model.update(ch=64), r'the student must have the teacher\'s network'),
 ])
