@@ -92,19 +92,24 @@ def _x0(diffusion, out, x, t):
     return diffusion.p_mean_variance(out, x, t, clip_denoised=False)['pred_x0']
 
 
-def _progressive_loss(config, diffusion, student_fn, teacher_fn, x0, key):
-    """Per-example loss [B] and its timesteps [B] of one progressive-distillation round."""
-    d, t_total = config.distill, diffusion.num_timesteps
-    n_student = int(d.start_steps) // 2
-    stride = t_total // n_student
-    b = x0.shape[0]
-    i_key, n_key = jax.random.split(key)
-    i = jax.random.randint(i_key, (b,), 1, n_student + 1)
+def progressive_levels(diffusion, n_student: int, i):
+    """The timesteps (t, t', t'') [B] of student step i ∈ {1..N} [B] — the 'trailing' grids
+    t = iT/N - 1 of the student and iT/(2N) - 1 of the teacher, t'' = -1 meaning data — and
+    their levels ((α, σ) at t, t', t''), with (α, σ) = (1, 0) at t'' = -1."""
+    stride = diffusion.num_timesteps // n_student
     t, t_mid, t_end = i * stride - 1, i * stride - stride // 2 - 1, (i - 1) * stride - 1
     abar = jnp.asarray(diffusion.alphas_cumprod, jnp.float32)
     level = lambda k: (jnp.where(k >= 0, jnp.sqrt(abar[jnp.maximum(k, 0)]), 1.0),  # noqa: E731
                        jnp.where(k >= 0, jnp.sqrt(1.0 - abar[jnp.maximum(k, 0)]), 0.0))
-    levels = (level(t), level(t_mid), level(t_end))
+    return (t, t_mid, t_end), (level(t), level(t_mid), level(t_end))
+
+
+def _progressive_loss(config, diffusion, student_fn, teacher_fn, x0, key):
+    """Per-example loss [B] and its timesteps [B] of one progressive-distillation round."""
+    n_student = int(config.distill.start_steps) // 2
+    i_key, n_key = jax.random.split(key)
+    i = jax.random.randint(i_key, (x0.shape[0],), 1, n_student + 1)
+    (t, t_mid, _), levels = progressive_levels(diffusion, n_student, i)
     noise = jax.random.normal(n_key, x0.shape, x0.dtype)
     z = diffusion.q_sample(x0, t, noise)
     times = (t, t_mid)
@@ -203,4 +208,4 @@ def initial_params(teacher_params):
 
 
 __all__ = ['METHODS', 'is_distillation', 'check_config', 'load_teacher', 'make_distill_step',
-           'initial_params', 'consistency_levels']
+           'initial_params', 'consistency_levels', 'progressive_levels']

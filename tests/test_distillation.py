@@ -266,3 +266,42 @@ def test_consistency_sampler_refusals(vp_diffusion):
     with pytest.raises(ValueError, match="applies to method='consistency', not 'ddim'"):
         samplers.sample(d.respace([999]), model, jax.random.key(0), (8, 1), method='ddim',
                         consistency=(0.01, 0.5))
+
+
+# ----------------------------------------------------------------------------------------------
+# The run's progressive grid (diffusion_jax.distill) against the samplers' 'trailing' respacing
+# ----------------------------------------------------------------------------------------------
+def _teacher_eps(tables, x, t_orig):
+    sqrt_ab, sqrt_1m = (jnp.asarray(a)[t_orig].reshape(-1, 1) for a in tables)
+    return (x - sqrt_ab * exact_x0(x, sqrt_ab, sqrt_1m)) / sqrt_1m
+
+
+def _ideal_student_eps(diffusion, n_student, teacher, x, t_orig):
+    """The student that fits the progressive target exactly: ε of x̃ at its step i."""
+    from diffusion_jax import distill  # pylint: disable=import-outside-toplevel
+    i = (t_orig + 1) // (diffusion.num_timesteps // n_student)
+    times, levels = distill.progressive_levels(diffusion, n_student, i)
+    target = dist.progressive_target(lambda z, j: exact_x0(
+        z, levels[j][0][:, None], levels[j][1][:, None]), x, levels)['target']
+    (a_t, s_t) = levels[0]
+    return (x - a_t[:, None] * target) / s_t[:, None]
+
+
+@pytest.mark.parametrize('n_student', [1, 2, 4])
+def test_ideal_progressive_student_reproduces_the_teacher_ddim_chain(vp_diffusion, n_student):
+    """A student fitting distill's progressive target at every one of its N levels, sampled by
+    DDIM on 'trailing<N>', equals the exact teacher's DDIM on 'trailing<2N>' from the same x_T:
+    the run's levels are the samplers' grid, and N -> N/2 keeps the map."""
+    d = vp_diffusion[0]
+    tables = (jnp.asarray(d.sqrt_alphas_cumprod, jnp.float32),
+              jnp.asarray(d.sqrt_one_minus_alphas_cumprod, jnp.float32))
+    teacher = Partial(_teacher_eps, tables)
+    student = Partial(_ideal_student_eps, d, n_student, teacher)
+    x_t = jax.random.normal(jax.random.key(8), (64, 1))
+    run = lambda steps, model: np.asarray(samplers.sample(  # noqa: E731
+        respace.respaced(d, steps), model, jax.random.key(0), (64, 1), method='ddim',
+        clip_denoised=False, x_T=x_t)['samples'])
+    want = run(f'trailing{2 * n_student}', teacher)
+    np.testing.assert_allclose(run(f'trailing{n_student}', student), want, atol=2e-4)
+    # and it is not the teacher's own N-step chain (the distillation changes something).
+    assert np.max(np.abs(run(f'trailing{n_student}', teacher) - want)) > 1e-2
