@@ -24,7 +24,7 @@ MODES = ('train', 'eval', 'sample', 'edit')
 LEARNED_VARIANCES = ('learned', 'learned_range')
 BATCH_FIELDS = ('training.batch_size', 'sampling.batch_size', 'eval.batch_size')
 # Integer fields that may be -1: "the latest checkpoint".
-LATEST_ALLOWED = ('sampling.checkpoint_step', 'eval.checkpoint_step')
+LATEST_ALLOWED = ('sampling.checkpoint_step', 'eval.checkpoint_step', 'distill.teacher_step')
 
 CHECKS = (
     ('--mode', 'one of train, eval, sample, edit'),

@@ -32,7 +32,7 @@ import optax
 
 from diffusion_jax import checkpointing, cold, diffusion as diffusion_lib, guidance, image_utils
 from diffusion_jax import input_pipeline, logging_utils, models, processes, run as run_lib
-from diffusion_jax import samplers
+from diffusion_jax import distill, samplers
 from diffusion_jax import sharding, timestep_sampling
 from diffusion_jax.defaults import default_workdir  # noqa: F401  (the old name)
 from diffusion_jax.samplers.batches import guidance_interval, sampling_target
@@ -265,6 +265,7 @@ class _Run:
     diffusion: diffusion_lib.GaussianDiffusion
     mesh: Any
     train_ds: input_pipeline.Dataset
+    teacher: Any = None  # a distillation's teacher EMA params (diffusion_jax.distill), else None
 
 
 def prepare_run(config, workdir: str) -> _Run:
@@ -273,6 +274,9 @@ def prepare_run(config, workdir: str) -> _Run:
     config: validated whole (run.resolve_config); when the workdir holds a run, it must keep
     its model/diffusion/data/optim sections (diffusion_jax.run.check_resume).
     """
+    teacher = None
+    if distill.is_distillation(config):
+        distill.check_config(config)
     model = models.get_model(config.model)
     diffusion = cold.create_for_config(config)  # Gaussian, or process='cold'
     mesh = sharding.make_mesh(fsdp=config.get('sharding', {}).get('fsdp', 1))
@@ -280,8 +284,10 @@ def prepare_run(config, workdir: str) -> _Run:
     run_lib.check_resume(workdir, config)
     resume_step = checkpointing.check_compatible(workdir, models.param_shapes(model)['params'])
     check_resume_step(resume_step, config.training.get('steps_per_call', 1), workdir)
+    if distill.is_distillation(config):  # read only: the teacher's workdir is never written
+        teacher, _ = distill.load_teacher(config)
     train_ds = input_pipeline.get_dataset(config.data, config.data.train_split)
-    return _Run(config, model, diffusion, mesh, train_ds)
+    return _Run(config, model, diffusion, mesh, train_ds, teacher)
 
 
 def check_resume_step(step: int | None, steps_per_call: int, workdir: str) -> None:
@@ -448,8 +454,12 @@ def _initial_state(config, run, optimizer, ckpt, init_rng) -> TrainState:
     sharding.state_shardings (replicated, or FSDP-sharded)."""
     state = ckpt.restore(abstract_train_state(config, run.model, optimizer, run.mesh))
     if state is None:
-        return sharding.shard_state(create_train_state(config, run.model, optimizer, init_rng),
-                                    run.mesh)
+        state = create_train_state(config, run.model, optimizer, init_rng)
+        if run.teacher is not None:  # a distillation's student starts as the teacher's EMA
+            params = distill.initial_params(jax.device_get(run.teacher))
+            state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params),
+                                  opt_state=optimizer.init(params))
+        return sharding.shard_state(state, run.mesh)
     logger.info('resumed from %s at step %d', checkpointing.checkpoint_dir(ckpt.workdir),
                 int(state.step))
     return state
@@ -550,13 +560,20 @@ class _Loop:
         logger.info('compiling the train step (first step takes a while)...')
         with sharding.CompileClock() as clock:
             train_step = compile_train_step(
-                make_multi_step(make_train_step(self.config, self.run.model, self.run.diffusion,
-                                                self.optimizer, self.schedule), self.k),
+                make_multi_step(self._train_step(), self.k),
                 self.run.mesh, state, batch, self.train_rng, self.batch_axis)
         logger.info('compiled in %.1fs%s', clock.seconds,
                     f' ({clock.cache_hits} from the persistent cache)' if clock.cache_hits else '')
         self.throughput = _Throughput(start, self.tc.batch_size, self.tc.num_train_steps)
         return train_step
+
+    def _train_step(self):
+        if self.run.teacher is not None:
+            return distill.make_distill_step(self.config, self.run.model, self.run.diffusion,
+                                             self.run.teacher, self.optimizer, self.schedule,
+                                             _step_metrics)
+        return make_train_step(self.config, self.run.model, self.run.diffusion, self.optimizer,
+                               self.schedule)
 
     def _after_call(self, step: int, state, metrics, preemption) -> bool:
         """Everything between calls, in order; True when the loop stops after this call."""

@@ -25,7 +25,7 @@ PACKAGE = 'diffusion_jax'
 LAYERS = (
     ('core', ('diffusion_jax', 'diffusion_jax.schedules', 'diffusion_jax.diffusion',
               'diffusion_jax.respace', 'diffusion_jax.timestep_sampling',
-              'diffusion_jax.processes', 'diffusion_jax.cold')),
+              'diffusion_jax.processes', 'diffusion_jax.cold', 'diffusion_jax.distillation')),
     ('networks', ('diffusion_jax.models', 'diffusion_jax.evaluation.inception',
                   'diffusion_jax.evaluation.convert_inception',
                   'diffusion_jax.evaluation.feature_net', 'diffusion_jax.evaluation.fid')),
@@ -34,7 +34,7 @@ LAYERS = (
     ('run', ('diffusion_jax.run', 'diffusion_jax.checkpointing', 'diffusion_jax.config_validation',
              'diffusion_jax.defaults', 'diffusion_jax.train_state')),
     ('modes', ('diffusion_jax.train', 'diffusion_jax.generate', 'diffusion_jax.evaluation',
-               'diffusion_jax.edit')),
+               'diffusion_jax.edit', 'diffusion_jax.distill')),
     ('faces', ('diffusion_jax.main', 'diffusion_jax.convert', 'diffusion_jax.notebook')),
 )
 # Services any layer may import; they import only each other.
@@ -42,7 +42,7 @@ SERVICES = ('diffusion_jax.sharding', 'diffusion_jax.input_pipeline', 'diffusion
             'diffusion_jax.logging_utils')
 # Each mode's modules: a mode imports no other mode (the sample-mode driver included).
 MODES = {
-    'train': ('diffusion_jax.train',),
+    'train': ('diffusion_jax.train', 'diffusion_jax.distill'),
     'sample': ('diffusion_jax.generate',),
     'edit': ('diffusion_jax.edit',),
     'eval': ('diffusion_jax.evaluation.evaluate', 'diffusion_jax.evaluation.sample_quality'),

@@ -172,7 +172,9 @@ TAU = 0.25
 
 # The samplers of the Gaussian chain (the cold-diffusion ones run on a ColdDiffusion only:
 # tests/test_cold.py).
-GAUSSIAN_METHODS = tuple(m for m in samplers.METHODS if m not in ('cold', 'cold_naive'))
+# 'consistency' needs a distilled student's (σ_min, σ_data): tests/test_distillation.py.
+GAUSSIAN_METHODS = tuple(m for m in samplers.METHODS
+                         if m not in ('cold', 'cold_naive', 'consistency'))
 
 
 @pytest.mark.parametrize('method', GAUSSIAN_METHODS)
@@ -304,9 +306,9 @@ def test_ddim_inversion_reconstruction_on_the_mixture():
 # ----------------------------------------------------------------------------------------------
 def test_registry_lists_the_methods_and_their_nfe():
     assert samplers.METHODS == ('ancestral', 'ddim', 'langevin', 'pc', 'dpmpp_2m', 'dpmpp_3m',
-                                'unipc', 'heun', 'cold', 'cold_naive')
+                                'unipc', 'heun', 'cold', 'cold_naive', 'consistency')
     assert [samplers.nfe(m, 10, 2) for m in samplers.METHODS] == [10, 10, 30, 30, 10, 10, 10, 19,
-                                                                  10, 10]
+                                                                  10, 10, 10]
     with pytest.raises(ValueError, match='dpmpp_2m, dpmpp_3m, unipc, heun'):
         samplers.sample(spaced('ddim10'), mixture_model(0.0), jax.random.key(0), (4, 2),
                         method='euler')

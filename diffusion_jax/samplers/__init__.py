@@ -14,6 +14,7 @@ Layout (one sampler = one registered unit in one module, with its equation in th
   dpm_solver.py  'dpmpp_2m', 'dpmpp_3m'  DPM-Solver++ multistep (Lu et al. 2022)  NFE K
   unipc.py       'unipc'      UniPC bh2, order 2 (Zhao et al. 2023)              NFE K
   heun.py        'heun'       EDM Algorithm 1 (Karras et al. 2022)               NFE 2K - 1
+  consistency.py 'consistency' multistep consistency sampling (Song et al. 2023, Alg. 1) NFE K
   cold.py        'cold', 'cold_naive'  Bansal et al. 2022 Algorithms 2 and 1 over a
                  diffusion_jax.cold.ColdDiffusion; cold_restore, cold_generate     NFE T
   chain.py       sample, reverse_from, langevin_correct: one jit per (method, options, K, shape)
@@ -39,6 +40,7 @@ from diffusion_jax.samplers import ancestral, ddim, langevin  # noqa: F401
 from diffusion_jax.samplers import dpm_solver, unipc, heun  # noqa: F401  (isort: skip)
 from diffusion_jax.samplers import cold  # noqa: F401  (isort: skip)
 from diffusion_jax.samplers.cold import cold_generate, cold_restore
+from diffusion_jax.samplers import consistency  # noqa: F401  (isort: skip)
 from diffusion_jax.samplers.edit import (MASKS, ddim_edit, make_mask, repaint, repaint_schedule,
                                          sdedit, sdedit_start)
 from diffusion_jax.samplers.ancestral import ancestral_step

@@ -114,11 +114,26 @@ def sampling_target(config, diffusion):
     num_steps = K and the churn options."""
     s = config.sampling
     if config.diffusion.get('process', 'gaussian') == 'gaussian':
-        return respaced(diffusion, s.get('num_steps', '')), {}
+        extra = {}
+        if s.get('method') == 'consistency':
+            extra['consistency'] = consistency_parameters(config, diffusion)
+        return respaced(diffusion, s.get('num_steps', '')), extra
     if cold.is_cold(config.diffusion):
         return cold.create_for_config(config), {}  # all T levels (a cold chain is not respaced)
     options = {k: float(s[k]) for k in CHURN_FIELDS if k in s}
     return processes.get_process(config.diffusion), dict(options, num_steps=int(s.num_steps))
+
+
+def consistency_parameters(config, diffusion) -> tuple[float, float]:
+    """(σ_min, σ_data) of a consistency-distilled run: σ_min = σ̃ at timestep 0 of the
+    un-respaced diffusion (the level f(x, σ_min) = x is pinned to), σ_data =
+    config.distill.sigma_data."""
+    distill = config.get('distill', None)
+    if distill is None or 'sigma_data' not in distill:
+        raise ValueError("sampling.method='consistency' samples a consistency-distilled run "
+                         '(config.distill.method=consistency); this run has no distill section.')
+    return (float(np.asarray(diffusion.sqrt_recipm1_alphas_cumprod)[0]),
+            float(distill.sigma_data))
 
 
 def guidance_interval(config):

@@ -73,9 +73,10 @@ def run_chain(ctx: Context, x, rng, start, stop):
 
 def make_options(diffusion, method, clip_denoised, langevin_steps, mesh, progress_steps=None,
                  noise_repeat=1, ddim_guidance='auto',
-                 dynamic_threshold=0.0) -> Options:
+                 dynamic_threshold=0.0, consistency=None) -> Options:
     """The static Options of a call, validated (ValueError naming the sampling.* field)."""
     get_sampler(method)  # raises with the registered names
+    from diffusion_jax.samplers import consistency as consistency_lib  # pylint: disable=import-outside-toplevel
     if int(langevin_steps) < 1 and method in ('langevin', 'pc'):
         raise ValueError(f'sampling.langevin_steps={langevin_steps} must be >= 1 for '
                          f'method={method!r}.')
@@ -87,7 +88,7 @@ def make_options(diffusion, method, clip_denoised, langevin_steps, mesh, progres
                          '[0, 1): 0 turns it off, Saharia et al. use 0.995.')
     return Options(method, bool(clip_denoised), int(langevin_steps), int(noise_repeat), mesh,
                    _progress_tuple(progress_steps, diffusion.num_timesteps), str(ddim_guidance),
-                   float(dynamic_threshold))
+                   float(dynamic_threshold), consistency_lib.check_options(method, consistency))
 
 
 def _progress_tuple(progress_steps, num_timesteps: int) -> tuple[int, ...]:
@@ -125,7 +126,7 @@ def sample(diffusion, model_fn, rng, shape: Sequence[int], *, method: str = 'anc
            guidance=None, langevin_snr: float = DEFAULT_SNR,
            langevin_steps: int = DEFAULT_LANGEVIN_STEPS, mesh: Mesh | None = None,
            ddim_guidance: str = 'auto', dynamic_threshold: float = 0.0,
-           num_steps=None, **process_options):
+           num_steps=None, consistency=None, **process_options):
     """Samples x_0 by running the reverse chain from x_T ~ N(0, I) over every step of `diffusion`.
 
     Args:
@@ -154,6 +155,8 @@ def sample(diffusion, model_fn, rng, shape: Sequence[int], *, method: str = 'anc
         x̂_0 ('condition_score': guided-diffusion's; 'eps_shift': DPM-Solver++'s and diffusers';
         'auto', the default: the method's reference; samplers.common).
       dynamic_threshold: Imagen's percentile p of dynamic thresholding of x̂_0; 0 = off.
+      consistency: (σ_min, σ_data) of a consistency model (method='consistency'; the σ's of
+        its steps are those of the respaced chain, e.g. num_steps='trailing2').
     Returns:
       dict(samples=[B, ...] float32, progressive=[len(progress_steps), B, ...] if requested).
     """
@@ -174,7 +177,8 @@ def sample(diffusion, model_fn, rng, shape: Sequence[int], *, method: str = 'anc
     shape = tuple(int(s) for s in shape)
     check_batch(shape[0], mesh, 'sample')
     opts = make_options(diffusion, method, clip_denoised, langevin_steps, mesh, progress_steps,
-                        ddim_guidance=ddim_guidance, dynamic_threshold=dynamic_threshold)
+                        ddim_guidance=ddim_guidance, dynamic_threshold=dynamic_threshold,
+                        consistency=consistency)
     dynamic, static = partition((diffusion, model_fn, guidance))
     return _sample_jit(dynamic, rng, x_T, jnp.float32(eta), jnp.float32(langevin_snr),
                        static=static, opts=opts, shape=shape)

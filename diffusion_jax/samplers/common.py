@@ -43,6 +43,8 @@ class Options(NamedTuple):
     progress: tuple[int, ...] = ()
     ddim_guidance: str = 'auto'
     dynamic_threshold: float = 0.0
+    # (σ_min, σ_data) of a consistency model's parametrisation (method 'consistency' only).
+    consistency: tuple[float, ...] = ()
 
 
 class Context(NamedTuple):
