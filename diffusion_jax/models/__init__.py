@@ -23,13 +23,14 @@ from diffusion_jax.models.classifier import Classifier, classifier_log_prob_grad
 from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.layers import timestep_embedding
 from diffusion_jax.models.mlp import MLP
+from diffusion_jax.models.text_encoder import CLIPTextEncoder
 from diffusion_jax.models.unet import UNet
 
 MODELS = {'unet': UNet, 'classifier': Classifier, 'mlp': MLP, 'dit': DiT,
           'autoencoder': AutoencoderKL}
 
 __all__ = ['MODELS', 'UNet', 'Classifier', 'MLP', 'DiT', 'AutoencoderKL', 'get_model',
-           'init_params', 'param_shapes', 'count_params', 'example_shape', 'to_nnx',
+           'CLIPTextEncoder', 'init_params', 'param_shapes', 'count_params', 'example_shape', 'to_nnx',
            'classifier_log_prob_grad', 'timestep_embedding']
 
 
