@@ -189,6 +189,31 @@ def _diffusers_attention(src: str, ours: str) -> list[Entry]:
         *linear(f'{src}.to_out.0', f'{ours}/proj_out')]
 
 
+def layer_norm(src: str, ours: str) -> list[Entry]:
+    return [Entry((f'{src}.weight',), _split(ours) + ('scale',), COPY),
+            Entry((f'{src}.bias',), _split(ours) + ('bias',), COPY)]
+
+
+def diffusers_spatial_transformer(src: str, ours: str, depth: int,
+                                  use_linear_projection: bool) -> list[Entry]:
+    """diffusers' Transformer2DModel keys for layers.SpatialTransformer: proj_in / proj_out are
+    Linear layers (use_linear_projection, SD 2.x) or 1x1 convs (SD 1.x); q, k, v have no bias."""
+    proj = (lambda a, b: linear(a, b)) if use_linear_projection else (
+        lambda a, b: conv(a, b, CONV1X1))
+    entries = group_norm(f'{src}.norm', f'{ours}/norm') + proj(f'{src}.proj_in', f'{ours}/proj_in')
+    for i in range(depth):
+        s, o = f'{src}.transformer_blocks.{i}', f'{ours}/block_{i}'
+        for attn in ('attn1', 'attn2'):
+            entries += [Entry((f'{s}.{attn}.to_{n}.weight',), _split(f'{o}/{attn}/to_{n}')
+                              + ('kernel',), LINEAR) for n in 'qkv']
+            entries += linear(f'{s}.{attn}.to_out.0', f'{o}/{attn}/to_out')
+        for n in ('norm1', 'norm2', 'norm3'):
+            entries += layer_norm(f'{s}.{n}', f'{o}/{n}')
+        entries += linear(f'{s}.ff.net.0.proj', f'{o}/ff_proj') + linear(f'{s}.ff.net.2',
+                                                                           f'{o}/ff_out')
+    return entries + proj(f'{src}.proj_out', f'{ours}/proj_out')
+
+
 def diffusers_unet_table(m, tree) -> list[Entry]:
     """diffusers UNet2DModel keys (DDPM-style blocks, no class embedding) for our UNet."""
     entries = (linear('time_embedding.linear_1', 'temb/dense0')

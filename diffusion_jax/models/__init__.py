@@ -80,7 +80,10 @@ def _dummy_inputs(model, spec):
     x = jnp.zeros((1, *shape), jnp.float32)
     if not getattr(model, 'takes_timestep', True):  # the autoencoder: an image only
         return (x,)
-    return x, jnp.zeros((1,), jnp.int32)
+    t = jnp.zeros((1,), jnp.int32)
+    if getattr(model, 'context_dim', 0):  # text-conditioned: a one-token context (any L fits)
+        return x, t, {'context': jnp.zeros((1, 1, model.context_dim), jnp.float32)}
+    return x, t
 
 
 def init_params(model, rng: jax.Array, spec=None):
