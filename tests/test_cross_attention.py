@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from diffusion_jax import models
+from diffusion_jax import convert, models
 from diffusion_jax.convert import tables
 from diffusion_jax.models import layers
 
@@ -141,3 +142,36 @@ def test_unet_condition_errors(text_unet):
         models.get_model({**TINY_UNET, 'num_heads': (1, 2, 3)})
     with pytest.raises(ValueError, match='model_config.transformer_depth=0'):
         models.get_model({**TINY_UNET, 'context_dim': 4, 'transformer_depth': 0})
+
+
+def test_text_unet_equals_diffusers_unet2dconditionmodel():
+    """A tiny SD-layout UNet (CrossAttnDownBlock2D, DownBlock2D / UpBlock2D, CrossAttnUpBlock2D,
+    UNetMidBlock2DCrossAttn) converted through convert's diffusers table, on random weights."""
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+        layers_per_block=1, down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
+        up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'), cross_attention_dim=CTX_DIM,
+        attention_head_dim=2, norm_num_groups=4).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(0.2 * torch.randn_like(p))
+    # diffusers' SD UNet: Timesteps(flip_sin_to_cos=True, freq_shift=0) = our 'improved' sinusoid,
+    # PyTorch GroupNorm ε 1e-5, Downsample2D padding=1 ('symmetric'); heads = attention_head_dim.
+    config = dict(name='unet', image_size=8, in_channels=4, out_channels=4, ch=16, ch_mult=(1, 2),
+                  num_res_blocks=1, attn_resolutions=(8,), num_groups=4, num_heads=2,
+                  timestep_embedding='improved', norm_epsilon=1e-5,
+                  downsample_padding='symmetric', context_dim=CTX_DIM, transformer_depth=1,
+                  use_linear_projection=False)
+    params = convert.convert_state_dict(ref.state_dict(), 'diffusers',
+                                        ml_collections.ConfigDict(config))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+    ctx = rng.normal(size=(2, CTX_LEN, CTX_DIM)).astype(np.float32)
+    t = np.array([3, 870])
+    with torch.no_grad():
+        out_t = ref(torch.tensor(x).permute(0, 3, 1, 2), torch.tensor(t),
+                    encoder_hidden_states=torch.tensor(ctx)).sample.permute(0, 2, 3, 1).numpy()
+    model = models.get_model(config)
+    out = jax.jit(model.apply)({'params': params}, x, jnp.asarray(t), {'context': ctx})
+    assert rel_err(out, out_t) <= RTOL, rel_err(out, out_t)

@@ -215,7 +215,13 @@ def diffusers_spatial_transformer(src: str, ours: str, depth: int,
 
 
 def diffusers_unet_table(m, tree) -> list[Entry]:
-    """diffusers UNet2DModel keys (DDPM-style blocks, no class embedding) for our UNet."""
+    """diffusers UNet2DModel keys (DDPM-style blocks, no class embedding) for our UNet; with
+    model.context_dim, UNet2DConditionModel's (CrossAttn*Block2D: Transformer2DModel attentions)."""
+    if m.get('context_dim'):
+        attention = lambda src, ours: diffusers_spatial_transformer(
+            src, ours, m['transformer_depth'], m['use_linear_projection'])
+    else:
+        attention = _diffusers_attention
     entries = (linear('time_embedding.linear_1', 'temb/dense0')
                + linear('time_embedding.linear_2', 'temb/dense1') + conv('conv_in', 'conv_in'))
     levels = _levels(m)
@@ -225,21 +231,20 @@ def diffusers_unet_table(m, tree) -> list[Entry]:
             entries += _diffusers_resnet(f'down_blocks.{level}.resnets.{i}',
                                          f'down_{level}_block_{i}', tree)
             if attn:
-                entries += _diffusers_attention(f'down_blocks.{level}.attentions.{i}',
-                                                f'down_{level}_attn_{i}')
+                entries += attention(f'down_blocks.{level}.attentions.{i}',
+                                     f'down_{level}_attn_{i}')
         if level != last:
             entries += conv(f'down_blocks.{level}.downsamplers.0.conv',
                             f'down_{level}_downsample/conv')
     entries += _diffusers_resnet('mid_block.resnets.0', 'mid_block_1', tree)
-    entries += _diffusers_attention('mid_block.attentions.0', 'mid_attn')
+    entries += attention('mid_block.attentions.0', 'mid_attn')
     entries += _diffusers_resnet('mid_block.resnets.1', 'mid_block_2', tree)
     for j, (level, attn) in enumerate(reversed(levels)):
         for i in range(m['num_res_blocks'] + 1):
             entries += _diffusers_resnet(f'up_blocks.{j}.resnets.{i}', f'up_{level}_block_{i}',
                                          tree)
             if attn:
-                entries += _diffusers_attention(f'up_blocks.{j}.attentions.{i}',
-                                                f'up_{level}_attn_{i}')
+                entries += attention(f'up_blocks.{j}.attentions.{i}', f'up_{level}_attn_{i}')
         if level:
             entries += conv(f'up_blocks.{j}.upsamplers.0.conv', f'up_{level}_upsample/conv')
     return entries + group_norm('conv_norm_out', 'norm_out') + conv('conv_out', 'conv_out')
