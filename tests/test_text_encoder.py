@@ -167,3 +167,31 @@ def test_tokenize_pads_and_truncates_like_the_pipelines(tmp_path):
 def test_tokenizer_folder_errors(tmp_path):
     with pytest.raises(ValueError, match='lacks vocab.json and merges.txt'):
         te.load_clip_tokenizer(tmp_path)
+
+
+def test_saved_folder_and_prompts_equal_the_reference_pipeline(tmp_path):
+    """A saved CLIPTextModel folder loads through convert.load_text_encoder, and
+    prompt_condition equals tokenizer -> CLIPTextModel(ids).last_hidden_state (the SD pipelines'
+    prompt encoding, no padding mask)."""
+    from diffusion_jax import convert
+    vocab = write_tiny_vocab(tmp_path)
+    config = transformers.CLIPTextConfig(**{**TINY, 'vocab_size': len(vocab)},
+                                         eos_token_id=vocab['<|endoftext|>'],
+                                         bos_token_id=vocab['<|startoftext|>'],
+                                         pad_token_id=vocab['<|endoftext|>'])
+    torch.manual_seed(3)
+    ref = transformers.CLIPTextModel(config).eval()
+    ref.save_pretrained(tmp_path / 'text_encoder')
+    module, params = convert.load_text_encoder(tmp_path / 'text_encoder')
+    assert module.num_layers == TINY['num_hidden_layers'] and module.max_length == 16
+    tok = te.load_clip_tokenizer(tmp_path)
+    prompts = ['a cat sat', '']
+    cond = te.prompt_condition(module, params, tok, prompts)
+    ids = tok(prompts, padding='max_length', truncation=True, max_length=16,
+              return_tensors='pt').input_ids
+    with torch.no_grad():
+        want = ref(ids).last_hidden_state.numpy()
+    assert cond['context'].shape == (2, 16, TINY['hidden_size'])
+    assert rel_err(cond['context'], want) <= RTOL
+    with pytest.raises(ValueError, match='not a transformers CLIPTextModel folder'):
+        convert.load_text_encoder(tmp_path)

@@ -271,3 +271,13 @@ def tokenize(tokenizer, prompts, max_length: int = 77) -> np.ndarray:
     out = tokenizer(prompts, padding='max_length', truncation=True, max_length=max_length,
                     return_tensors='np')
     return np.asarray(out['input_ids'], np.int32)
+
+
+def prompt_condition(module: CLIPTextEncoder, params, tokenizer, prompts) -> dict:
+    """{'context': [N, max_length, D]} for the UNet from prompts, as the Stable Diffusion
+    pipelines encode them: tokenised to max_length, encoded without a padding mask, the context
+    being last_hidden_state. The empty prompt '' gives classifier-free guidance's ∅."""
+    ids = tokenize(tokenizer, prompts, module.max_length)
+    out = module.apply({'params': params}, jnp.asarray(ids))
+    return {'context': out['last_hidden_state']}
+
