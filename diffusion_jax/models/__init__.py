@@ -5,7 +5,9 @@ Tools never name a class: `get_model(config.model)` builds whatever `model_confi
 
     model.apply(variables, x_t, t, y=None, train=False, rngs={'dropout': key})
 
-(the classifier takes no y; the autoencoder is reached through
+(y: labels [B], or for a UNet with context_dim > 0 the text condition {'context': [B, L, D],
+'mask': [B, L]}; the CLIP text encoder, models.text_encoder.CLIPTextEncoder, is called as
+apply({'params': p}, input_ids, attention_mask); the classifier takes no y; the autoencoder is reached through
 `apply(variables, x, method='encode')` -> (mean, logvar) and `apply(variables, z,
 method='decode')`). `init_params` returns those variables, {'params': float32 pytree}.
 """
@@ -30,8 +32,8 @@ MODELS = {'unet': UNet, 'classifier': Classifier, 'mlp': MLP, 'dit': DiT,
           'autoencoder': AutoencoderKL}
 
 __all__ = ['MODELS', 'UNet', 'Classifier', 'MLP', 'DiT', 'AutoencoderKL', 'get_model',
-           'CLIPTextEncoder', 'init_params', 'param_shapes', 'count_params', 'example_shape', 'to_nnx',
-           'classifier_log_prob_grad', 'timestep_embedding']
+           'CLIPTextEncoder', 'init_params', 'param_shapes', 'count_params', 'example_shape',
+           'to_nnx', 'classifier_log_prob_grad', 'timestep_embedding']
 
 
 def _as_dict(model_config) -> dict[str, Any]:

@@ -25,8 +25,9 @@ Parameters are named after transformers' modules; `convert_transformers_state_di
 CLIPTextModel state dict onto them and refuses any missing, unexpected or
 misshapen key. Keys are taken with or without the `text_model.` prefix: the checkpoint files
 (e.g. a diffusers pipeline's text_encoder/model.safetensors) carry it, transformers >= 5's
-in-memory CLIPTextModel.state_dict() does not. Tokenisation (`load_clip_tokenizer`, `tokenize`) goes through the `tokenizers`
-package behind transformers' CLIPTokenizer, from a local vocab.json + merges.txt.
+in-memory CLIPTextModel.state_dict() does not. Tokenisation (`load_clip_tokenizer`, `tokenize`)
+is transformers' CLIPTokenizer (the `tokenizers` package) from a local folder's vocab.json and
+merges.txt; nothing is downloaded. `prompt_condition` turns prompts into the UNet's condition.
 """
 from __future__ import annotations
 
@@ -258,7 +259,8 @@ def load_clip_tokenizer(folder):
     try:
         from transformers import CLIPTokenizer  # pylint: disable=import-outside-toplevel
     except ImportError as err:
-        raise ImportError('CLIP tokenisation needs transformers: pip install -e ".[torch]"') from err
+        raise ImportError('CLIP tokenisation needs transformers: '
+                          'pip install -e ".[torch]"') from err
     # from_pretrained on the folder reads its tokenizer_config / special_tokens_map too (SD 2.x
     # pads with '!' rather than the EOS token), and local_files_only keeps it off the network.
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
