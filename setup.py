@@ -47,8 +47,9 @@ setuptools.setup(
         # conversion against the PyTorch network.
         # PyTorch checkpoint conversion (diffusion_jax.convert) and the reference networks the
         # converters are tested against (diffusers' UNet2DModel).
+        # transformers: CLIP tokenisation and the CLIPTextModel the text encoder is tested against.
         "torch": ["torch>=2.4", "torchvision>=0.19", "pytorch-fid>=0.3.0", "safetensors>=0.4",
-                  "diffusers>=0.30"],
+                  "diffusers>=0.30", "transformers>=4.40"],
         "tf": ["tensorflow>=2.16"],
         "gpu": ["jax[cuda12]>=0.7.0"],
         "experiments": ["matplotlib>=3.8"],

@@ -14,7 +14,10 @@ label dropped to a null label ∅ some of the time gives
 which is a plain model function, so every sampler takes it unchanged (optionally with the
 guidance rescale of Lin et al. 2023, `classifier_free_model_fn(guidance_rescale=φ)`). In this
 project the null label is num_classes (the label table has num_classes + 1 rows;
-diffusion_jax.models.layers).
+diffusion_jax.models.layers). For text the condition is a context dict {'context': [B, L, D],
+'mask': [B, L]} (models.unet) and ∅ is the empty prompt's context (a negative prompt's, when
+one is given, as the Stable Diffusion pipelines do); training drops captions to it with
+`drop_condition` (the caption dropout of latent diffusion).
 
 Everything returned here is a pytree whose arrays (parameters, labels, scales) are leaves, so a
 sampler jitted on it compiles once and is reused for new parameters, labels and scales.
@@ -79,7 +82,47 @@ def classifier_grad_fn(model, variables) -> Partial:
 def _apply_with_label(model_apply, variables, y, x_t, t):
     if y is None:
         return model_apply(variables, x_t, t)
-    return model_apply(variables, x_t, t, y=y)
+    return model_apply(variables, x_t, t, y=_batched(y, x_t.shape[0]))
+
+
+def as_condition(y):
+    """Labels [B] as int32, or a context dict {'context', 'mask'} (entries None dropped)."""
+    if isinstance(y, dict):
+        unknown = sorted(set(y) - {'context', 'mask'})
+        if unknown or y.get('context') is None:
+            raise ValueError(f"a context condition needs the keys 'context' [B, L, D] and "
+                             f"optionally 'mask' [B, L]; got {sorted(y)}.")
+        return {k: jnp.asarray(v) for k, v in y.items() if v is not None}
+    return jnp.asarray(y, jnp.int32)
+
+
+def _batched(y, batch: int):
+    """A context dict with batch 1 (one prompt for every sample) broadcast to `batch` rows."""
+    if not isinstance(y, dict):
+        return y
+    return {k: jnp.broadcast_to(v, (batch,) + v.shape[1:]) if v.shape[0] == 1 else v
+            for k, v in y.items()}
+
+
+def drop_condition(rng, y, null, rate):
+    """Caption (or label) dropout for classifier-free guidance training: each example's
+    condition is replaced by the null condition ∅ with probability `rate`.
+
+    y: labels [B] (null: the null label, an int) or a context dict (null: the empty prompt's
+    context dict with batch 1 or B, the same keys; its context length must match y's).
+    Returns (the condition with dropped rows, drop [B] bool).
+    """
+    y = as_condition(y)
+    first = y['context'] if isinstance(y, dict) else y
+    drop = jax.random.bernoulli(rng, rate, (first.shape[0],))
+    if not isinstance(y, dict):
+        return jnp.where(drop, jnp.asarray(null, y.dtype), y), drop
+    null = _batched(as_condition(null), first.shape[0])
+    if set(null) != set(y):
+        raise ValueError(f'the null condition has keys {sorted(null)}, the condition '
+                         f'{sorted(y)}: give both a mask or neither.')
+    pick = lambda a, b: jnp.where(drop.reshape((-1,) + (1,) * (a.ndim - 1)), b.astype(a.dtype), a)
+    return {k: pick(y[k], null[k]) for k in y}, drop
 
 
 def bind_model(model_apply: Callable, variables, y=None) -> Partial:
@@ -90,7 +133,7 @@ def bind_model(model_apply: Callable, variables, y=None) -> Partial:
     the compiled program would bake in its parameters as constants).
     """
     return Partial(_apply_with_label, model_apply, variables,
-                   None if y is None else jnp.asarray(y, jnp.int32))
+                   None if y is None else as_condition(y))
 
 
 def _rescale(cond, guided, phi):
@@ -107,8 +150,11 @@ def _rescale(cond, guided, phi):
 def _classifier_free_apply(model_apply, variables, y, w, null_label, rescale, interval, x_t, t):
     # Two calls rather than one on a doubled batch: on a mesh, concatenating two sharded batches
     # would reshuffle examples between devices; the FLOPs are the same.
-    cond = model_apply(variables, x_t, t, y=y)
-    uncond = model_apply(variables, x_t, t, y=jnp.full_like(y, null_label))
+    batch = x_t.shape[0]
+    null = (_batched(null_label, batch) if isinstance(y, dict)
+            else jnp.full_like(y, null_label))
+    cond = model_apply(variables, x_t, t, y=_batched(y, batch))
+    uncond = model_apply(variables, x_t, t, y=null)
     # Guide the mean output only: ε, x0 and v are all affine in one another at fixed (x_t, t), so
     # the guided combination means the same for each; a learned variance stays the conditional's.
     c = x_t.shape[-1]
@@ -122,16 +168,20 @@ def _classifier_free_apply(model_apply, variables, y, w, null_label, rescale, in
     return jnp.concatenate([guided, cond[..., c:]], axis=-1) if cond.shape[-1] > c else guided
 
 
-def classifier_free_model_fn(model_apply: Callable, variables, y, w, null_label: int, *,
-                             guidance_rescale=0.0, interval=None) -> Partial:
+def classifier_free_model_fn(model_apply: Callable, variables, y, w, null_label=None, *,
+                             guidance_rescale=0.0, interval=None, uncond=None) -> Partial:
     """ε̃(x_t, y) = (1 + w) ε(x_t, y) - w ε(x_t, ∅) (Ho & Salimans 2021, eq. 6) as a model_fn.
 
     Args:
       model_apply: (variables, x_t, t, y=labels) -> output, e.g. a UNet's `apply`.
       variables: the network's variables.
-      y: [B] int labels in [0, num_classes).
+      y: [B] int labels in [0, num_classes), or a context dict {'context': [B or 1, L, D],
+        'mask': [B or 1, L] (optional)} (batch 1: the same prompt for every sample).
       w: guidance weight; w = 0 is the conditional model, exactly.
-      null_label: the label meaning "no class", num_classes for this project's networks.
+      null_label: the label meaning "no class", num_classes for this project's networks
+        (labels only).
+      uncond: for a context y, the ∅ condition: the empty prompt's context dict (or a negative
+        prompt's), batch 1 or B.
       guidance_rescale: φ of Lin et al. 2023 (eq. 15-16; they use 0.7): the guided output is
         rescaled to the conditional output's per-example std and mixed back with weight φ,
         against the over-exposure of large w. Applied to the network's mean output in its own
@@ -153,8 +203,17 @@ def classifier_free_model_fn(model_apply: Callable, variables, y, w, null_label:
             raise ValueError(f"sampling.guidance_interval='{lo},{hi}' needs 0 <= lo < hi "
                              '(EDM2-XXL: 0.28,1.61).')
         interval = (jnp.float32(lo), jnp.float32(hi), sigma_fn)
-    return Partial(_classifier_free_apply, model_apply, variables, jnp.asarray(y, jnp.int32),
-                   jnp.asarray(w, jnp.float32), int(null_label),
+    if isinstance(y, dict):
+        if uncond is None:
+            raise ValueError('classifier-free guidance of a text condition needs uncond: the '
+                             "empty prompt's (or sampling.negative_prompt's) context.")
+        null = as_condition(uncond)
+    elif null_label is None:
+        raise ValueError('classifier-free guidance of labels needs null_label (num_classes).')
+    else:
+        null = int(null_label)
+    return Partial(_classifier_free_apply, model_apply, variables, as_condition(y),
+                   jnp.asarray(w, jnp.float32), null,
                    jnp.asarray(rescale, jnp.float32) if rescale else None, interval)
 
 

@@ -37,7 +37,7 @@ MAX_LISTED_PROBLEMS = 40
 
 __all__ = ['SOURCES', 'load_torch_checkpoint', 'convert_state_dict', 'read_state_dict',
            'name_table', 'expected_source_shapes', 'source_constants', 'preset_config',
-           'convert']
+           'convert', 'load_text_encoder']
 
 
 def _pretrained():
@@ -272,6 +272,26 @@ def load_torch_checkpoint(path, source: str, preset: str, *,
     config = preset_config(preset, overrides)
     _check_source(source, config.model.to_dict())
     return config, convert_state_dict(read_state_dict(path), source, config.model)
+
+
+# A transformers model folder's weight files, in the order transformers prefers them.
+TRANSFORMERS_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
+
+
+def load_text_encoder(folder):
+    """(module, params): a transformers CLIPTextModel folder (config.json + model.safetensors or
+    pytorch_model.bin, e.g. a diffusers pipeline's text_encoder/) as our CLIPTextEncoder."""
+    import json  # pylint: disable=import-outside-toplevel
+    from diffusion_jax.models import text_encoder  # pylint: disable=import-outside-toplevel
+    folder = pathlib.Path(folder)
+    found = [folder / f for f in TRANSFORMERS_WEIGHT_FILES if (folder / f).exists()]
+    if not (folder / 'config.json').exists() or not found:
+        raise ValueError(f'--src={folder} is not a transformers CLIPTextModel folder: it needs '
+                         f'config.json and one of {TRANSFORMERS_WEIGHT_FILES}.')
+    config = json.loads((folder / 'config.json').read_text())
+    module = text_encoder.from_transformers_config(config.get('text_config', config))
+    state = read_state_dict(found[0])
+    return module, text_encoder.convert_transformers_state_dict(state, module)
 
 
 def convert(src, source: str, preset: str, workdir, *, overrides=None):

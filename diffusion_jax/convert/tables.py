@@ -189,8 +189,39 @@ def _diffusers_attention(src: str, ours: str) -> list[Entry]:
         *linear(f'{src}.to_out.0', f'{ours}/proj_out')]
 
 
+def layer_norm(src: str, ours: str) -> list[Entry]:
+    return [Entry((f'{src}.weight',), _split(ours) + ('scale',), COPY),
+            Entry((f'{src}.bias',), _split(ours) + ('bias',), COPY)]
+
+
+def diffusers_spatial_transformer(src: str, ours: str, depth: int,
+                                  use_linear_projection: bool) -> list[Entry]:
+    """diffusers' Transformer2DModel keys for layers.SpatialTransformer: proj_in / proj_out are
+    Linear layers (use_linear_projection, SD 2.x) or 1x1 convs (SD 1.x); q, k, v have no bias."""
+    proj = (lambda a, b: linear(a, b)) if use_linear_projection else (
+        lambda a, b: conv(a, b, CONV1X1))
+    entries = group_norm(f'{src}.norm', f'{ours}/norm') + proj(f'{src}.proj_in', f'{ours}/proj_in')
+    for i in range(depth):
+        s, o = f'{src}.transformer_blocks.{i}', f'{ours}/block_{i}'
+        for attn in ('attn1', 'attn2'):
+            entries += [Entry((f'{s}.{attn}.to_{n}.weight',), _split(f'{o}/{attn}/to_{n}')
+                              + ('kernel',), LINEAR) for n in 'qkv']
+            entries += linear(f'{s}.{attn}.to_out.0', f'{o}/{attn}/to_out')
+        for n in ('norm1', 'norm2', 'norm3'):
+            entries += layer_norm(f'{s}.{n}', f'{o}/{n}')
+        entries += linear(f'{s}.ff.net.0.proj', f'{o}/ff_proj') + linear(f'{s}.ff.net.2',
+                                                                           f'{o}/ff_out')
+    return entries + proj(f'{src}.proj_out', f'{ours}/proj_out')
+
+
 def diffusers_unet_table(m, tree) -> list[Entry]:
-    """diffusers UNet2DModel keys (DDPM-style blocks, no class embedding) for our UNet."""
+    """diffusers UNet2DModel keys (DDPM-style blocks, no class embedding) for our UNet; with
+    model.context_dim, UNet2DConditionModel's (CrossAttn*Block2D: Transformer2DModel attentions)."""
+    if m.get('context_dim'):
+        attention = lambda src, ours: diffusers_spatial_transformer(
+            src, ours, m['transformer_depth'], m['use_linear_projection'])
+    else:
+        attention = _diffusers_attention
     entries = (linear('time_embedding.linear_1', 'temb/dense0')
                + linear('time_embedding.linear_2', 'temb/dense1') + conv('conv_in', 'conv_in'))
     levels = _levels(m)
@@ -200,21 +231,20 @@ def diffusers_unet_table(m, tree) -> list[Entry]:
             entries += _diffusers_resnet(f'down_blocks.{level}.resnets.{i}',
                                          f'down_{level}_block_{i}', tree)
             if attn:
-                entries += _diffusers_attention(f'down_blocks.{level}.attentions.{i}',
-                                                f'down_{level}_attn_{i}')
+                entries += attention(f'down_blocks.{level}.attentions.{i}',
+                                     f'down_{level}_attn_{i}')
         if level != last:
             entries += conv(f'down_blocks.{level}.downsamplers.0.conv',
                             f'down_{level}_downsample/conv')
     entries += _diffusers_resnet('mid_block.resnets.0', 'mid_block_1', tree)
-    entries += _diffusers_attention('mid_block.attentions.0', 'mid_attn')
+    entries += attention('mid_block.attentions.0', 'mid_attn')
     entries += _diffusers_resnet('mid_block.resnets.1', 'mid_block_2', tree)
     for j, (level, attn) in enumerate(reversed(levels)):
         for i in range(m['num_res_blocks'] + 1):
             entries += _diffusers_resnet(f'up_blocks.{j}.resnets.{i}', f'up_{level}_block_{i}',
                                          tree)
             if attn:
-                entries += _diffusers_attention(f'up_blocks.{j}.attentions.{i}',
-                                                f'up_{level}_attn_{i}')
+                entries += attention(f'up_blocks.{j}.attentions.{i}', f'up_{level}_attn_{i}')
         if level:
             entries += conv(f'up_blocks.{j}.upsamplers.0.conv', f'up_{level}_upsample/conv')
     return entries + group_norm('conv_norm_out', 'norm_out') + conv('conv_out', 'conv_out')

@@ -5,7 +5,9 @@ Tools never name a class: `get_model(config.model)` builds whatever `model_confi
 
     model.apply(variables, x_t, t, y=None, train=False, rngs={'dropout': key})
 
-(the classifier takes no y; the autoencoder is reached through
+(y: labels [B], or for a UNet with context_dim > 0 the text condition {'context': [B, L, D],
+'mask': [B, L]}; the CLIP text encoder, models.text_encoder.CLIPTextEncoder, is called as
+apply({'params': p}, input_ids, attention_mask); the classifier takes no y; the autoencoder is reached through
 `apply(variables, x, method='encode')` -> (mean, logvar) and `apply(variables, z,
 method='decode')`). `init_params` returns those variables, {'params': float32 pytree}.
 """
@@ -23,14 +25,15 @@ from diffusion_jax.models.classifier import Classifier, classifier_log_prob_grad
 from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.layers import timestep_embedding
 from diffusion_jax.models.mlp import MLP
+from diffusion_jax.models.text_encoder import CLIPTextEncoder
 from diffusion_jax.models.unet import UNet
 
 MODELS = {'unet': UNet, 'classifier': Classifier, 'mlp': MLP, 'dit': DiT,
           'autoencoder': AutoencoderKL}
 
 __all__ = ['MODELS', 'UNet', 'Classifier', 'MLP', 'DiT', 'AutoencoderKL', 'get_model',
-           'init_params', 'param_shapes', 'count_params', 'example_shape', 'to_nnx',
-           'classifier_log_prob_grad', 'timestep_embedding']
+           'CLIPTextEncoder', 'init_params', 'param_shapes', 'count_params', 'example_shape',
+           'to_nnx', 'classifier_log_prob_grad', 'timestep_embedding']
 
 
 def _as_dict(model_config) -> dict[str, Any]:
@@ -79,7 +82,10 @@ def _dummy_inputs(model, spec):
     x = jnp.zeros((1, *shape), jnp.float32)
     if not getattr(model, 'takes_timestep', True):  # the autoencoder: an image only
         return (x,)
-    return x, jnp.zeros((1,), jnp.int32)
+    t = jnp.zeros((1,), jnp.int32)
+    if getattr(model, 'context_dim', 0):  # text-conditioned: a one-token context (any L fits)
+        return x, t, {'context': jnp.zeros((1, 1, model.context_dim), jnp.float32)}
+    return x, t
 
 
 def init_params(model, rng: jax.Array, spec=None):

@@ -456,3 +456,94 @@ class AttentionBlock(nn.Module):
         a = a.reshape(b, height, width, c)
         out = x + dense(c, self.dtype, 'proj_out', init_scale=0.0)(a)
         return out / math.sqrt(2.0) if self.rescale else out
+
+
+# -- latent diffusion's spatial transformer (Rombach et al. 2022) --------------------------------
+# CompVis' ldm Normalize and diffusers' Transformer2DModel: GroupNorm ε = 1e-6 before proj_in;
+# the blocks' LayerNorms keep PyTorch's default ε = 1e-5.
+SPATIAL_TRANSFORMER_GN_EPSILON = 1e-6
+TRANSFORMER_LN_EPSILON = 1e-5
+# BasicTransformerBlock's feed-forward: GEGLU with an inner width of 4·C (Shazeer 2020).
+GEGLU_MULT = 4
+
+
+def context_mask(mask, num_queries: int):
+    """[B, L] keep (1/True) / drop (0) over the context -> [B, 1, Q, L] bool, or None."""
+    if mask is None:
+        return None
+    keep = jnp.asarray(mask) > 0
+    return jnp.broadcast_to(keep[:, None, None, :], (keep.shape[0], 1, num_queries,
+                                                     keep.shape[1]))
+
+
+class CrossAttention(nn.Module):
+    """softmax(q k^T/√d + mask) v over heads; q = to_q(x), k, v = to_k(c), to_v(c), c = context
+    (x itself when None); to_q/to_k/to_v have no bias, to_out has one (diffusers' Attention
+    with bias=False). x [B, Q, C], context [B, L, D], mask [B, L] -> [B, Q, C]."""
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    implementation: str = 'auto'
+
+    @nn.compact
+    def __call__(self, x, context=None, mask=None):
+        b, n, c = x.shape
+        context = x if context is None else context.astype(self.dtype)
+        proj = lambda name, bias=False: nn.Dense(c, use_bias=bias, dtype=self.dtype,
+                                                 param_dtype=jnp.float32, name=name)
+        q = proj('to_q')(x).reshape(b, n, self.num_heads, -1)
+        k = proj('to_k')(context).reshape(b, context.shape[1], self.num_heads, -1)
+        v = proj('to_v')(context).reshape(b, context.shape[1], self.num_heads, -1)
+        # A mask is only taken by the XLA kernel here; so is float32.
+        impl = ('xla' if mask is not None else
+                select_attention_implementation(self.implementation, self.dtype, q.shape[-1]))
+        a = jax.nn.dot_product_attention(q, k, v, mask=context_mask(mask, n), implementation=impl)
+        return proj('to_out', True)(a.reshape(b, n, c))
+
+
+class TransformerBlock(nn.Module):
+    """diffusers' BasicTransformerBlock (norm_type='layer_norm', activation_fn='geglu'):
+        h = h + attn1(LN1(h));  h = h + attn2(LN2(h), context, mask)
+        h = h + ff_out(a · gelu(g)),  (a, g) = split(ff_proj(LN3(h)))   GEGLU, 4·C inner."""
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    implementation: str = 'auto'
+
+    @nn.compact
+    def __call__(self, h, context, mask=None):
+        c = h.shape[-1]
+        norm = lambda name: nn.LayerNorm(TRANSFORMER_LN_EPSILON, dtype=jnp.float32, name=name)
+        attn = lambda name: CrossAttention(self.num_heads, self.dtype, self.implementation,
+                                           name=name)
+        h = h + attn('attn1')(norm('norm1')(h).astype(self.dtype)).astype(h.dtype)
+        h = h + attn('attn2')(norm('norm2')(h).astype(self.dtype), context, mask).astype(h.dtype)
+        a, gate = jnp.split(dense(2 * GEGLU_MULT * c, self.dtype, 'ff_proj')(
+            norm('norm3')(h).astype(self.dtype)), 2, axis=-1)
+        ff = dense(c, self.dtype, 'ff_out')(a * jax.nn.gelu(gate, approximate=False))
+        return h + ff.astype(h.dtype)
+
+
+class SpatialTransformer(nn.Module):
+    """Latent diffusion's spatial transformer (diffusers' Transformer2DModel, continuous input):
+        h = proj_in(GN(x)) as [B, H·W, C];  depth × TransformerBlock(h, context, mask)
+        out = x + proj_out_zero_init(h)
+    proj_in / proj_out act on the channels at each position: a 1x1 conv (SD 1.x) and a linear
+    layer (SD 2.x, use_linear_projection) are the same map, so both are dense layers here and
+    the choice only decides the checkpoint's key shapes. proj_out starts at zero, as CompVis'
+    zero_module(proj_out), so a fresh block is the identity.
+    x [B, H, W, C], context [B, L, D], mask [B, L] or None -> [B, H, W, C]."""
+    num_heads: int
+    depth: int = 1
+    num_groups: int = 32
+    dtype: Dtype = jnp.float32
+    implementation: str = 'auto'
+
+    @nn.compact
+    def __call__(self, x, context, mask=None):
+        b, height, width, c = x.shape
+        h = GroupNorm(self.num_groups, self.dtype, SPATIAL_TRANSFORMER_GN_EPSILON, name='norm')(x)
+        h = dense(c, self.dtype, 'proj_in')(h).reshape(b, height * width, c)
+        for i in range(self.depth):
+            h = TransformerBlock(self.num_heads, self.dtype, self.implementation,
+                                 name=f'block_{i}')(h, context, mask)
+        h = dense(c, self.dtype, 'proj_out', init_scale=0.0)(h).reshape(b, height, width, c)
+        return x + h

@@ -24,6 +24,14 @@ norm_epsilon (GroupNorm ε), downsample_padding ('symmetric' | 'same'), timestep
 embedding sees t·timestep_scale; callers always pass the integer timesteps of the diffusion),
 num_heads_upsample (heads of the up path's attention; 0: num_heads), qkv_order ('new' | 'legacy'),
 attention_implementation ('auto' | 'xla' | 'cudnn', see layers.select_attention_implementation).
+
+Text conditioning (latent diffusion, Rombach et al. 2022): context_dim > 0 replaces every
+attention block (down, mid, up at attn_resolutions) by a layers.SpatialTransformer of
+transformer_depth blocks whose cross-attention reads a context sequence; the condition is then
+passed where labels go, y = {'context': [B, L, context_dim], 'mask': [B, L] (optional, 1 keep)}.
+num_heads may be one count per level (SD 2.x: (5, 10, 20, 20)); use_linear_projection records
+whether the source checkpoint's proj_in/proj_out are Linear (SD 2.x) or 1x1 conv (SD 1.x) layers,
+which compute the same map. context_dim = 0 (the default) is the UNet without these fields.
 """
 from __future__ import annotations
 
@@ -55,7 +63,7 @@ def validate_unet_fields(m) -> None:
     if not m.timestep_scale > 0:
         raise ValueError(f'model_config.timestep_scale={m.timestep_scale} must be > 0: use 1, or '
                          '1000/T for a model trained with rescaled timesteps.')
-    if getattr(m, 'num_heads_upsample', 0) < 0:
+    if any(h < 0 for h in per_level(getattr(m, 'num_heads_upsample', 0), m.ch_mult)):
         raise ValueError(f'model_config.num_heads_upsample={m.num_heads_upsample} must be >= 0 '
                          '(0: the same as num_heads).')
     factor = 2 ** (len(m.ch_mult) - 1)
@@ -69,21 +77,26 @@ def validate_unet_fields(m) -> None:
                 f'model_config.ch={m.ch} × ch_mult entry {mult} = {m.ch * mult} channels is not '
                 f'divisible by num_groups={m.num_groups} GroupNorm groups: choose ch and ch_mult '
                 f'so that every level has a multiple of {m.num_groups} channels.')
-    if (m.num_heads > 0) == (m.num_head_channels > 0):
+    if isinstance(m.num_heads, tuple) and len(m.num_heads) != len(m.ch_mult):
+        raise ValueError(f'model_config.num_heads={m.num_heads} has {len(m.num_heads)} entries for '
+                         f'{len(m.ch_mult)} levels: give one head count per ch_mult entry, or one '
+                         'number for all.')
+    if any((h > 0) == (m.num_head_channels > 0) for h in per_level(m.num_heads, m.ch_mult)):
         raise ValueError(
             f'model_config.num_heads={m.num_heads} and num_head_channels={m.num_head_channels}: '
             'set exactly one of them > 0 and the other to 0.')
+    validate_context_fields(m)
     resolutions = level_resolutions(m.image_size, m.ch_mult)
     for res in m.attn_resolutions:
         if res not in resolutions:
             raise ValueError(
                 f'model_config.attn_resolutions contains {res}, which is not a resolution of this '
                 f'UNet ({resolutions}): use only those values.')
-    head_counts = {'num_heads': m.num_heads}
+    head_counts = {'num_heads': per_level(m.num_heads, m.ch_mult)}
     if getattr(m, 'num_heads_upsample', 0):
-        head_counts['num_heads_upsample'] = m.num_heads_upsample
-    for field, num_heads in head_counts.items():
-        for level_ch in [m.ch * mult for mult in m.ch_mult]:
+        head_counts['num_heads_upsample'] = per_level(m.num_heads_upsample, m.ch_mult)
+    for field, counts in head_counts.items():
+        for level_ch, num_heads in zip([m.ch * mult for mult in m.ch_mult], counts):
             heads = layers.resolve_num_heads(level_ch, num_heads, m.num_head_channels)
             head_ch = m.num_head_channels or level_ch // max(heads, 1)
             if heads < 1 or level_ch % heads or level_ch % head_ch:
@@ -93,6 +106,43 @@ def validate_unet_fields(m) -> None:
                     'pick a divisor.')
     if not 0.0 <= m.dropout < 1.0:
         raise ValueError(f'model_config.dropout={m.dropout} is outside [0, 1): pick a rate in it.')
+
+
+def per_level(value, ch_mult) -> tuple:
+    """A per-level field (one number for all levels, or one per level) as a tuple per level."""
+    return tuple(value) if isinstance(value, tuple) else (value,) * len(ch_mult)
+
+
+def validate_context_fields(m) -> None:
+    context_dim = getattr(m, 'context_dim', 0)
+    if context_dim < 0:
+        raise ValueError(f'model_config.context_dim={context_dim} must be >= 0 (0: no text '
+                         'conditioning).')
+    if context_dim and getattr(m, 'transformer_depth', 1) < 1:
+        raise ValueError(f'model_config.transformer_depth={m.transformer_depth} must be >= 1 '
+                         'when context_dim is set.')
+    if context_dim and m.num_classes:
+        raise ValueError(f'model_config.num_classes={m.num_classes} with context_dim='
+                         f'{context_dim}: condition on labels or on a context, not both.')
+
+
+def split_condition(m, y):
+    """(labels, context, mask) from the condition y: labels [B] or a {'context', 'mask'} dict."""
+    context_dim = getattr(m, 'context_dim', 0)
+    if isinstance(y, dict):
+        if not context_dim:
+            raise ValueError('a context condition was passed but model_config.context_dim=0: '
+                             'set context_dim to the text encoder width to condition on text.')
+        context, mask = y.get('context'), y.get('mask')
+        if context is None or context.ndim != 3 or context.shape[-1] != context_dim:
+            shape = None if context is None else context.shape
+            raise ValueError(f"cond['context'] of shape {shape}: pass [B, L, {context_dim}] "
+                             f'(model_config.context_dim={context_dim}).')
+        return None, context, mask
+    if context_dim:
+        raise ValueError(f"model_config.context_dim={context_dim}: pass the condition as "
+                         "{'context': [B, L, D], 'mask': [B, L]} where labels go.")
+    return y, None, None
 
 
 def check_input(m, x) -> None:
@@ -110,13 +160,24 @@ def res_block(m, out_ch: int, name: str, resample: str | None = None) -> layers.
                            norm_epsilon=m.norm_epsilon, name=name)
 
 
-def attn_block(m, channels: int, name: str, upsample: bool = False) -> layers.AttentionBlock:
-    """Attention with num_heads (num_heads_upsample on the up path, when set) or num_head_channels."""
-    num_heads = (getattr(m, 'num_heads_upsample', 0) or m.num_heads) if upsample else m.num_heads
+def attn_block(m, channels: int, name: str, upsample: bool = False, level: int = -1):
+    """Attention with num_heads (num_heads_upsample on the up path, when set) or num_head_channels,
+    either per level; a SpatialTransformer reading the context when context_dim is set.
+    Returns a function h, context, mask -> h."""
+    num_heads = m.num_heads
+    if upsample and getattr(m, 'num_heads_upsample', 0):
+        num_heads = m.num_heads_upsample
+    num_heads = per_level(num_heads, m.ch_mult)[level]
     heads = layers.resolve_num_heads(channels, num_heads, m.num_head_channels)
-    return layers.AttentionBlock(heads, m.rescale_skip, m.num_groups, m.attention_implementation,
-                                 layers.compute_dtype(m.dtype), qkv_order=m.qkv_order,
-                                 norm_epsilon=m.norm_epsilon, name=name)
+    dtype = layers.compute_dtype(m.dtype)
+    if getattr(m, 'context_dim', 0):
+        block = layers.SpatialTransformer(heads, m.transformer_depth, m.num_groups, dtype,
+                                          m.attention_implementation, name=name)
+        return block
+    block = layers.AttentionBlock(heads, m.rescale_skip, m.num_groups, m.attention_implementation,
+                                  dtype, qkv_order=m.qkv_order, norm_epsilon=m.norm_epsilon,
+                                  name=name)
+    return lambda h, context=None, mask=None: block(h)
 
 
 def time_embedding(m, t):
@@ -126,7 +187,7 @@ def time_embedding(m, t):
                                 timestep_scale=m.timestep_scale, name='temb')(t)
 
 
-def encode(m, x, emb, train: bool):
+def encode(m, x, emb, train: bool, context=None, mask=None):
     """Down path of m (a UNet or Classifier), built inside its compact call: returns (h, hs)."""
     dtype = layers.compute_dtype(m.dtype)
     attn_levels = {lvl for lvl, res in enumerate(level_resolutions(m.image_size, m.ch_mult))
@@ -137,7 +198,8 @@ def encode(m, x, emb, train: bool):
         for i in range(m.num_res_blocks):
             h = res_block(m, m.ch * mult, f'down_{level}_block_{i}')(h, emb, train)
             if level in attn_levels:
-                h = attn_block(m, m.ch * mult, f'down_{level}_attn_{i}')(h)
+                h = attn_block(m, m.ch * mult, f'down_{level}_attn_{i}', level=level)(
+                    h, context, mask)
             hs.append(h)
         if level != len(m.ch_mult) - 1:
             if m.resblock_updown:
@@ -149,14 +211,14 @@ def encode(m, x, emb, train: bool):
     return h, hs
 
 
-def middle(m, h, emb, train: bool):
-    """ResBlock, attention (with the configured heads), ResBlock at the lowest resolution."""
+def middle(m, h, emb, train: bool, context=None, mask=None):
+    """ResBlock, attention (with the last level's heads), ResBlock at the lowest resolution."""
     h = res_block(m, h.shape[-1], 'mid_block_1')(h, emb, train)
-    h = attn_block(m, h.shape[-1], 'mid_attn')(h)
+    h = attn_block(m, h.shape[-1], 'mid_attn')(h, context, mask)
     return res_block(m, h.shape[-1], 'mid_block_2')(h, emb, train)
 
 
-def decode(m, h, hs, emb, train: bool):
+def decode(m, h, hs, emb, train: bool, context=None, mask=None):
     """Up path: consumes the skip stack hs in reverse, num_res_blocks + 1 blocks per level."""
     dtype = layers.compute_dtype(m.dtype)
     attn_levels = {lvl for lvl, res in enumerate(level_resolutions(m.image_size, m.ch_mult))
@@ -167,7 +229,8 @@ def decode(m, h, hs, emb, train: bool):
             h = jnp.concatenate([h, hs.pop()], axis=-1)
             h = res_block(m, out_ch, f'up_{level}_block_{i}')(h, emb, train)
             if level in attn_levels:
-                h = attn_block(m, out_ch, f'up_{level}_attn_{i}', upsample=True)(h)
+                h = attn_block(m, out_ch, f'up_{level}_attn_{i}', upsample=True, level=level)(
+                    h, context, mask)
         if level != 0:
             if m.resblock_updown:
                 h = res_block(m, out_ch, f'up_{level}_upsample', 'up')(h, emb, train)
@@ -181,6 +244,9 @@ class UNet(nn.Module):
 
     num_heads / num_head_channels: exactly one > 0 (0 means unset).
     attn_resolutions: spatial sizes (pixels, e.g. 16 for 16x16) that get attention.
+    num_heads / num_heads_upsample: one count, or a tuple of one per level.
+    context_dim > 0: spatial transformers (transformer_depth blocks) with cross-attention to
+    y = {'context': [B, L, context_dim], 'mask': [B, L]} at attn_resolutions and the middle.
     """
     image_size: int = 32
     in_channels: int = 3
@@ -190,7 +256,7 @@ class UNet(nn.Module):
     num_res_blocks: int = 2
     attn_resolutions: tuple[int, ...] = (16,)
     dropout: float = 0.0
-    num_heads: int = 1
+    num_heads: int | tuple[int, ...] = 1
     num_head_channels: int = 0
     use_scale_shift_norm: bool = False
     resblock_updown: bool = False
@@ -203,8 +269,11 @@ class UNet(nn.Module):
     norm_epsilon: float = layers.GROUPNORM_EPSILON
     downsample_padding: str = 'symmetric'
     timestep_scale: float = 1.0
-    num_heads_upsample: int = 0
+    num_heads_upsample: int | tuple[int, ...] = 0
     qkv_order: str = 'new'
+    context_dim: int = 0
+    transformer_depth: int = 1
+    use_linear_projection: bool = False
 
     def __post_init__(self):
         validate_unet_fields(self)
@@ -212,15 +281,17 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, t, y=None, train: bool = False):
-        """x [B, H, W, in_channels], t [B], y [B] int or None -> [B, H, W, out_channels] float32."""
+        """x [B, H, W, in_channels], t [B], y [B] int, None, or (context_dim > 0) the dict
+        {'context': [B, L, context_dim], 'mask': [B, L]} -> [B, H, W, out_channels] float32."""
         check_input(self, x)
+        y, context, mask = split_condition(self, y)
         dtype = layers.compute_dtype(self.dtype)
         t = jnp.broadcast_to(t, x.shape[:1])
         emb = time_embedding(self, t)
         emb = layers.add_label_embedding(emb, y, self.num_classes, dtype)
-        h, hs = encode(self, x, emb, train)
-        h = middle(self, h, emb, train)
-        h = decode(self, h, hs, emb, train)
+        h, hs = encode(self, x, emb, train, context, mask)
+        h = middle(self, h, emb, train, context, mask)
+        h = decode(self, h, hs, emb, train, context, mask)
         h = nn.swish(layers.GroupNorm(self.num_groups, dtype, self.norm_epsilon,
                                       name='norm_out')(h))
         # Zero init: the untrained model predicts 0, a safe start for eps- or x0-prediction.
