@@ -76,7 +76,17 @@ def classifier_grad_fn(model, variables) -> Partial:
     return Partial(_flax_classifier_grad, model, variables)
 
 
-def _apply_with_label(model_apply, variables, y, x_t, t):
+def with_self_cond(x_t, self_cond):
+    """The network input of a self-conditioned model (Chen et al. 2022, "Analog Bits"):
+    [x_t, x̂_0] concatenated on the last (channel) axis, [B, ..., 2C]; x_t itself when
+    self_cond is None (a model trained without it)."""
+    if self_cond is None:
+        return x_t
+    return jnp.concatenate([x_t, self_cond.astype(x_t.dtype)], axis=-1)
+
+
+def _apply_with_label(model_apply, variables, y, x_t, t, self_cond=None):
+    x_t = with_self_cond(x_t, self_cond)
     if y is None:
         return model_apply(variables, x_t, t)
     return model_apply(variables, x_t, t, y=y)
@@ -104,11 +114,13 @@ def _rescale(cond, guided, phi):
     return phi * (guided * ratio) + (1.0 - phi) * guided
 
 
-def _classifier_free_apply(model_apply, variables, y, w, null_label, rescale, interval, x_t, t):
+def _classifier_free_apply(model_apply, variables, y, w, null_label, rescale, interval, x_t, t,
+                           self_cond=None):
     # Two calls rather than one on a doubled batch: on a mesh, concatenating two sharded batches
     # would reshuffle examples between devices; the FLOPs are the same.
-    cond = model_apply(variables, x_t, t, y=y)
-    uncond = model_apply(variables, x_t, t, y=jnp.full_like(y, null_label))
+    x_in = with_self_cond(x_t, self_cond)  # both calls see the same x̂_0 (the sampler's)
+    cond = model_apply(variables, x_in, t, y=y)
+    uncond = model_apply(variables, x_in, t, y=jnp.full_like(y, null_label))
     # Guide the mean output only: ε, x0 and v are all affine in one another at fixed (x_t, t), so
     # the guided combination means the same for each; a learned variance stays the conditional's.
     c = x_t.shape[-1]

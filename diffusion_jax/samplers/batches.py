@@ -65,7 +65,8 @@ class Sampler:
         self.options = dict(method=s.method, eta=s.eta, clip_denoised=s.clip_denoised,
                             langevin_snr=s.langevin_snr, langevin_steps=s.langevin_steps,
                             ddim_guidance=s.get('ddim_guidance', 'auto'),
-                            dynamic_threshold=s.get('dynamic_threshold', 0.0))
+                            dynamic_threshold=s.get('dynamic_threshold', 0.0),
+                            self_condition=self_conditioned(config))
 
     def model_fn(self, y):
         w = self.config.sampling.guidance_scale
@@ -107,6 +108,12 @@ class Sampler:
 CHURN_FIELDS = ('s_churn', 's_tmin', 's_tmax', 's_noise')
 
 
+def self_conditioned(config) -> bool:
+    """Whether the run's network was trained with self-conditioning (training.self_condition;
+    absent in runs trained before the field existed)."""
+    return bool(config.get('training', {}).get('self_condition', False))
+
+
 def sampling_target(config, diffusion):
     """(what samplers.sample runs over, its extra options) for config.sampling: the respaced
     GaussianDiffusion for diffusion.process='gaussian' (the default), the ColdDiffusion of
@@ -137,7 +144,7 @@ def build_sampler(config, variables, mesh, classifier=None):
     target, extra = sampling_target(config, base)
     sampler = Sampler(config, model, variables, target, mesh, classifier)
     sampler.options.update(extra)
-    return sampler, models.example_shape(model)
+    return sampler, models.data_shape(model, self_conditioned(config))
 
 
 def labels_for(sampler, count: int):
