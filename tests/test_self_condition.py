@@ -100,3 +100,99 @@ def test_train_step_is_the_two_pass_loss(process):
                                    rtol=2e-4)
         losses[heads] = float(loss)
     assert abs(losses[True] - losses[False]) > 1e-3 * losses[False]
+
+
+SHAPE = (4, 2, 2, 1)
+
+
+def _calls(target, method, **kwargs):
+    """Every network call's (x, t, fed x̂_0) of one self-conditioned sampler run, in order."""
+    calls = []
+
+    def recording_model(x, t, self_cond=None):
+        """ε̂ (or v̂, F) = 0.3 x + 0.5 x̂_0_fed - 0.01 t."""
+        jax.debug.callback(lambda *a: calls.append(tuple(np.asarray(v, np.float64) for v in a)),
+                           x, t, self_cond, ordered=True)
+        return 0.3 * x + 0.5 * self_cond - 0.01 * jnp.reshape(t, (-1, 1, 1, 1)).astype(x.dtype)
+
+    samplers.sample(target, Partial(recording_model), jax.random.key(0), SHAPE,
+                    method=method, self_condition=True, **kwargs)
+    jax.effects_barrier()
+    return calls
+
+
+def _x0_of(target, x, t, sc, clip):
+    """The x̂_0 a step makes from its call (x, t_network, fed x̂_0), in float64."""
+    out = 0.3 * x + 0.5 * sc - 0.01 * np.reshape(t, (-1, 1, 1, 1))
+    if isinstance(target, dl.GaussianDiffusion):  # ε-prediction at original timestep t
+        abar = np.asarray(target.alphas_cumprod, np.float64)[np.asarray(t, np.int64)].reshape(-1, 1, 1, 1)
+        x0 = (x - np.sqrt(1 - abar) * out) / np.sqrt(abar)
+        return np.clip(x0, -1, 1) if clip else x0
+    if target.name == 'flow':  # velocity: x̂_0 = x - t v̂
+        return x - np.reshape(t, (-1, 1, 1, 1)) * out
+    sigma = np.exp(4.0 * np.asarray(t, np.float64)).reshape(-1, 1, 1, 1)  # EDM: t_in = c_noise
+    x_raw = x * np.sqrt(sigma**2 + 0.25)  # x_in = c_in x
+    return (0.25 / (sigma**2 + 0.25) * x_raw + sigma * 0.5 / np.sqrt(sigma**2 + 0.25) * out)
+
+
+@pytest.mark.parametrize('method', ['ancestral', 'ddim', 'dpmpp_2m'])
+def test_chain_feeds_the_previous_steps_x0(method):
+    """On a respaced GaussianDiffusion: call k's fed x̂_0 is exactly the (clipped) x̂_0 that
+    call k-1 made, zeros at the first; one call per step."""
+    diffusion = dl.create_diffusion(_gaussian_config())
+    target = diffusion.respace(range(0, 20, 4))
+    calls = _calls(target, method)
+    assert len(calls) == 5
+    np.testing.assert_array_equal(calls[0][2], 0.0)
+    for prev, call in zip(calls, calls[1:]):
+        np.testing.assert_allclose(call[2], _x0_of(diffusion, *prev, clip=True), atol=2e-5)
+
+
+def _gaussian_config():
+    import ml_collections
+    from configs import swissroll
+    d = swissroll.get_config().diffusion
+    d.update(num_timesteps=20, beta_schedule='linear', beta_start=0.01, beta_end=0.3)
+    return ml_collections.ConfigDict(d.to_dict())
+
+
+@pytest.mark.parametrize('name,method', [('flow', 'euler'), ('edm', 'heun'), ('edm', 'ddim')])
+def test_process_solvers_feed_the_previous_steps_x0(name, method):
+    """flow/EDM: every call of step i is fed step i-1's x̂_0 (Heun: its two calls the same one,
+    the x̂_0 of the step's first call), zeros at step 0."""
+    process = processes.FlowMatching() if name == 'flow' else processes.EDM()
+    calls = _calls(process, method, num_steps=4, clip_denoised=False)
+    per_step = 2 if method == 'heun' else 1
+    assert len(calls) == 4 * per_step - (per_step - 1)
+    steps = [calls[i:i + per_step] for i in range(0, len(calls), per_step)]
+    for call in steps[0]:
+        np.testing.assert_array_equal(call[2], 0.0)
+    for prev, step in zip(steps, steps[1:]):
+        for call in step:
+            np.testing.assert_allclose(call[2], _x0_of(process, *prev[0], clip=False),
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_off_by_default_and_unchanged():
+    """training.self_condition defaults to False (the configs, a stored run without the field),
+    the network then has the data's channels, and a model that ignores x̂_0 samples to the same
+    bits with the option on or off."""
+    from configs import cifar10, digits
+    from diffusion_jax.samplers import batches
+    assert cifar10.get_config().training.self_condition is False
+    config = config_validation.resolve(digits.get_config(), 'train')
+    assert config.model.in_channels == 1 and config.model.out_channels == 1
+    del config.training['self_condition']
+    assert not batches.self_conditioned(config)
+    on = digits.get_config()
+    on.training.self_condition = True
+    on = config_validation.resolve(on, 'train', typed={'training.self_condition'})
+    assert on.model.in_channels == 2 and on.model.out_channels == 1  # [x_t, x̂_0] -> ε
+    ignore = Partial(lambda x, t, self_cond=None: 0.3 * x - 0.001 * jnp.reshape(
+        t, (-1, 1, 1, 1)).astype(x.dtype))
+    diffusion = dl.create_diffusion(_gaussian_config()).respace(range(0, 20, 4))
+    for target, kw in ((diffusion, {}), (processes.EDM(), {'method': 'heun', 'num_steps': 4})):
+        a = samplers.sample(target, ignore, jax.random.key(3), SHAPE, **kw)['samples']
+        b = samplers.sample(target, ignore, jax.random.key(3), SHAPE, self_condition=True,
+                            **kw)['samples']
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
