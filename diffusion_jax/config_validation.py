@@ -24,7 +24,8 @@ MODES = ('train', 'eval', 'sample', 'edit')
 LEARNED_VARIANCES = ('learned', 'learned_range')
 BATCH_FIELDS = ('training.batch_size', 'sampling.batch_size', 'eval.batch_size')
 # Integer fields that may be -1: "the latest checkpoint".
-LATEST_ALLOWED = ('sampling.checkpoint_step', 'eval.checkpoint_step')
+LATEST_ALLOWED = ('sampling.checkpoint_step', 'eval.checkpoint_step',
+                  'sampling.guidance_model_step')
 
 CHECKS = (
     ('--mode', 'one of train, eval, sample, edit'),
@@ -46,7 +47,12 @@ CHECKS = (
      'integer K >= 1 (flow, edm)'),
     ('sampling.s_churn > 0', "method='heun'"),
     ('sampling.guidance_interval', "'' or 'lo,hi' with 0 <= lo < hi"),
-    ('sampling.guidance_scale > 0', 'model.num_classes > 0 and training.label_dropout > 0'),
+    ('sampling.guidance_scale > 0', 'model.num_classes > 0 and training.label_dropout > 0 '
+     '(unless sampling.guidance_model_workdir: autoguidance)'),
+    ('sampling.guidance_model_workdir', 'a run of the same process, schedule, prediction, data '
+     'shape and self-conditioning; its model.num_classes 0 or this run\'s (checked on load)'),
+    ('training.self_condition', "model.name 'unet' or 'mlp'; diffusion.process gaussian, flow or "
+     'edm; model.in_channels (in_dim) = 2·C (derived)'),
     ('training.label_dropout > 0', 'model.num_classes > 0'),
     ('eval.nll_estimator / eval.feature_space', "a known name; 'ode' for flow and edm"),
 )
@@ -332,6 +338,17 @@ def check_guidance(config) -> None:
         raise ValueError(f'training.label_dropout={dropout} needs a class-conditional model: set '
                          'model.num_classes (to data.num_classes) or label_dropout to 0.')
     scale = config.sampling.get('guidance_scale', 0.0)
+    if config.sampling.get('guidance_model_workdir', ''):
+        # Autoguidance: the guide is another network, so neither labels nor label dropout are
+        # needed; the guide itself is checked when it is loaded (run.load_guide).
+        if scale < 0:
+            raise ValueError(f'sampling.guidance_scale={scale} must be >= 0 with '
+                             'sampling.guidance_model_workdir (0: no guidance).')
+        if config.sampling.get('classifier_scale', 0.0):
+            raise ValueError(f'sampling.classifier_scale={config.sampling.classifier_scale} '
+                             'with sampling.guidance_model_workdir: use one kind of guidance; '
+                             'set classifier_scale=0 or guidance_model_workdir=\'\'.')
+        return
     if scale > 0 and not classes:
         raise ValueError(f'sampling.guidance_scale={scale} needs a class-conditional model, but '
                          'model.num_classes=0: set sampling.guidance_scale=0.')

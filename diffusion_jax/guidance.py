@@ -121,6 +121,11 @@ def _classifier_free_apply(model_apply, variables, y, w, null_label, rescale, in
     x_in = with_self_cond(x_t, self_cond)  # both calls see the same x̂_0 (the sampler's)
     cond = model_apply(variables, x_in, t, y=y)
     uncond = model_apply(variables, x_in, t, y=jnp.full_like(y, null_label))
+    return _combine(cond, uncond, w, rescale, interval, x_t, t)
+
+
+def _combine(cond, uncond, w, rescale, interval, x_t, t):
+    """(1 + w) cond - w uncond on the mean output, the variance channels (if any) cond's."""
     # Guide the mean output only: ε, x0 and v are all affine in one another at fixed (x_t, t), so
     # the guided combination means the same for each; a learned variance stays the conditional's.
     c = x_t.shape[-1]
@@ -155,6 +160,13 @@ def classifier_free_model_fn(model_apply: Callable, variables, y, w, null_label:
         whose two evaluations straddle a bound guides one of them (the reference code decides
         once per step).
     """
+    rescale, interval = _options(guidance_rescale, interval)
+    return Partial(_classifier_free_apply, model_apply, variables, jnp.asarray(y, jnp.int32),
+                   jnp.asarray(w, jnp.float32), int(null_label), rescale, interval)
+
+
+def _options(guidance_rescale, interval):
+    """(φ as a float32 leaf or None, the interval with float32 bounds or None), validated."""
     rescale = float(guidance_rescale)
     if not 0.0 <= rescale <= 1.0:
         raise ValueError(f'sampling.guidance_rescale={guidance_rescale} must lie in [0, 1] '
@@ -165,9 +177,37 @@ def classifier_free_model_fn(model_apply: Callable, variables, y, w, null_label:
             raise ValueError(f"sampling.guidance_interval='{lo},{hi}' needs 0 <= lo < hi "
                              '(EDM2-XXL: 0.28,1.61).')
         interval = (jnp.float32(lo), jnp.float32(hi), sigma_fn)
-    return Partial(_classifier_free_apply, model_apply, variables, jnp.asarray(y, jnp.int32),
-                   jnp.asarray(w, jnp.float32), int(null_label),
-                   jnp.asarray(rescale, jnp.float32) if rescale else None, interval)
+    return (jnp.asarray(rescale, jnp.float32) if rescale else None), interval
+
+
+def _autoguided_apply(model_fn, guide_fn, w, rescale, interval, x_t, t, self_cond=None):
+    main = model_fn(x_t, t, self_cond=self_cond) if self_cond is not None else model_fn(x_t, t)
+    weak = guide_fn(x_t, t, self_cond=self_cond) if self_cond is not None else guide_fn(x_t, t)
+    return _combine(main, weak, w, rescale, interval, x_t, t)
+
+
+def autoguidance_model_fn(model_fn, guide_fn, w, *, guidance_rescale=0.0,
+                          interval=None) -> Partial:
+    """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of
+    itself", eq. 2): the model guided by a weaker model of the same kind, as a model_fn
+
+        out = (1 + w) out(x_t, t) - w out_weak(x_t, t) = out_weak + (1 + w)(out - out_weak),
+
+    on the network's mean output (for D the same: D is affine in the output with coefficients
+    the two models share, so D̃ = D_weak + (1 + w)(D - D_weak)). w is this project's
+    sampling.guidance_scale convention (classifier-free: (1 + w) ε_cond - w ε_uncond), so
+    w = 0 is the model itself and Karras et al.'s weight is 1 + w.
+
+    Args:
+      model_fn, guide_fn: (x_t, t[, self_cond=]) -> output, e.g. bind_model(apply, params, y)
+        of the main run and of the guide (an early checkpoint of the same run, or a smaller /
+        shorter-trained run of the same process and data), both with the labels they take.
+      w: guidance weight (a leaf: new w reuses the compilation).
+      guidance_rescale, interval: as classifier_free_model_fn.
+    """
+    rescale, interval = _options(guidance_rescale, interval)
+    return Partial(_autoguided_apply, model_fn, guide_fn, jnp.asarray(w, jnp.float32), rescale,
+                   interval)
 
 
 def parse_guidance_interval(text) -> tuple[float, float] | None:

@@ -250,7 +250,10 @@ def make_sample_fn(config, model, diffusion, num: int, mesh=None) -> Callable:
 
     def sample_fn(params, rng):
         variables = {'params': params}
-        if y is not None and s.get('guidance_scale', 0.0):
+        # The training grids guide classifier-free only: an autoguided run's guide is loaded by
+        # --mode=sample / eval (run.load_guide), not by the train loop.
+        if y is not None and s.get('guidance_scale', 0.0) and not s.get('guidance_model_workdir',
+                                                                         ''):
             model_fn = guidance.classifier_free_model_fn(
                 model.apply, variables, y, s.guidance_scale, num_classes,
                 guidance_rescale=s.get('guidance_rescale', 0.0),
