@@ -197,8 +197,9 @@ def _derive_model(config, typed) -> None:
         if factor > 1 and 'in_dim' not in model:  # a config from before the field
             model.in_dim = 0
         if 'in_dim' in model:  # in_dim 0 means data_dim
+            plain = model.in_dim if model.in_dim == model.data_dim else 0  # both mean data_dim
             _derive_field(model, 'in_dim', 'model.data_dim', model.data_dim,
-                          model.data_dim * factor if factor > 1 else 0, typed)
+                          model.data_dim * factor if factor > 1 else plain, typed)
     else:
         for data_field, model_field in (('image_size', 'image_size'), ('channels', 'in_channels')):
             if model_field not in model or data_field not in data:

@@ -196,3 +196,25 @@ def test_off_by_default_and_unchanged():
         b = samplers.sample(target, ignore, jax.random.key(3), SHAPE, self_condition=True,
                             **kw)['samples']
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bad_self_condition_configs_are_one_line():
+    """An explicit in_channels that is not 2·C, a network or process that cannot take x̂_0."""
+    from configs import digits, digits_cold_blur
+    cases = []
+    config = digits.get_config()
+    config.training.self_condition = True  # in the file, not typed: model.in_channels=1 stays
+    cases.append((config, r'model.in_channels=1 does not fit data.channels=1 with '
+                          r'training.self_condition=True .* set --config.model.in_channels=2'))
+    config = digits.get_config()
+    config.training.self_condition = True
+    config.model.name = 'classifier'
+    cases.append((config, r"training.self_condition=True feeds x̂_0 .* not model.name="
+                          r"'classifier'"))
+    config = digits_cold_blur.get_config()
+    config.training.self_condition = True
+    cases.append((config, r"training.self_condition=True applies to diffusion.process="))
+    for config, match in cases:
+        with pytest.raises(ValueError, match=match) as err:
+            config_validation.resolve(config, 'train')
+        assert '\n' not in str(err.value)
