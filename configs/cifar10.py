@@ -83,6 +83,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # call where they dominate (small models, CPU); the loop acts between calls, so
     # num_train_steps and the log/checkpoint/sample cadences must be multiples of K.
     t.steps_per_call = 1
+    # Self-conditioning (Chen et al. 2022, "Analog Bits"): with probability 1/2 the network also
+    # gets a first pass's stop-gradient x̂_0 as extra input channels (model.in_channels = 2·C,
+    # derived); samplers feed the previous step's x̂_0. False: the plain network.
+    t.self_condition = False
 
     config.optim = o = ml_collections.ConfigDict()
     o.learning_rate = 2e-4  # Ho et al. 2020, App. B (2e-4 for 32x32 images)

@@ -24,7 +24,8 @@ MODES = ('train', 'eval', 'sample', 'edit')
 LEARNED_VARIANCES = ('learned', 'learned_range')
 BATCH_FIELDS = ('training.batch_size', 'sampling.batch_size', 'eval.batch_size')
 # Integer fields that may be -1: "the latest checkpoint".
-LATEST_ALLOWED = ('sampling.checkpoint_step', 'eval.checkpoint_step', 'distill.teacher_step')
+LATEST_ALLOWED = ('sampling.checkpoint_step', 'eval.checkpoint_step', 'distill.teacher_step',
+                  'sampling.guidance_model_step')
 
 CHECKS = (
     ('--mode', 'one of train, eval, sample, edit'),
@@ -46,7 +47,12 @@ CHECKS = (
      'integer K >= 1 (flow, edm)'),
     ('sampling.s_churn > 0', "method='heun'"),
     ('sampling.guidance_interval', "'' or 'lo,hi' with 0 <= lo < hi"),
-    ('sampling.guidance_scale > 0', 'model.num_classes > 0 and training.label_dropout > 0'),
+    ('sampling.guidance_scale > 0', 'model.num_classes > 0 and training.label_dropout > 0 '
+     '(unless sampling.guidance_model_workdir: autoguidance)'),
+    ('sampling.guidance_model_workdir', 'a run of the same process, schedule, prediction, data '
+     'shape and self-conditioning; its model.num_classes 0 or this run\'s (checked on load)'),
+    ('training.self_condition', "model.name 'unet' or 'mlp'; diffusion.process gaussian, flow or "
+     'edm; model.in_channels (in_dim) = 2·C (derived)'),
     ('training.label_dropout > 0', 'model.num_classes > 0'),
     ('eval.nll_estimator / eval.feature_space', "a known name; 'ode' for flow and edm"),
 )
@@ -159,27 +165,51 @@ def _expected_out(model, config) -> tuple[str, int]:
     learned = config.diffusion.model_var_type in LEARNED_VARIANCES
     if 'data_dim' in model:
         return 'out_dim', int(model.data_dim) * (2 if learned else 1)
-    return 'out_channels', int(model.in_channels) * (2 if learned else 1)
+    # The data's channels: a self-conditioned network's input has twice as many ([x_t, x̂_0]).
+    channels = int(model.in_channels) // (2 if _self_condition(config) else 1)
+    return 'out_channels', channels * (2 if learned else 1)
+
+
+def _self_condition(config) -> bool:
+    return bool(config.get('training', {}).get('self_condition', False))
+
+
+def _check_self_condition(config) -> None:
+    """training.self_condition (Chen et al. 2022) needs a denoiser whose input channels can
+    double: the UNet or the MLP, on the gaussian, flow or edm process."""
+    if not _self_condition(config):
+        return
+    name, process = config.model.get('name'), config.diffusion.get('process', 'gaussian')
+    if name not in ('unet', 'mlp'):
+        raise ValueError(f'training.self_condition=True feeds x̂_0 as extra input channels of '
+                         f"the 'unet' or 'mlp' network, not model.name={name!r}; set "
+                         'training.self_condition=False.')
+    if process not in ('gaussian', 'flow', 'edm'):
+        raise ValueError(f'training.self_condition=True applies to diffusion.process='
+                         f"'gaussian', 'flow' or 'edm', not {process!r}; set "
+                         'training.self_condition=False.')
 
 
 def _derive_model(config, typed) -> None:
     """Fills in / checks the model fields that follow data and diffusion (config is unlocked)."""
     model, data = config.model, config.data
+    _check_self_condition(config)
+    # A self-conditioned network takes [x_t, x̂_0]: twice the data's channels (Chen et al. 2022).
+    factor = 2 if _self_condition(config) else 1
     if model.get('name') == 'mlp' or 'data_dim' in model:
-        pairs = ()
+        if factor > 1 and 'in_dim' not in model:  # a config from before the field
+            model.in_dim = 0
+        if 'in_dim' in model:  # in_dim 0 means data_dim
+            plain = model.in_dim if model.in_dim == model.data_dim else 0  # both mean data_dim
+            _derive_field(model, 'in_dim', 'model.data_dim', model.data_dim,
+                          model.data_dim * factor if factor > 1 else plain, typed)
     else:
-        pairs = (('image_size', 'image_size'), ('channels', 'in_channels'))
-    for data_field, model_field in pairs:
-        if model_field not in model or data_field not in data:
-            continue
-        follows = f'data.{data_field}' in typed and f'model.{model_field}' not in typed
-        if model[model_field] is None or follows:
-            model[model_field] = data[data_field]
-            typed = typed | {f'model.{model_field}'}  # what follows from it is re-derived
-        elif model[model_field] != data[data_field]:
-            raise ValueError(f'model.{model_field}={model[model_field]} does not fit data.'
-                             f'{data_field}={data[data_field]}: set both to the same value (or '
-                             f'leave model.{model_field} unset to derive it).')
+        for data_field, model_field in (('image_size', 'image_size'), ('channels', 'in_channels')):
+            if model_field not in model or data_field not in data:
+                continue
+            f = factor if model_field == 'in_channels' else 1
+            typed = _derive_field(model, model_field, f'data.{data_field}', data[data_field],
+                                  data[data_field] * f, typed)
     if model.get('name') == 'classifier':
         return  # a classifier's output is its logits
     if 'learn_sigma' in model:  # DiT: the output width is in_channels·(2 if learn_sigma)
@@ -202,6 +232,26 @@ def _derive_model(config, typed) -> None:
         raise ValueError(f'model.num_classes={classes} does not fit data.num_classes='
                          f'{data.get("num_classes", 0)}: a conditional model needs the dataset\'s '
                          'labels; set model.num_classes to 0 or to data.num_classes.')
+
+
+def _derive_field(model, field: str, source: str, source_value, want, typed) -> set:
+    """model.<field> = want when unset or when its source (or training.self_condition) was typed
+    but the field was not; a different explicit value is an error naming both. Returns typed
+    with the field added where it was derived (what follows from it is re-derived too)."""
+    sources = (source, 'training.self_condition')
+    if model[field] is None or (any(src in typed for src in sources)
+                                and f'model.{field}' not in typed):
+        model[field] = want
+        return typed | {f'model.{field}'}
+    if model[field] != want:
+        if want == source_value or not want:
+            raise ValueError(f'model.{field}={model[field]} does not fit {source}={source_value}: '
+                             f'set both to the same value (or leave model.{field} unset to '
+                             'derive it).')
+        raise ValueError(f'model.{field}={model[field]} does not fit {source}={source_value} '
+                         f'with training.self_condition=True (the input is [x_t, x̂_0]): set '
+                         f'--config.model.{field}={want} (or leave it unset to derive it).')
+    return typed
 
 
 def _derive_learn_sigma(config, typed) -> None:
@@ -292,6 +342,17 @@ def check_guidance(config) -> None:
         raise ValueError(f'training.label_dropout={dropout} needs a class-conditional model: set '
                          'model.num_classes (to data.num_classes) or label_dropout to 0.')
     scale = config.sampling.get('guidance_scale', 0.0)
+    if config.sampling.get('guidance_model_workdir', ''):
+        # Autoguidance: the guide is another network, so neither labels nor label dropout are
+        # needed; the guide itself is checked when it is loaded (run.load_guide).
+        if scale < 0:
+            raise ValueError(f'sampling.guidance_scale={scale} must be >= 0 with '
+                             'sampling.guidance_model_workdir (0: no guidance).')
+        if config.sampling.get('classifier_scale', 0.0):
+            raise ValueError(f'sampling.classifier_scale={config.sampling.classifier_scale} '
+                             'with sampling.guidance_model_workdir: use one kind of guidance; '
+                             'set classifier_scale=0 or guidance_model_workdir=\'\'.')
+        return
     if scale > 0 and not classes:
         raise ValueError(f'sampling.guidance_scale={scale} needs a class-conditional model, but '
                          'model.num_classes=0: set sampling.guidance_scale=0.')

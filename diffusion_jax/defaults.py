@@ -42,6 +42,13 @@ def default_sampling_config() -> ml_collections.ConfigDict:
     # where σ lies in (lo, hi] (σ = √((1-ᾱ)/ᾱ); t/(1-t) for flow; σ for EDM; EDM2-XXL's is about
     # '0.28,1.61'); '' = guidance at every step.
     c.guidance_interval = ''
+    # Autoguidance (Karras et al. 2024): guide with a weaker model of the same process and data
+    # instead of the unconditional one: out = (1+w) out(x) - w out_weak(x) with w =
+    # guidance_scale (Karras et al.'s weight is 1 + w). The workdir of the guide run: a smaller
+    # and/or shorter-trained run (the paper's guide), or this run's own workdir with an early
+    # guidance_model_step (the cheap variant); '' = off (guidance_scale is classifier-free).
+    c.guidance_model_workdir = ''
+    c.guidance_model_step = -1  # the guide's checkpoint; -1: its latest valid one
     c.classifier_scale = 0.0  # classifier guidance s (Dhariwal & Nichol 2021); 0 = off
     # How classifier guidance composes with clipping in ddim, dpmpp_*, unipc and heun:
     # 'condition_score' (guided-diffusion: ε from the clipped x̂_0, shifted, guided x̂_0

@@ -49,8 +49,9 @@ def wrap_model(model_fn: ModelFn, process) -> ModelFn:
     Every sampler, the bound, the ODE likelihood and the train step call the network through
     this. The network's own timestep_scale (models.layers.TimeEmbedding) stays with the network:
     it is a property of its embedding (converted weights), applied to whatever time it is given.
+    Keyword inputs (self_cond=x̂_0 of a self-conditioned model) pass through unchanged.
     """
-    return lambda x_t, t: model_fn(x_t, process.model_time(t))
+    return lambda x_t, t, **inputs: model_fn(x_t, process.model_time(t), **inputs)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -79,7 +79,17 @@ def classifier_grad_fn(model, variables) -> Partial:
     return Partial(_flax_classifier_grad, model, variables)
 
 
-def _apply_with_label(model_apply, variables, y, x_t, t):
+def with_self_cond(x_t, self_cond):
+    """The network input of a self-conditioned model (Chen et al. 2022, "Analog Bits"):
+    [x_t, x̂_0] concatenated on the last (channel) axis, [B, ..., 2C]; x_t itself when
+    self_cond is None (a model trained without it)."""
+    if self_cond is None:
+        return x_t
+    return jnp.concatenate([x_t, self_cond.astype(x_t.dtype)], axis=-1)
+
+
+def _apply_with_label(model_apply, variables, y, x_t, t, self_cond=None):
+    x_t = with_self_cond(x_t, self_cond)
     if y is None:
         return model_apply(variables, x_t, t)
     return model_apply(variables, x_t, t, y=_batched(y, x_t.shape[0]))
@@ -147,14 +157,21 @@ def _rescale(cond, guided, phi):
     return phi * (guided * ratio) + (1.0 - phi) * guided
 
 
-def _classifier_free_apply(model_apply, variables, y, w, null_label, rescale, interval, x_t, t):
+def _classifier_free_apply(model_apply, variables, y, w, null_label, rescale, interval, x_t, t,
+                           self_cond=None):
     # Two calls rather than one on a doubled batch: on a mesh, concatenating two sharded batches
     # would reshuffle examples between devices; the FLOPs are the same.
+    x_in = with_self_cond(x_t, self_cond)  # both calls see the same x̂_0 (the sampler's)
     batch = x_t.shape[0]
     null = (_batched(null_label, batch) if isinstance(y, dict)
             else jnp.full_like(y, null_label))
-    cond = model_apply(variables, x_t, t, y=_batched(y, batch))
-    uncond = model_apply(variables, x_t, t, y=null)
+    cond = model_apply(variables, x_in, t, y=_batched(y, batch))
+    uncond = model_apply(variables, x_in, t, y=null)
+    return _combine(cond, uncond, w, rescale, interval, x_t, t)
+
+
+def _combine(cond, uncond, w, rescale, interval, x_t, t):
+    """(1 + w) cond - w uncond on the mean output, the variance channels (if any) cond's."""
     # Guide the mean output only: ε, x0 and v are all affine in one another at fixed (x_t, t), so
     # the guided combination means the same for each; a learned variance stays the conditional's.
     c = x_t.shape[-1]
@@ -193,16 +210,7 @@ def classifier_free_model_fn(model_apply: Callable, variables, y, w, null_label=
         whose two evaluations straddle a bound guides one of them (the reference code decides
         once per step).
     """
-    rescale = float(guidance_rescale)
-    if not 0.0 <= rescale <= 1.0:
-        raise ValueError(f'sampling.guidance_rescale={guidance_rescale} must lie in [0, 1] '
-                         '(Lin et al. 2023 use 0.7; 0 turns it off).')
-    if interval is not None:
-        lo, hi, sigma_fn = interval
-        if not 0.0 <= float(lo) < float(hi):
-            raise ValueError(f"sampling.guidance_interval='{lo},{hi}' needs 0 <= lo < hi "
-                             '(EDM2-XXL: 0.28,1.61).')
-        interval = (jnp.float32(lo), jnp.float32(hi), sigma_fn)
+    rescale, interval = _options(guidance_rescale, interval)
     if isinstance(y, dict):
         if uncond is None:
             raise ValueError('classifier-free guidance of a text condition needs uncond: the '
@@ -213,8 +221,52 @@ def classifier_free_model_fn(model_apply: Callable, variables, y, w, null_label=
     else:
         null = int(null_label)
     return Partial(_classifier_free_apply, model_apply, variables, as_condition(y),
-                   jnp.asarray(w, jnp.float32), null,
-                   jnp.asarray(rescale, jnp.float32) if rescale else None, interval)
+                   jnp.asarray(w, jnp.float32), null, rescale, interval)
+
+
+def _options(guidance_rescale, interval):
+    """(φ as a float32 leaf or None, the interval with float32 bounds or None), validated."""
+    rescale = float(guidance_rescale)
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f'sampling.guidance_rescale={guidance_rescale} must lie in [0, 1] '
+                         '(Lin et al. 2023 use 0.7; 0 turns it off).')
+    if interval is not None:
+        lo, hi, sigma_fn = interval
+        if not 0.0 <= float(lo) < float(hi):
+            raise ValueError(f"sampling.guidance_interval='{lo},{hi}' needs 0 <= lo < hi "
+                             '(EDM2-XXL: 0.28,1.61).')
+        interval = (jnp.float32(lo), jnp.float32(hi), sigma_fn)
+    return (jnp.asarray(rescale, jnp.float32) if rescale else None), interval
+
+
+def _autoguided_apply(model_fn, guide_fn, w, rescale, interval, x_t, t, self_cond=None):
+    main = model_fn(x_t, t, self_cond=self_cond) if self_cond is not None else model_fn(x_t, t)
+    weak = guide_fn(x_t, t, self_cond=self_cond) if self_cond is not None else guide_fn(x_t, t)
+    return _combine(main, weak, w, rescale, interval, x_t, t)
+
+
+def autoguidance_model_fn(model_fn, guide_fn, w, *, guidance_rescale=0.0,
+                          interval=None) -> Partial:
+    """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of
+    itself", eq. 2): the model guided by a weaker model of the same kind, as a model_fn
+
+        out = (1 + w) out(x_t, t) - w out_weak(x_t, t) = out_weak + (1 + w)(out - out_weak),
+
+    on the network's mean output (for D the same: D is affine in the output with coefficients
+    the two models share, so D̃ = D_weak + (1 + w)(D - D_weak)). w is this project's
+    sampling.guidance_scale convention (classifier-free: (1 + w) ε_cond - w ε_uncond), so
+    w = 0 is the model itself and Karras et al.'s weight is 1 + w.
+
+    Args:
+      model_fn, guide_fn: (x_t, t[, self_cond=]) -> output, e.g. bind_model(apply, params, y)
+        of the main run and of the guide (an early checkpoint of the same run, or a smaller /
+        shorter-trained run of the same process and data), both with the labels they take.
+      w: guidance weight (a leaf: new w reuses the compilation).
+      guidance_rescale, interval: as classifier_free_model_fn.
+    """
+    rescale, interval = _options(guidance_rescale, interval)
+    return Partial(_autoguided_apply, model_fn, guide_fn, jnp.asarray(w, jnp.float32), rescale,
+                   interval)
 
 
 def parse_guidance_interval(text) -> tuple[float, float] | None:

@@ -371,6 +371,67 @@ def classifier_for(config):
     return load_classifier(config) if config.sampling.get('classifier_scale', 0.0) else None
 
 
+# What a guide (autoguidance) must share with the run it guides: the process and how the
+# network is called and read (the same x_in, t_in and output parameterisation, so the two outputs
+# combine as the two denoisers would), the data's shape and the self-conditioning input.
+GUIDE_FIELDS = ('diffusion.process', 'diffusion.num_timesteps', 'diffusion.beta_schedule',
+                'diffusion.beta_start', 'diffusion.beta_end', 'diffusion.model_mean_type',
+                'diffusion.flow.prediction', 'diffusion.flow.time_scale',
+                'diffusion.edm.sigma_data', 'data.image_size', 'data.channels', 'model.data_dim',
+                'training.self_condition')
+
+
+def _field(config, path: str):
+    node = config
+    for key in path.split('.'):
+        if not hasattr(node, 'get') or node.get(key) is None:
+            return None
+        node = node.get(key)
+    return node
+
+
+def load_guide(config, mesh=None) -> Loaded:
+    """The weak model of autoguidance (Karras et al. 2024): the run in
+    sampling.guidance_model_workdir at checkpoint sampling.guidance_model_step (-1: its latest),
+    EMA parameters when sampling.use_ema. Either the paper's guide (a smaller and/or
+    shorter-trained run, its own config.json and EMA) or an early checkpoint of this very run
+    (the same workdir, an earlier step). Its GUIDE_FIELDS must equal this run's; its network and
+    label conditioning may differ (a guide with model.num_classes=0 is called without labels)."""
+    s = config.sampling
+    workdir = s.get('guidance_model_workdir', '')
+    if not workdir or not Run(workdir).has_config():
+        raise ValueError(f'sampling.guidance_model_workdir={workdir!r} is not a run (no '
+                         'config.json): give the workdir of a trained run of the same process '
+                         "and data (or this run's own, with an early sampling.guidance_model_step).")
+    stored = Run(workdir).config
+    for path in GUIDE_FIELDS:
+        mine, theirs = _plain(_field(config, path)), _plain(_field(stored, path))
+        if path == 'training.self_condition':
+            mine, theirs = bool(mine), bool(theirs)
+        if mine != theirs:
+            raise ValueError(f'sampling.guidance_model_workdir={workdir!r} holds a run with '
+                             f'{path}={theirs!r}, but this run has {path}={mine!r}: the guide must '
+                             'be a model of the same process and data; train it with the same '
+                             f'{path.split(".")[0]} settings.')
+    classes, guide_classes = (int(c.model.get('num_classes', 0) or 0) for c in (config, stored))
+    if guide_classes and guide_classes != classes:
+        raise ValueError(f'sampling.guidance_model_workdir={workdir!r} holds a model with '
+                         f'model.num_classes={guide_classes}, this run has {classes}: a guide is '
+                         'unconditional (0) or takes the same labels.')
+    step = Run(workdir).checkpoint_step(s.get('guidance_model_step', LATEST),
+                                        'sampling.guidance_model_step')
+    return load(workdir, step=step, use_ema=s.get('use_ema', True), mesh=mesh)
+
+
+def guide_for(config, mesh=None):
+    """load_guide(config) when config.sampling autoguides (a guidance_model_workdir and
+    guidance_scale > 0), else None."""
+    s = config.sampling
+    if s.get('guidance_model_workdir', '') and s.get('guidance_scale', 0.0):
+        return load_guide(config, mesh)
+    return None
+
+
 def check_resume(workdir, config) -> None:
     """Refuses (ValueError, one line) to train config in a workdir whose config.json has other
     model/diffusion/data/optim sections (but UNTRAINED_FIELDS). Other sections (training

@@ -35,7 +35,7 @@ from diffusion_jax import input_pipeline, logging_utils, models, processes, run 
 from diffusion_jax import distill, samplers
 from diffusion_jax import sharding, timestep_sampling
 from diffusion_jax.defaults import default_workdir  # noqa: F401  (the old name)
-from diffusion_jax.samplers.batches import guidance_interval, sampling_target
+from diffusion_jax.samplers.batches import guidance_interval, sampling_target, self_conditioned
 from diffusion_jax.timestep_sampling import SAMPLERS  # noqa: F401  (the old name)
 # The train state lives in the run layer (a checkpoint holds it); the old names stay here.
 from diffusion_jax.train_state import (TrainState, abstract_train_state,  # noqa: F401
@@ -89,6 +89,17 @@ def _classifier_loss(model, diffusion, x0, t, noise, labels, dropout_rng, params
     return jnp.mean(xent), dict(loss=xent, accuracy=accuracy)
 
 
+def self_condition_input(key, first_pass_x0: Callable, x0):
+    """The x̂_0 a self-conditioned network is trained with (Chen et al. 2022, "Analog Bits",
+    Algorithm 1): with probability ½ (one coin for the batch, key) the stop-gradient x̂_0 of a
+    first pass fed zeros, first_pass_x0(zeros) [B, ...]; else zeros. The first pass runs only
+    on the coin's heads (lax.cond)."""
+    zeros = jnp.zeros_like(x0)
+    return jax.lax.cond(jax.random.bernoulli(key, 0.5),
+                        lambda: jax.lax.stop_gradient(first_pass_x0(zeros).astype(x0.dtype)),
+                        lambda: zeros)
+
+
 def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
     """train_step(state, batch, rng) -> (state, metrics); pure, to be jitted over a mesh.
 
@@ -112,6 +123,7 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
     process = None if cold.is_cold(config.diffusion) else processes.get_process(config.diffusion)
     continuous = process is not None and not isinstance(process, processes.GaussianProcess)
     min_snr = process is not None and not continuous and process.loss_weighting != 'none'
+    self_condition = self_conditioned(config)
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
@@ -119,13 +131,21 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
         x0 = batch['image']
         t, weights = timestep_sampling.sample(state.sampler_state, t_rng, x0.shape[0])
         noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+        # Self-conditioning's coin: its own stream, so the others are those of a run without it.
+        sc_rng = jax.random.fold_in(rng, 4)
         if continuous:
             y = _labels(batch['label'], num_classes, label_dropout, label_rng)
 
             def loss_fn(params):
-                def model_fn(x_in, t_in):
-                    return model.apply({'params': params}, x_in, t_in, y, train=True,
-                                       rngs={'dropout': dropout_rng})
+                def net(self_cond=None):
+                    return lambda x_in, t_in: model.apply(
+                        {'params': params}, guidance.with_self_cond(x_in, self_cond), t_in, y,
+                        train=True, rngs={'dropout': dropout_rng})
+                model_fn = net()
+                if self_condition:  # the first pass sees the very x_t that process.loss draws
+                    t_draw, _, x_t = process.draw(x0, noise_rng)
+                    model_fn = net(self_condition_input(
+                        sc_rng, lambda z: process.denoise(net(z), x_t, t_draw), x0))
                 terms = process.loss(model_fn, x0, noise_rng)
                 return jnp.mean(terms['loss']), terms
         elif is_classifier:
@@ -135,9 +155,16 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
             y = _labels(batch['label'], num_classes, label_dropout, label_rng)
 
             def loss_fn(params):
-                def model_fn(x_t, t_model):
-                    return model.apply({'params': params}, x_t, t_model, y, train=True,
-                                       rngs={'dropout': dropout_rng})
+                def net(self_cond=None):
+                    return lambda x_t, t_model: model.apply(
+                        {'params': params}, guidance.with_self_cond(x_t, self_cond), t_model, y,
+                        train=True, rngs={'dropout': dropout_rng})
+                model_fn = net()
+                if self_condition:
+                    x_t = diffusion.q_sample(x0, t, noise)  # the x_t training_losses makes
+                    model_fn = net(self_condition_input(sc_rng, lambda z: diffusion.p_mean_variance(
+                        diffusion_lib.wrap_model(net(z), diffusion)(x_t, t), x_t, t,
+                        clip_denoised=False)['pred_x0'], x0))
                 terms = diffusion.training_losses(model_fn, x0, t, noise)
                 if min_snr:
                     terms = dict(terms, loss=process.loss_weight(t) * terms['loss'])
@@ -204,7 +231,7 @@ def make_sample_fn(config, model, diffusion, num: int, mesh=None) -> Callable:
     and classifier-free guidance scale; a conditional model cycles through the classes. The
     sampler compiles once: the parameters are a jit argument, not a constant."""
     s = config.sampling
-    shape = (num, *models.example_shape(model))
+    shape = (num, *models.data_shape(model, self_conditioned(config)))
     prior, process_options = None, {}
     # Cold diffusion starts at its fully degraded prior's x_T, and is not respaced.
     if isinstance(diffusion, cold.ColdDiffusion):
@@ -216,12 +243,17 @@ def make_sample_fn(config, model, diffusion, num: int, mesh=None) -> Callable:
     options = {k: s[k] for k in ('method', 'eta', 'clip_denoised', 'langevin_snr',
                                  'langevin_steps', 'ddim_guidance', 'dynamic_threshold') if k in s}
     options.update(process_options)
+    if self_conditioned(config):
+        options['self_condition'] = True
     if mesh is not None and num % mesh.devices.size == 0:
         options['mesh'] = mesh
 
     def sample_fn(params, rng):
         variables = {'params': params}
-        if y is not None and s.get('guidance_scale', 0.0):
+        # The training grids guide classifier-free only: an autoguided run's guide is loaded by
+        # --mode=sample / eval (run.load_guide), not by the train loop.
+        if y is not None and s.get('guidance_scale', 0.0) and not s.get('guidance_model_workdir',
+                                                                         ''):
             model_fn = guidance.classifier_free_model_fn(
                 model.apply, variables, y, s.guidance_scale, num_classes,
                 guidance_rescale=s.get('guidance_rescale', 0.0),

@@ -60,6 +60,35 @@ def test_paper_numbers():
         'rescaled_kl', 'loss_aware')
 
 
+def test_flow_and_edm_cifar10_numbers():
+    """configs/cifar10_edm.py: EDM Table 1 and the CIFAR-10 column of Table 7 in steps of 512
+    (200 Mimg, 10 Mimg ramp-up, EMA half-life 0.5 Mimg); configs/cifar10_flow.py: SD3's
+    logit-normal(0, 1) velocity flow; both on Ho et al.'s 35,746,307-parameter network, valid
+    for every mode (test_config_loads_and_builds_its_model_abstractly) and building their
+    process and sampler."""
+    from diffusion_jax import processes
+    edm = importlib.import_module('configs.cifar10_edm').get_config()
+    flow = importlib.import_module('configs.cifar10_flow').get_config()
+    for config in (edm, flow):
+        assert models.count_params(models.param_shapes(models.get_model(config.model))) == \
+            35_746_307
+    process = processes.get_process(edm.diffusion)
+    assert (process.sigma_min, process.sigma_max, process.sigma_data, process.rho,
+            process.p_mean, process.p_std) == (0.002, 80.0, 0.5, 7.0, -1.2, 1.2)
+    assert edm.training.batch_size * edm.training.num_train_steps == 200_000_000
+    assert abs(edm.training.batch_size * edm.optim.warmup_steps - 10_000_000) < 512
+    half_life_steps = 0.5e6 / edm.training.batch_size
+    assert abs(edm.training.ema_decay ** half_life_steps - 0.5) < 1e-3
+    assert (edm.optim.learning_rate, edm.optim.grad_clip, edm.model.dropout,
+            edm.sampling.method, edm.sampling.num_steps) == (1e-3, 0.0, 0.13, 'heun', '18')
+    process = processes.get_process(flow.diffusion)
+    assert (process.prediction, process.time_sampling, process.logit_mean, process.logit_std,
+            process.shift, flow.sampling.method) == ('velocity', 'logit_normal', 0.0, 1.0, 1.0,
+                                                     'euler')
+    for config in (edm, flow):
+        process.check_method(config.sampling.method)
+
+
 def test_unknown_config_argument_is_an_error():
     with pytest.raises(ValueError, match="unknown config argument.*'runlocal'"):
         importlib.import_module('configs.digits').get_config('runlcoal')

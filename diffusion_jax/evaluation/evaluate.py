@@ -22,6 +22,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -31,6 +32,18 @@ from diffusion_jax.evaluation import likelihood, sample_quality
 from diffusion_jax.evaluation.likelihood import ESTIMATORS
 
 
+def _bind(model, variables, y, config):
+    """The network as (x_t, t) -> output; a self-conditioned one (training.self_condition) is
+    fed x̂_0 = 0, the branch it trains on half of the time (Chen et al. 2022), so the likelihood
+    is that of one fixed denoiser, as the bound and the ODE need."""
+    self_condition = bool(config.get('training', {}).get('self_condition', False))
+
+    def fn(x_t, t):
+        x_in = jnp.concatenate([x_t, jnp.zeros_like(x_t)], -1) if self_condition else x_t
+        return model.apply(variables, x_in, t, y=y)
+    return fn
+
+
 def _nll_fns(config, model, diffusion):
     """Jitted (variables, x0, y, rng[, probs]) -> per-image bound terms: the full bound and the
     K-timestep estimate."""
@@ -38,7 +51,7 @@ def _nll_fns(config, model, diffusion):
     k = int(config.eval.get('nll_timesteps_per_image', 32))
 
     def bind(variables, y):
-        return lambda x_t, t: model.apply(variables, x_t, t, y=y if conditional else None)
+        return _bind(model, variables, y if conditional else None, config)
 
     def full(variables, x0, y, rng):
         return likelihood.full_bpd(diffusion, bind(variables, y), x0, rng)
@@ -73,7 +86,7 @@ def _ode_fn(config, model, diffusion):
         diffusion = process
 
     def ode(variables, x0, y, rng):
-        fn = lambda x_t, t: model.apply(variables, x_t, t, y=y if conditional else None)
+        fn = _bind(model, variables, y if conditional else None, config)
         return likelihood.ode_bpd(diffusion, fn, x0, rng, **options)
     return jax.jit(ode), options
 

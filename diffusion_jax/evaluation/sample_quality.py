@@ -200,7 +200,8 @@ def evaluate_samples(config, workdir: str, variables, step: int, mesh) -> dict:
     space = FeatureSpace(e)
     num = int(e.get('num_samples', 50_000))
     batches = (x for x, _ in sample_batches(config, variables, mesh, num, uint8=True,
-                                            classifier=run.classifier_for(config)))
+                                            classifier=run.classifier_for(config),
+                                            guide=run.guide_for(config, mesh)))
     stream = stream_features(space, batches, max_keep=num)
     ref = reference_features(config, space, max_keep=num, folder=_reference_folder(config, workdir))
     result = dict(sample_metrics(stream.features(), ref, fake_stats=stream.stats), step=step,

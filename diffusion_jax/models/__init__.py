@@ -33,7 +33,7 @@ MODELS = {'unet': UNet, 'classifier': Classifier, 'mlp': MLP, 'dit': DiT,
 
 __all__ = ['MODELS', 'UNet', 'Classifier', 'MLP', 'DiT', 'AutoencoderKL', 'get_model',
            'CLIPTextEncoder', 'init_params', 'param_shapes', 'count_params', 'example_shape',
-           'to_nnx', 'classifier_log_prob_grad', 'timestep_embedding']
+           'data_shape', 'to_nnx', 'classifier_log_prob_grad', 'timestep_embedding']
 
 
 def _as_dict(model_config) -> dict[str, Any]:
@@ -64,8 +64,18 @@ def get_model(model_config):
 def example_shape(model) -> tuple[int, ...]:
     """Shape of one input example (no batch axis) that `model` expects."""
     if hasattr(model, 'data_dim'):
-        return (model.data_dim,)
+        return (model.in_dim or model.data_dim,)
     return (model.image_size, model.image_size, model.in_channels)
+
+
+def data_shape(model, self_condition: bool = False) -> tuple[int, ...]:
+    """Shape of one data example x (no batch axis; what a sampler draws): example_shape, with
+    the last axis halved for a self-conditioned network (training.self_condition), whose input
+    is [x, x̂_0] (Chen et al. 2022)."""
+    shape = example_shape(model)
+    if not self_condition:
+        return shape
+    return shape[:-1] + (shape[-1] // 2,)
 
 
 # Initialisation runs once, so XLA's optimisation passes are wasted on it: on CPU they took 5x

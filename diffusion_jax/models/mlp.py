@@ -1,6 +1,7 @@
 """Time-conditioned MLP denoiser for low-dimensional data (e.g. the 2-D swiss roll).
 
-    x [B, D], t [B] (, y [B]) -> [B, out_dim] float32, out_dim = D (or 2D for learned variance)
+    x [B, D], t [B] (, y [B]) -> [B, out_dim] float32, out_dim = D (or 2D for learned variance);
+    a self-conditioned MLP takes in_dim = 2D inputs [x_t, x̂_0] (0: in_dim = data_dim)
 
     emb = dense(swish(dense(sinusoid(t, hidden_dim))))      (+ label embedding, num_classes > 0)
     h_0 = dense(x)
@@ -21,6 +22,7 @@ class MLP(nn.Module):
     """Fields as in configs/model_configs.swissroll_mlp(); out_dim 0 means data_dim."""
     data_dim: int = 2
     out_dim: int = 0
+    in_dim: int = 0  # 0: data_dim; 2·data_dim for training.self_condition (derived)
     hidden_dim: int = 128
     num_layers: int = 3
     dropout: float = 0.0
@@ -43,9 +45,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x, t, y=None, train: bool = False):
         """x [B, data_dim], t [B], y [B] or None -> [B, out_dim or data_dim] float32."""
-        if x.ndim != 2 or x.shape[-1] != self.data_dim:
-            raise ValueError(f'input of shape {x.shape} does not fit model_config.data_dim='
-                             f'{self.data_dim}: pass [B, data_dim] points.')
+        in_dim = self.in_dim or self.data_dim
+        if x.ndim != 2 or x.shape[-1] != in_dim:
+            raise ValueError(f'input of shape {x.shape} does not fit model_config.in_dim='
+                             f'{in_dim}: pass [B, in_dim] points (in_dim 0 = data_dim).')
         dtype = layers.compute_dtype(self.dtype)
         t = jnp.broadcast_to(t, x.shape[:1])
         emb = layers.TimeEmbedding(self.hidden_dim, self.hidden_dim, self.timestep_embedding,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -121,6 +122,15 @@ class Process:
     def prior_logp(self, z):
         """log p_{t_noise}(z) per example [B] of the (approximate) prior at t_noise."""
         raise NotImplementedError
+
+    def draw(self, x0, key, t=None):
+        """(t [B], ε [B, ...], x_t) of one training draw from key: t ~ sample_time unless
+        given, ε ~ N(0, I), x_t = α x_0 + σ ε; the draw `loss(model_fn, x0, key, t)` trains on
+        (so a self-conditioning first pass can see the same x_t)."""
+        t_key, noise_key = jax.random.split(key)
+        t = self.sample_time(t_key, x0.shape[0]) if t is None else jnp.asarray(t, jnp.float32)
+        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+        return t, noise, self.marginal_sample(x0, t, noise)
 
     def marginal_sample(self, x0, t, noise):
         """x_t = α(t) x_0 + σ(t) ε; x0, noise [B, ...], t [B]."""

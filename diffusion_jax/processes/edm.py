@@ -118,10 +118,7 @@ class EDM(Process):
     def loss(self, model_fn, x0, key, t=None):
         """Per-example λ(σ)‖D - x_0‖² (mean over dims). Returns dict(loss, t=σ, quantile) with
         quantile = Φ((ln σ - P_mean)/P_std) ∈ (0, 1), the level's rank in the training law."""
-        t_key, noise_key = jax.random.split(key)
-        sigma = self.sample_time(t_key, x0.shape[0]) if t is None else jnp.asarray(t, jnp.float32)
-        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-        x_t = self.marginal_sample(x0, sigma, noise)
+        sigma, _, x_t = self.draw(x0, key, t)
         mse = mean_flat(jnp.square(self.denoise(model_fn, x_t, sigma) - x0))
         quantile = jax.scipy.stats.norm.cdf((jnp.log(sigma) - self.p_mean) / self.p_std)
         return dict(loss=self.loss_weight(sigma) * mse, mse=mse, t=sigma, quantile=quantile)

@@ -135,11 +135,7 @@ class FlowMatching(Process):
     def loss(self, model_fn, x0, key, t=None):
         """Per-example flow-matching loss. Returns dict(loss=[B], t=[B], quantile=[B]): quantile
         is t itself (the metrics' loss-per-quarter axis)."""
-        t_key, noise_key = jax.random.split(key)
-        if t is None:
-            t = self.sample_time(t_key, x0.shape[0])
-        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-        x_t = self.marginal_sample(x0, t, noise)
+        t, noise, x_t = self.draw(x0, key, t)
         out = model_fn(*self.model_input(x_t, t)).astype(x0.dtype)
         target = x0 if self.prediction == 'x0' else noise - x0
         loss = mean_flat(jnp.square(out - target))

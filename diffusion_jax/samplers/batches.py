@@ -43,10 +43,20 @@ def parse_labels(labels, num_classes: int, count: int, rng: np.random.Generator)
 class Sampler:
     """The model, parameters, guidance and options of a run: sample(rng, shape, y) -> the
     samplers.sample dict. classifier: (grad_fn, num_classes) of the guiding noisy classifier
-    (run.load_classifier), needed when sampling.classifier_scale > 0."""
+    (run.load_classifier), needed when sampling.classifier_scale > 0. guide: the weak model of
+    autoguidance (run.load_guide: .model, .variables, .config), needed when
+    sampling.guidance_model_workdir is set and sampling.guidance_scale > 0; the scale then
+    guides towards the main model and away from the guide instead of the unconditional model."""
 
-    def __init__(self, config, model, variables, diffusion, mesh, classifier=None):
+    def __init__(self, config, model, variables, diffusion, mesh, classifier=None, guide=None):
         s = config.sampling
+        self.guide = None
+        if s.get('guidance_model_workdir', '') and s.guidance_scale:
+            if guide is None:
+                raise ValueError(f'sampling.guidance_model_workdir={s.guidance_model_workdir!r} '
+                                 'needs the guide loaded: pass guide=run.load_guide(config) (or '
+                                 'set sampling.guidance_scale=0).')
+            self.guide = guide
         self.config, self.model, self.variables = config, model, variables
         self.diffusion, self.mesh = diffusion, mesh
         # Cold diffusion (diffusion.process='cold') starts at its fully degraded prior's x_T.
@@ -65,10 +75,20 @@ class Sampler:
         self.options = dict(method=s.method, eta=s.eta, clip_denoised=s.clip_denoised,
                             langevin_snr=s.langevin_snr, langevin_steps=s.langevin_steps,
                             ddim_guidance=s.get('ddim_guidance', 'auto'),
-                            dynamic_threshold=s.get('dynamic_threshold', 0.0))
+                            dynamic_threshold=s.get('dynamic_threshold', 0.0),
+                            self_condition=self_conditioned(config))
 
     def model_fn(self, y):
         w = self.config.sampling.guidance_scale
+        if self.guide is not None:
+            guide_classes = int(self.guide.config.model.get('num_classes', 0) or 0)
+            return guidance_lib.autoguidance_model_fn(
+                guidance_lib.bind_model(self.model.apply, self.variables,
+                                        y if self.num_classes else None),
+                guidance_lib.bind_model(self.guide.model.apply, self.guide.variables,
+                                        y if guide_classes else None), w,
+                guidance_rescale=self.config.sampling.get('guidance_rescale', 0.0),
+                interval=guidance_interval(self.config))
         if self.num_classes and w:
             return guidance_lib.classifier_free_model_fn(
                 self.model.apply, self.variables, y, w, null_label=self.num_classes,
@@ -105,6 +125,12 @@ class Sampler:
 
 
 CHURN_FIELDS = ('s_churn', 's_tmin', 's_tmax', 's_noise')
+
+
+def self_conditioned(config) -> bool:
+    """Whether the run's network was trained with self-conditioning (training.self_condition;
+    absent in runs trained before the field existed)."""
+    return bool(config.get('training', {}).get('self_condition', False))
 
 
 def sampling_target(config, diffusion):
@@ -144,15 +170,15 @@ def guidance_interval(config):
     return (*bounds, processes.get_process(config.diffusion).network_sigma())
 
 
-def build_sampler(config, variables, mesh, classifier=None):
+def build_sampler(config, variables, mesh, classifier=None, guide=None):
     """(Sampler over config.sampling's respaced diffusion or the run's process, the model's
-    example shape)."""
+    example shape). classifier, guide: see Sampler."""
     model = models.get_model(config.model)
     base = None if cold.is_cold(config.diffusion) else create_diffusion(config.diffusion)
     target, extra = sampling_target(config, base)
-    sampler = Sampler(config, model, variables, target, mesh, classifier)
+    sampler = Sampler(config, model, variables, target, mesh, classifier, guide)
     sampler.options.update(extra)
-    return sampler, models.example_shape(model)
+    return sampler, models.data_shape(model, self_conditioned(config))
 
 
 def labels_for(sampler, count: int):
@@ -163,17 +189,17 @@ def labels_for(sampler, count: int):
     return parse_labels(s.labels, sampler.label_classes, count, np.random.default_rng(s.seed))
 
 
-def draw_samples(config, variables, mesh, num_samples: int, *, classifier=None):
+def draw_samples(config, variables, mesh, num_samples: int, *, classifier=None, guide=None):
     """num_samples samples of the run's model with config.sampling's sampler, in memory.
 
     config: the run's config (run.load(...).config: the trained model/diffusion sections);
     variables: the model's {'params': ...} (replicated on the mesh). Returns (float32 numpy
     [num_samples, ...] in [-1, 1], labels [num_samples] int32 or None). Used by the evaluation
-    (FID/IS) and by experiments that sweep sampler settings. classifier: see Sampler.
+    (FID/IS) and by experiments that sweep sampler settings. classifier, guide: see Sampler.
     """
     s = config.sampling
     sharding.check_global_batch(s.batch_size, mesh, 'sampling.batch_size')
-    sampler, example_shape = build_sampler(config, variables, mesh, classifier)
+    sampler, example_shape = build_sampler(config, variables, mesh, classifier, guide)
     labels = labels_for(sampler, num_samples)
     samples = draw(sampler, jax.random.key(s.seed), (s.batch_size, *example_shape),
                     num_samples, labels)
@@ -181,7 +207,7 @@ def draw_samples(config, variables, mesh, num_samples: int, *, classifier=None):
 
 
 def sample_batches(config, variables, mesh, num_samples: int, *, uint8: bool = False,
-                   classifier=None):
+                   classifier=None, guide=None):
     """Yields (samples, labels) batch by batch: draw_samples without holding all of them.
 
     samples: numpy [b, ...] float32 in [-1, 1], or with uint8=True the pixels
@@ -192,7 +218,7 @@ def sample_batches(config, variables, mesh, num_samples: int, *, uint8: bool = F
     """
     s = config.sampling
     sharding.check_global_batch(s.batch_size, mesh, 'sampling.batch_size')
-    sampler, example_shape = build_sampler(config, variables, mesh, classifier)
+    sampler, example_shape = build_sampler(config, variables, mesh, classifier, guide)
     labels = labels_for(sampler, num_samples)
     batch = s.batch_size
     for i, x in enumerate(draw_batches(sampler, jax.random.key(s.seed),

@@ -54,10 +54,16 @@ def run_chain(ctx: Context, x, rng, start, stop):
         return common.constrain(leaf, opts.mesh) if leaf.ndim == x.ndim else leaf
 
     def body(i, carry):
-        state, buf = carry
+        state, buf, previous_x0 = carry
         t = jnp.asarray(start - i, jnp.int32)
-        state, pred_x0 = spec.step(ctx, state, jnp.full((batch,), t), jax.random.fold_in(rng, t))
+        step_ctx = ctx
+        if opts.self_condition:
+            step_ctx = ctx._replace(model_fn=common.with_previous_x0(ctx.model_fn, previous_x0))
+        state, pred_x0 = spec.step(step_ctx, state, jnp.full((batch,), t),
+                                   jax.random.fold_in(rng, t))
         state = jax.tree.map(keep_sharded, state)
+        if opts.self_condition:
+            previous_x0 = keep_sharded(pred_x0.astype(x.dtype))
         if buf is not None:
             # Write every step to a slot (a dummy write of the slot's own value where t is not
             # requested) so the update is one in-place dynamic_update_slice, not a select on buf.
@@ -65,15 +71,18 @@ def run_chain(ctx: Context, x, rng, start, stop):
             idx = jnp.maximum(slot, 0)
             value = jnp.where(slot >= 0, pred_x0, buf[idx])
             buf = jax.lax.dynamic_update_index_in_dim(buf, value, idx, 0)
-        return state, buf
+        return state, buf, previous_x0
 
-    state, buf = jax.lax.fori_loop(0, start - stop + 1, body, (spec.init(ctx, x), buf))
+    # The x̂_0 fed to the first step is zeros (Chen et al. 2022, Algorithm 2).
+    previous_x0 = jnp.zeros_like(x) if opts.self_condition else None
+    state, buf, _ = jax.lax.fori_loop(0, start - stop + 1, body,
+                                      (spec.init(ctx, x), buf, previous_x0))
     return state['x'], buf
 
 
 def make_options(diffusion, method, clip_denoised, langevin_steps, mesh, progress_steps=None,
                  noise_repeat=1, ddim_guidance='auto',
-                 dynamic_threshold=0.0, consistency=None) -> Options:
+                 dynamic_threshold=0.0, consistency=None, self_condition=False) -> Options:
     """The static Options of a call, validated (ValueError naming the sampling.* field)."""
     get_sampler(method)  # raises with the registered names
     from diffusion_jax.samplers import consistency as consistency_lib  # pylint: disable=import-outside-toplevel
@@ -88,7 +97,8 @@ def make_options(diffusion, method, clip_denoised, langevin_steps, mesh, progres
                          '[0, 1): 0 turns it off, Saharia et al. use 0.995.')
     return Options(method, bool(clip_denoised), int(langevin_steps), int(noise_repeat), mesh,
                    _progress_tuple(progress_steps, diffusion.num_timesteps), str(ddim_guidance),
-                   float(dynamic_threshold), consistency_lib.check_options(method, consistency))
+                   float(dynamic_threshold), consistency_lib.check_options(method, consistency),
+                   bool(self_condition))
 
 
 def _progress_tuple(progress_steps, num_timesteps: int) -> tuple[int, ...]:
@@ -126,7 +136,7 @@ def sample(diffusion, model_fn, rng, shape: Sequence[int], *, method: str = 'anc
            guidance=None, langevin_snr: float = DEFAULT_SNR,
            langevin_steps: int = DEFAULT_LANGEVIN_STEPS, mesh: Mesh | None = None,
            ddim_guidance: str = 'auto', dynamic_threshold: float = 0.0,
-           num_steps=None, consistency=None, **process_options):
+           num_steps=None, consistency=None, self_condition: bool = False, **process_options):
     """Samples x_0 by running the reverse chain from x_T ~ N(0, I) over every step of `diffusion`.
 
     Args:
@@ -157,6 +167,10 @@ def sample(diffusion, model_fn, rng, shape: Sequence[int], *, method: str = 'anc
       dynamic_threshold: Imagen's percentile p of dynamic thresholding of x̂_0; 0 = off.
       consistency: (σ_min, σ_data) of a consistency model (method='consistency'; the σ's of
         its steps are those of the respaced chain, e.g. num_steps='trailing2').
+      self_condition: a self-conditioned network (training.self_condition; Chen et al. 2022):
+        every call of step k is model_fn(x, t, self_cond=x̂_0 of step k-1) (the step's returned,
+        clipped/guided x̂_0), zeros at the first step. model_fn must take the keyword
+        (guidance.bind_model and classifier_free_model_fn do).
     Returns:
       dict(samples=[B, ...] float32, progressive=[len(progress_steps), B, ...] if requested).
     """
@@ -170,7 +184,8 @@ def sample(diffusion, model_fn, rng, shape: Sequence[int], *, method: str = 'anc
             return process_solvers.sample(
                 diffusion, model_fn, rng, shape, method=method,
                 num_steps=18 if num_steps is None else num_steps, x_T=x_T,
-                clip_denoised=clip_denoised, mesh=mesh, **process_options)
+                clip_denoised=clip_denoised, mesh=mesh, self_condition=self_condition,
+                **process_options)
     elif num_steps is not None or process_options:
         raise ValueError('num_steps and process options apply to a process; respace a '
                          'GaussianDiffusion with diffusion.respace instead.')
@@ -178,7 +193,7 @@ def sample(diffusion, model_fn, rng, shape: Sequence[int], *, method: str = 'anc
     check_batch(shape[0], mesh, 'sample')
     opts = make_options(diffusion, method, clip_denoised, langevin_steps, mesh, progress_steps,
                         ddim_guidance=ddim_guidance, dynamic_threshold=dynamic_threshold,
-                        consistency=consistency)
+                        consistency=consistency, self_condition=self_condition)
     dynamic, static = partition((diffusion, model_fn, guidance))
     return _sample_jit(dynamic, rng, x_T, jnp.float32(eta), jnp.float32(langevin_snr),
                        static=static, opts=opts, shape=shape)

@@ -45,6 +45,9 @@ class Options(NamedTuple):
     dynamic_threshold: float = 0.0
     # (σ_min, σ_data) of a consistency model's parametrisation (method 'consistency' only).
     consistency: tuple[float, ...] = ()
+    # Self-conditioning (Chen et al. 2022): every network call of a step gets the previous
+    # step's x̂_0 as model_fn(x, t, self_cond=x̂_0), zeros at the first step (feed_previous_x0).
+    self_condition: bool = False
 
 
 class Context(NamedTuple):
@@ -63,6 +66,12 @@ def context(diffusion, model_fn, guidance, opts: Options, eta, snr) -> Context:
     """The Context of a chain over `diffusion`, with model_fn wrapped (diffusion.wrap_model) so
     that samplers call ctx.model_fn(x, t) with their own step indices t."""
     return Context(diffusion, wrap_model(model_fn, diffusion), guidance, opts, eta, snr)
+
+
+def with_previous_x0(model_fn, previous_x0):
+    """model_fn(x, t) = model_fn(x, t, self_cond=previous_x0): a step's network calls, fed the
+    x̂_0 [B, ...] of the step before (self-conditioning, Chen et al. 2022, Algorithm 2)."""
+    return lambda x, t: model_fn(x, t, self_cond=previous_x0)
 
 
 def coef(diffusion, name: str, t, x):

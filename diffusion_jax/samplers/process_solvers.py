@@ -37,6 +37,7 @@ class ProcessOptions(NamedTuple):
     num_steps: int
     clip_denoised: bool = False
     mesh: object = None
+    self_condition: bool = False  # feed each step the previous step's x̂_0 (chain.sample)
 
 
 class ProcessContext(NamedTuple):
@@ -172,13 +173,20 @@ def nfe(method: str, num_steps: int) -> int:
 def run(ctx: ProcessContext, x, rng):
     """All K steps from x at grid[0]; returns x at grid[K] = 0."""
     spec = METHODS[ctx.opts.method]
+    keep = lambda a: common.constrain(a, ctx.opts.mesh) if a.ndim == x.ndim else a
 
-    def body(i, state):
-        state, _ = spec.step(ctx, state, i, jax.random.fold_in(rng, i))
-        return jax.tree.map(lambda a: common.constrain(a, ctx.opts.mesh)
-                            if a.ndim == x.ndim else a, state)
+    def body(i, carry):
+        state, previous_x0 = carry
+        step_ctx = ctx
+        if ctx.opts.self_condition:  # every call of step i sees step i-1's x̂_0 (zeros first)
+            step_ctx = ctx._replace(model_fn=common.with_previous_x0(ctx.model_fn, previous_x0))
+        state, x0 = spec.step(step_ctx, state, i, jax.random.fold_in(rng, i))
+        if ctx.opts.self_condition:
+            previous_x0 = keep(x0.astype(x.dtype))
+        return jax.tree.map(keep, state), previous_x0
 
-    return jax.lax.fori_loop(0, ctx.opts.num_steps, body, spec.init(x))['x']
+    previous_x0 = jnp.zeros_like(x) if ctx.opts.self_condition else None
+    return jax.lax.fori_loop(0, ctx.opts.num_steps, body, (spec.init(x), previous_x0))[0]['x']
 
 
 @functools.partial(jax.jit, static_argnames=('static', 'opts', 'shape'))
@@ -192,7 +200,8 @@ def _sample_jit(dynamic, rng, x_T, grid, churn_params, *, static, opts, shape):
 
 def sample(process, model_fn, rng, shape, *, method: str = 'euler', num_steps: int = 18,
            x_T=None, grid=None, clip_denoised: bool = False, s_churn: float = 0.0,
-           s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0, mesh=None):
+           s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0, mesh=None,
+           self_condition: bool = False):
     """Samples x_0 from a continuous process by `method` over K = num_steps steps.
 
     Args:
@@ -208,6 +217,8 @@ def sample(process, model_fn, rng, shape, *, method: str = 'euler', num_steps: i
       clip_denoised: clip x̂_0 to [-1, 1] at every evaluation (off by default: the ODE's x̂_0).
       s_churn, s_tmin, s_tmax, s_noise: EDM Algorithm 2's churn ('heun'), S_tmin/S_tmax in σ̃.
       mesh: shard the batch over this mesh's 'data' axis.
+      self_condition: a self-conditioned network: model_fn(x_in, t_in, self_cond=x̂_0 of the
+        previous step), zeros at the first (samplers.chain.sample).
     Returns:
       dict(samples=[B, ...] float32).
     """
@@ -225,7 +236,7 @@ def sample(process, model_fn, rng, shape, *, method: str = 'euler', num_steps: i
     if grid.shape != (num_steps + 1,) or grid[-1] != 0 or np.any(np.diff(grid) >= 0):
         raise ValueError(f'grid must be [{num_steps + 1}] strictly decreasing times ending at 0; '
                          f'got shape {grid.shape}.')
-    opts = ProcessOptions(method, num_steps, bool(clip_denoised), mesh)
+    opts = ProcessOptions(method, num_steps, bool(clip_denoised), mesh, bool(self_condition))
     dynamic, static = partition((process, model_fn))
     churn_params = jnp.asarray([s_churn, s_tmin, s_tmax, s_noise], jnp.float32)
     return _sample_jit(dynamic, rng, x_T, jnp.asarray(grid, jnp.float32), churn_params,
