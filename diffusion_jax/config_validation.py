@@ -37,6 +37,9 @@ CHECKS = (
     ('diffusion.process', "a registered process (gaussian, flow, edm); loss_weighting='min_snr' "
      "and timestep_sampler='loss_aware' with gaussian only"),
     ('model.image_size / in_channels', 'equal data.image_size / data.channels (derived)'),
+    ('data.latents', "'' or an autoencoder run (config.json, model.name='autoencoder', a "
+     'checkpoint) of data.image_size/channels images; sets data.latent_size/latent_channels '
+     '(derived)'),
     ('model.out_channels (out_dim)', '2·C for a learned diffusion.model_var_type, C otherwise '
      '(derived)'),
     ('model.learn_sigma (DiT)', 'True exactly for a learned diffusion.model_var_type (derived)'),
@@ -164,6 +167,8 @@ def _derive_model(config, typed) -> None:
     model, data = config.model, config.data
     if model.get('name') == 'mlp' or 'data_dim' in model:
         pairs = ()
+    elif data.get('latents', ''):  # a latent run: sized by the autoencoder (latents.derive)
+        pairs = (('latent_size', 'image_size'), ('latent_channels', 'in_channels'))
     else:
         pairs = (('image_size', 'image_size'), ('channels', 'in_channels'))
     for data_field, model_field in pairs:
@@ -179,6 +184,9 @@ def _derive_model(config, typed) -> None:
                              f'leave model.{model_field} unset to derive it).')
     if model.get('name') == 'classifier':
         return  # a classifier's output is its logits
+    if model.get('name') == 'autoencoder':  # a reconstruction of its input
+        model.out_channels = model.in_channels
+        return
     if 'learn_sigma' in model:  # DiT: the output width is in_channels·(2 if learn_sigma)
         _derive_learn_sigma(config, typed)
     field, want = _expected_out(model, config)
@@ -317,6 +325,14 @@ def _check_eval(config) -> None:
         raise ValueError(f'eval.feature_space={space!r}: use one of {", ".join(FEATURE_SPACES)}.')
 
 
+def _check_latent_modes(config) -> None:
+    s = config.get('sampling', {})
+    for field in ('progressive', 'interpolation'):
+        if s.get(field, False):
+            raise ValueError(f'sampling.{field}=True: the chain figures are of pixel runs; a '
+                             f'latent run (data.latents) samples pixels only: set it to False.')
+
+
 def resolve(config, mode: str = 'train', typed=()) -> ml_collections.ConfigDict:
     """A validated copy of config with the derived fields filled in; ValueError otherwise.
 
@@ -328,6 +344,10 @@ def resolve(config, mode: str = 'train', typed=()) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
     _check_counts(config, mode)
     _check_diffusion(config)
+    if config.get('data', {}).get('latents', ''):
+        # data.latent_size / latent_channels: filled from the autoencoder's config.json by
+        # run.resolve_config (run.derive_latents) before this; they size the model below.
+        _check_latent_modes(config)
     _derive_model(config, typed)
     if 'sampling' in config:
         _check_sampling(config)

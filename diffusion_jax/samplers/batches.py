@@ -45,8 +45,11 @@ class Sampler:
     samplers.sample dict. classifier: (grad_fn, num_classes) of the guiding noisy classifier
     (run.load_classifier), needed when sampling.classifier_scale > 0."""
 
-    def __init__(self, config, model, variables, diffusion, mesh, classifier=None):
+    def __init__(self, config, model, variables, diffusion, mesh, classifier=None, decoder=None):
         s = config.sampling
+        # A latent run's decoder (latents.make_decoder, loaded by the caller): 'samples' are
+        # then decoded pixels and 'latents' what the chain produced.
+        self.decoder = decoder
         self.config, self.model, self.variables = config, model, variables
         self.diffusion, self.mesh = diffusion, mesh
         # Cold diffusion (diffusion.process='cold') starts at its fully degraded prior's x_T.
@@ -100,8 +103,11 @@ class Sampler:
         options = dict(self.options, **overrides)
         if self.prior is not None:
             options['x_T'] = self.prior.sample(rng, shape)
-        return chain.sample(self.diffusion, self.model_fn(y), rng, shape,
-                               guidance=self.guidance(y), mesh=self.mesh_for(shape[0]), **options)
+        out = chain.sample(self.diffusion, self.model_fn(y), rng, shape,
+                           guidance=self.guidance(y), mesh=self.mesh_for(shape[0]), **options)
+        if self.decoder is not None:
+            out = dict(out, latents=out['samples'], samples=self.decoder(out['samples']))
+        return out
 
 
 CHURN_FIELDS = ('s_churn', 's_tmin', 's_tmax', 's_noise')
@@ -129,13 +135,13 @@ def guidance_interval(config):
     return (*bounds, processes.get_process(config.diffusion).network_sigma())
 
 
-def build_sampler(config, variables, mesh, classifier=None):
+def build_sampler(config, variables, mesh, classifier=None, decoder=None):
     """(Sampler over config.sampling's respaced diffusion or the run's process, the model's
-    example shape)."""
+    example shape). decoder: see Sampler (the example shape is then still the latent one)."""
     model = models.get_model(config.model)
     base = None if cold.is_cold(config.diffusion) else create_diffusion(config.diffusion)
     target, extra = sampling_target(config, base)
-    sampler = Sampler(config, model, variables, target, mesh, classifier)
+    sampler = Sampler(config, model, variables, target, mesh, classifier, decoder)
     sampler.options.update(extra)
     return sampler, models.example_shape(model)
 
@@ -148,17 +154,18 @@ def labels_for(sampler, count: int):
     return parse_labels(s.labels, sampler.label_classes, count, np.random.default_rng(s.seed))
 
 
-def draw_samples(config, variables, mesh, num_samples: int, *, classifier=None):
+def draw_samples(config, variables, mesh, num_samples: int, *, classifier=None, decoder=None):
     """num_samples samples of the run's model with config.sampling's sampler, in memory.
 
     config: the run's config (run.load(...).config: the trained model/diffusion sections);
     variables: the model's {'params': ...} (replicated on the mesh). Returns (float32 numpy
     [num_samples, ...] in [-1, 1], labels [num_samples] int32 or None). Used by the evaluation
-    (FID/IS) and by experiments that sweep sampler settings. classifier: see Sampler.
+    (FID/IS) and by experiments that sweep sampler settings. classifier, decoder: see Sampler
+    (a latent run's samples are the decoded pixels).
     """
     s = config.sampling
     sharding.check_global_batch(s.batch_size, mesh, 'sampling.batch_size')
-    sampler, example_shape = build_sampler(config, variables, mesh, classifier)
+    sampler, example_shape = build_sampler(config, variables, mesh, classifier, decoder)
     labels = labels_for(sampler, num_samples)
     samples = draw(sampler, jax.random.key(s.seed), (s.batch_size, *example_shape),
                     num_samples, labels)
@@ -166,7 +173,7 @@ def draw_samples(config, variables, mesh, num_samples: int, *, classifier=None):
 
 
 def sample_batches(config, variables, mesh, num_samples: int, *, uint8: bool = False,
-                   classifier=None):
+                   classifier=None, decoder=None):
     """Yields (samples, labels) batch by batch: draw_samples without holding all of them.
 
     samples: numpy [b, ...] float32 in [-1, 1], or with uint8=True the pixels
@@ -177,7 +184,7 @@ def sample_batches(config, variables, mesh, num_samples: int, *, uint8: bool = F
     """
     s = config.sampling
     sharding.check_global_batch(s.batch_size, mesh, 'sampling.batch_size')
-    sampler, example_shape = build_sampler(config, variables, mesh, classifier)
+    sampler, example_shape = build_sampler(config, variables, mesh, classifier, decoder)
     labels = labels_for(sampler, num_samples)
     batch = s.batch_size
     for i, x in enumerate(draw_batches(sampler, jax.random.key(s.seed),
