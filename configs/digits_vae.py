@@ -7,12 +7,13 @@ shrunk to two levels: f = 2, so 8x8x1 digits become 4x4xLATENT_CHANNELS latents 
 64 pixels). The objective (train._autoencoder_loss) is LDM's without its perceptual (LPIPS) and
 adversarial terms, which need ImageNet-trained networks we do not have offline:
     L = Σ_pixels |x - x̂| + β·KL(q(z|x) || N(0, I)),  summed per image, averaged over the batch.
-β: LDM's 1e-6 (the kl_weight of its KL-f8 config, with LPIPS, at 256x256x3 with 8·8·3 = 192
-pixel values per latent entry's... ) makes the latent almost unregularised; its scale is then set
-by the diffusion run (data.latent_scale = 1/std). Here there are only 64 pixels per image, so
-KL nats weigh against far fewer reconstruction terms; β is tuned here (not from a paper) so the
-latent stays near N(0, I)-scale while reconstructions stay sharp; measured numbers are in
-digits_latent_dit.py's docstring.
+β: LDM's kl_weight 1e-6 belongs to its KL-f8 autoencoder at 256x256x3 (196,608 summed pixel
+terms against 4,096 latent entries) trained with LPIPS and a discriminator, and leaves the latent
+nearly unregularised (its scale then comes from s = 1/std). Here 64 pixel terms meet 32 latent
+entries, and there is no perceptual term; β = 1e-3 is our choice (tuned here, not from a paper):
+it keeps the KL small against reconstruction while the per-image KL stays bounded. Measured
+(1,500 steps, ~2.5 min on 2 shared cores): per-pixel MSE 0.0057 on [-1, 1], KL 154 nats per
+image, std of the latent means 1.55 (so the latent run's s = 0.646).
 """
 from __future__ import annotations
 
