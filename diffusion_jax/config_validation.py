@@ -49,6 +49,7 @@ CHECKS = (
      'integer K >= 1 (flow, edm)'),
     ('sampling.s_churn > 0', "method='heun'"),
     ('sampling.guidance_interval', "'' or 'lo,hi' with 0 <= lo < hi"),
+    ('sampling.guidance_channels', 'in [0, model.in_channels]'),
     ('sampling.guidance_scale > 0', 'model.num_classes > 0 and training.label_dropout > 0'),
     ('training.label_dropout > 0', 'model.num_classes > 0'),
     ('eval.nll_estimator / eval.feature_space', "a known name; 'ode' for flow and edm"),
@@ -325,6 +326,14 @@ def _check_eval(config) -> None:
         raise ValueError(f'eval.feature_space={space!r}: use one of {", ".join(FEATURE_SPACES)}.')
 
 
+def _check_guidance_channels(config) -> None:
+    k = int(config.sampling.get('guidance_channels', 0) or 0)
+    c = config.model.get('in_channels', None)
+    if k < 0 or (c is not None and k > c):
+        raise ValueError(f'sampling.guidance_channels={k} must lie in [0, model.in_channels={c}] '
+                         "(0: every channel; 3: DiT's sampler on 4 SD-VAE latent channels).")
+
+
 def _check_latent_modes(config) -> None:
     s = config.get('sampling', {})
     for field in ('progressive', 'interpolation'):
@@ -352,6 +361,7 @@ def resolve(config, mode: str = 'train', typed=()) -> ml_collections.ConfigDict:
     if 'sampling' in config:
         _check_sampling(config)
         check_guidance(config)
+        _check_guidance_channels(config)
     if 'eval' in config:
         _check_eval(config)
     return config

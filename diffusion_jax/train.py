@@ -254,7 +254,7 @@ def make_sample_fn(config, model, diffusion, num: int, mesh=None, decoder=None) 
             model_fn = guidance.classifier_free_model_fn(
                 model.apply, variables, y, s.guidance_scale, num_classes,
                 guidance_rescale=s.get('guidance_rescale', 0.0),
-                interval=guidance_interval(config))
+                interval=guidance_interval(config), channels=s.get('guidance_channels', 0))
         else:
             model_fn = guidance.bind_model(model.apply, variables, y)
         x_T = None if prior is None else prior.sample(rng, shape)

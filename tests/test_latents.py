@@ -186,3 +186,34 @@ def test_encode_cli_refuses_a_non_autoencoder_in_one_line(tmp_path):
     errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
     assert len(errors) == 1 and "model.name='unet'" in errors[0], proc.stderr
     assert not out.exists()
+
+
+def test_guidance_channels_guide_the_first_k_and_keep_the_rest_conditional():
+    """DiT's forward_with_cfg: channels [:k] of ε guided, [k:C] and the variance conditional."""
+    from diffusion_jax import guidance
+    null = 5
+
+    def apply(variables, x, t, y):  # C = 4 mean channels + 4 variance channels, label-dependent
+        scale = (y.astype(jnp.float32) + 1.0).reshape(-1, 1, 1, 1)
+        return jnp.concatenate([x * scale + variables['b'], x - scale], axis=-1)
+
+    x = jax.random.normal(jax.random.key(0), (2, 3, 3, 4))
+    t, y, w, v = jnp.zeros((2,), jnp.int32), jnp.array([1, 2]), 1.5, {'b': 0.3}
+    cond, uncond = apply(v, x, t, y), apply(v, x, t, jnp.full_like(y, null))
+    full = (1 + w) * cond[..., :4] - w * uncond[..., :4]
+    out = guidance.classifier_free_model_fn(apply, v, y, w, null, channels=3)(x, t)
+    np.testing.assert_allclose(out[..., :3], full[..., :3], rtol=1e-6)
+    np.testing.assert_allclose(out[..., 3:], cond[..., 3:], rtol=1e-6)  # ε_4 and Σ conditional
+    assert not np.allclose(full[..., 3], cond[..., 3])  # so the test can tell them apart
+    for k in (0, 4):  # 0 and C: every channel guided
+        np.testing.assert_allclose(
+            guidance.classifier_free_model_fn(apply, v, y, w, null, channels=k)(x, t)[..., :4],
+            full, rtol=1e-6)
+
+
+def test_guidance_channels_beyond_the_model_is_one_line():
+    from configs import digits
+    config = digits.get_config()
+    config.sampling.guidance_channels = 2  # the digits UNet has 1 channel
+    with pytest.raises(ValueError, match=r'^sampling\.guidance_channels=2 must lie in \[0, '):
+        run.resolve_config('', config, mode='train')

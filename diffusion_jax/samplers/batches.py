@@ -76,7 +76,8 @@ class Sampler:
             return guidance_lib.classifier_free_model_fn(
                 self.model.apply, self.variables, y, w, null_label=self.num_classes,
                 guidance_rescale=self.config.sampling.get('guidance_rescale', 0.0),
-                interval=guidance_interval(self.config))
+                interval=guidance_interval(self.config),
+                channels=self.config.sampling.get('guidance_channels', 0))
         return guidance_lib.bind_model(self.model.apply, self.variables,
                                        y if self.num_classes else None)
 
