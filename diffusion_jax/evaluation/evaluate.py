@@ -36,15 +36,19 @@ def _nll_fns(config, model, diffusion):
     K-timestep estimate."""
     conditional = int(config.model.get('num_classes', 0) or 0) > 0
     k = int(config.eval.get('nll_timesteps_per_image', 32))
+    # x̂_0 is clipped to the data's [-1, 1] in the bound's posterior means; latents are not in
+    # that range, so a latent run's bound does not clip.
+    clip = not latents.is_latent(config)
 
     def bind(variables, y):
         return lambda x_t, t: model.apply(variables, x_t, t, y=y if conditional else None)
 
     def full(variables, x0, y, rng):
-        return likelihood.full_bpd(diffusion, bind(variables, y), x0, rng)
+        return likelihood.full_bpd(diffusion, bind(variables, y), x0, rng, clip_denoised=clip)
 
     def sampled(variables, x0, y, rng, probs):
-        return likelihood.sampled_bpd(diffusion, bind(variables, y), x0, rng, k, probs=probs)
+        return likelihood.sampled_bpd(diffusion, bind(variables, y), x0, rng, k, probs=probs,
+                                      clip_denoised=clip)
     return jax.jit(full), jax.jit(sampled)
 
 
