@@ -38,6 +38,9 @@ CHECKS = (
     ('diffusion.process', "a registered process (gaussian, flow, edm); loss_weighting='min_snr' "
      "and timestep_sampler='loss_aware' with gaussian only"),
     ('model.image_size / in_channels', 'equal data.image_size / data.channels (derived)'),
+    ('data.latents', "'' or an autoencoder run (config.json, model.name='autoencoder', a "
+     'checkpoint) of data.image_size/channels images; sets data.latent_size/latent_channels '
+     '(derived)'),
     ('model.out_channels (out_dim)', '2·C for a learned diffusion.model_var_type, C otherwise '
      '(derived)'),
     ('model.learn_sigma (DiT)', 'True exactly for a learned diffusion.model_var_type (derived)'),
@@ -47,6 +50,7 @@ CHECKS = (
      'integer K >= 1 (flow, edm)'),
     ('sampling.s_churn > 0', "method='heun'"),
     ('sampling.guidance_interval', "'' or 'lo,hi' with 0 <= lo < hi"),
+    ('sampling.guidance_channels', 'in [0, model.in_channels]'),
     ('sampling.guidance_scale > 0', 'model.num_classes > 0 and training.label_dropout > 0 '
      '(unless sampling.guidance_model_workdir: autoguidance)'),
     ('sampling.guidance_model_workdir', 'a run of the same process, schedule, prediction, data '
@@ -204,7 +208,10 @@ def _derive_model(config, typed) -> None:
             _derive_field(model, 'in_dim', 'model.data_dim', model.data_dim,
                           model.data_dim * factor if factor > 1 else plain, typed)
     else:
-        for data_field, model_field in (('image_size', 'image_size'), ('channels', 'in_channels')):
+        pairs = ((('latent_size', 'image_size'), ('latent_channels', 'in_channels'))
+                 if data.get('latents', '')  # a latent run: sized by its autoencoder
+                 else (('image_size', 'image_size'), ('channels', 'in_channels')))
+        for data_field, model_field in pairs:
             if model_field not in model or data_field not in data:
                 continue
             f = factor if model_field == 'in_channels' else 1
@@ -212,6 +219,9 @@ def _derive_model(config, typed) -> None:
                                   data[data_field] * f, typed)
     if model.get('name') == 'classifier':
         return  # a classifier's output is its logits
+    if model.get('name') == 'autoencoder':  # a reconstruction of its input
+        model.out_channels = model.in_channels
+        return
     if 'learn_sigma' in model:  # DiT: the output width is in_channels·(2 if learn_sigma)
         _derive_learn_sigma(config, typed)
     field, want = _expected_out(model, config)
@@ -381,6 +391,22 @@ def _check_eval(config) -> None:
         raise ValueError(f'eval.feature_space={space!r}: use one of {", ".join(FEATURE_SPACES)}.')
 
 
+def _check_guidance_channels(config) -> None:
+    k = int(config.sampling.get('guidance_channels', 0) or 0)
+    c = config.model.get('in_channels', None)
+    if k < 0 or (c is not None and k > c):
+        raise ValueError(f'sampling.guidance_channels={k} must lie in [0, model.in_channels={c}] '
+                         "(0: every channel; 3: DiT's sampler on 4 SD-VAE latent channels).")
+
+
+def _check_latent_modes(config) -> None:
+    s = config.get('sampling', {})
+    for field in ('progressive', 'interpolation'):
+        if s.get(field, False):
+            raise ValueError(f'sampling.{field}=True: the chain figures are of pixel runs; a '
+                             f'latent run (data.latents) samples pixels only: set it to False.')
+
+
 def resolve(config, mode: str = 'train', typed=()) -> ml_collections.ConfigDict:
     """A validated copy of config with the derived fields filled in; ValueError otherwise.
 
@@ -392,10 +418,15 @@ def resolve(config, mode: str = 'train', typed=()) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
     _check_counts(config, mode)
     _check_diffusion(config)
+    if config.get('data', {}).get('latents', ''):
+        # data.latent_size / latent_channels: filled from the autoencoder's config.json by
+        # run.resolve_config (run.derive_latents) before this; they size the model below.
+        _check_latent_modes(config)
     _derive_model(config, typed)
     if 'sampling' in config:
         _check_sampling(config)
         check_guidance(config)
+        _check_guidance_channels(config)
     if 'eval' in config:
         _check_eval(config)
     return config

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from diffusion_jax import image_utils, run, samplers, sharding
+from diffusion_jax import image_utils, latents, run, samplers, sharding
 from diffusion_jax.defaults import default_sampling_config  # noqa: F401  (the old name)
 from diffusion_jax.respace import respaced  # noqa: F401  (the old name)
 from diffusion_jax.run import CLASSIFIER_DIFFUSION_FIELDS  # noqa: F401  (the old name)
@@ -55,6 +55,12 @@ def _guide(config, mesh=None):
     return run.guide_for(config, mesh)
 
 
+def _decoder(config, mesh):
+    """A latent run's decoder (latents.make_decoder): its samples files hold decoded pixels."""
+    autoencoder = latents.for_config(config, mesh)
+    return None if autoencoder is None else latents.make_decoder(autoencoder)
+
+
 def _load_params(config, workdir, mesh):
     """The parameters of the run in workdir at sampling.checkpoint_step for the resolved config
     (run.load_resolved: nothing merged again), replicated on mesh."""
@@ -67,13 +73,15 @@ def draw_samples(config, variables, mesh, num_samples: int):
     """samplers.batches.draw_samples with the run's guiding classifier loaded when
     config.sampling.classifier_scale > 0: (float32 [num_samples, ...] in [-1, 1], labels)."""
     return batches.draw_samples(config, variables, mesh, num_samples,
-                                classifier=_classifier(config), guide=_guide(config, mesh))
+                                classifier=_classifier(config), guide=_guide(config, mesh),
+                                decoder=_decoder(config, mesh))
 
 
 def sample_batches(config, variables, mesh, num_samples: int, *, uint8: bool = False):
     """samplers.batches.sample_batches with the guiding classifier loaded (see draw_samples)."""
     return batches.sample_batches(config, variables, mesh, num_samples, uint8=uint8,
-                                  classifier=_classifier(config), guide=_guide(config, mesh))
+                                  classifier=_classifier(config), guide=_guide(config, mesh),
+                                  decoder=_decoder(config, mesh))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,7 +107,8 @@ def run_resolved(config, workdir: str) -> str:
     loaded = _load_params(config, workdir, mesh)
     step = loaded.step
     sampler, example_shape = batches.build_sampler(config, loaded.variables, mesh,
-                                                   _classifier(config), _guide(config, mesh))
+                                                   _classifier(config), _guide(config, mesh),
+                                                   _decoder(config, mesh))
     diffusion = sampler.diffusion
     # The steps run: the respaced chain's K, or a continuous process's num_steps.
     num_run = int(getattr(diffusion, 'num_timesteps', 0) or int(s.num_steps))

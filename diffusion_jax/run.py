@@ -56,7 +56,7 @@ TRAINED_FIELDS = ('training.label_dropout',)  # outside TRAINED_SECTIONS, fixed 
 # in; the attention kernels are equal within rounding). A run may be resumed, sampled or
 # evaluated with other values, typed or in the passed config; every other trained field is fixed.
 UNTRAINED_FIELDS = ('data.data_dir', 'data.download', 'data.num_workers', 'data.prefetch',
-                    'model.attention_implementation', 'model.dtype')
+                    'model.attention_implementation', 'model.dtype', 'data.latents_cache')
 LATEST = -1  # sampling.checkpoint_step / eval.checkpoint_step: the newest valid checkpoint
 
 logger = py_logging.getLogger('diffusion_jax').getChild('run')
@@ -250,13 +250,61 @@ def resolve_config(workdir, config=None, typed: Mapping[str, Any] | None = None,
     if mode == 'train':
         if config is None:
             raise ValueError('--mode=train needs --config=FILE (e.g. --config=configs/digits.py).')
-        return config_validation.resolve(config, mode, typed)
+        return config_validation.resolve(_with_latents(config), mode, typed)
     on_disk = Run(workdir)
     if on_disk.has_config():
         config = merge_config(on_disk.config, config, typed)
     elif config is None or not (mode == 'eval' and config.eval.get('samples_path', '')):
         on_disk.config  # pylint: disable=pointless-statement  (raises: not a run)
-    return config_validation.resolve(config, mode, typed)
+    return config_validation.resolve(_with_latents(config), mode, typed)
+
+
+def autoencoder_config(path: str, field: str = 'data.latents'):
+    """The stored config of the autoencoder run at `path`; one ValueError line if it is missing,
+    not a run, or not an autoencoder."""
+    on_disk = Run(path)
+    if not on_disk.has_config():
+        raise ValueError(f'{field}={path!r} is not an autoencoder run (no config.json there): '
+                         'train one (configs/digits_vae.py) or convert one (--from=diffusers '
+                         '--preset=sd_vae) and give its workdir.')
+    stored = on_disk.config
+    name = stored.get('model', {}).get('name')
+    if name != 'autoencoder':
+        raise ValueError(f"{field}={path!r} holds a model.name={name!r} run, not an "
+                         "autoencoder: give the workdir of a model.name='autoencoder' run.")
+    if on_disk.latest_step() is None:
+        raise ValueError(f'{field}={path!r} holds no checkpoint: train the autoencoder first.')
+    return stored
+
+
+def derive_latents(config) -> None:
+    """Fills data.latent_size / data.latent_channels / data.latent_scale of a latent run from the
+    autoencoder's stored config (config unlocked; config_validation._derive_model then sizes the
+    diffusion model from them). Checks that the autoencoder was made for these images."""
+    d = config.data
+    ae = autoencoder_config(d.latents).model
+    f = 2 ** (len(ae.block_out_channels) - 1)
+    if ae.image_size != d.image_size or ae.in_channels != d.channels:
+        raise ValueError(f'data.latents={d.latents!r} encodes {ae.image_size}x{ae.image_size}x'
+                         f'{ae.in_channels} images, but data.image_size={d.image_size}, '
+                         f'data.channels={d.channels}: use an autoencoder of this dataset.')
+    if d.get('random_flip', False) and d.get('latents_cache', ''):
+        raise ValueError('data.random_flip=True with data.latents_cache: the cache holds the '
+                         'latents of unflipped images; set data.random_flip=False or encode on '
+                         "the fly (data.latents_cache='').")
+    d.latent_size = d.image_size // f
+    d.latent_channels = int(ae.latent_channels)
+    if not d.get('latent_scale'):
+        d.latent_scale = float(ae.scaling_factor)
+
+
+def _with_latents(config):
+    """An unlocked copy of config with a latent run's data fields derived (derive_latents)."""
+    if config is None or not config.get('data', {}).get('latents', ''):
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    derive_latents(config)
+    return config
 
 
 def _set_typed(merged: dict, path: str, value) -> None:

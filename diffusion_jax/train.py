@@ -31,8 +31,8 @@ import numpy as np
 import optax
 
 from diffusion_jax import checkpointing, cold, diffusion as diffusion_lib, guidance, image_utils
-from diffusion_jax import input_pipeline, logging_utils, models, processes, run as run_lib
-from diffusion_jax import distill, samplers
+from diffusion_jax import input_pipeline, latents as latents_lib, logging_utils, models
+from diffusion_jax import distill, processes, run as run_lib, samplers
 from diffusion_jax import sharding, timestep_sampling
 from diffusion_jax.defaults import default_workdir  # noqa: F401  (the old name)
 from diffusion_jax.samplers.batches import guidance_interval, sampling_target, self_conditioned
@@ -44,6 +44,7 @@ from diffusion_jax.train_state import (TrainState, abstract_train_state,  # noqa
 logger = logging_utils.logger.getChild('train')
 
 NUM_QUARTILES = 4  # loss reported per quarter of [0, T), as improved DDPM logs it
+LATENT_STREAM = 0x1A7E  # fold_in(key(seed), .) seeds the posterior samples of a latent run
 
 
 def _labels(labels, num_classes: int, label_dropout: float, rng):
@@ -69,7 +70,7 @@ def _step_metrics(loss, terms, t, grad_norm, lr, num_timesteps: int) -> dict:
     onehot = jax.nn.one_hot(quartile, NUM_QUARTILES, dtype=jnp.float32)
     out = dict(loss=loss, grad_norm=grad_norm, learning_rate=lr,
                q_sum=onehot.T @ terms['loss'], q_count=jnp.sum(onehot, axis=0))
-    for name in ('mse', 'vb', 'accuracy'):
+    for name in ('mse', 'vb', 'accuracy', 'kl'):
         if name in terms:
             out[name] = jnp.mean(terms[name])
     return out
@@ -100,6 +101,27 @@ def self_condition_input(key, first_pass_x0: Callable, x0):
                         lambda: zeros)
 
 
+def _autoencoder_loss(model, x0, rng, reconstruction: str, kl_weight: float, params):
+    """The KL autoencoder's objective without its perceptual and adversarial terms (Rombach et
+    al. 2022, App. G; LDM's LPIPSWithDiscriminator without LPIPS and GAN), per image:
+
+        L = Σ_pixels ρ(x - x̂) + β·KL(q(z|x) || N(0, I)),   x̂ = decode(μ + σ·ε),
+        KL = ½ Σ_latent (μ² + σ² - 1 - log σ²),   ρ = |·| ('l1', LDM's) or (·)² ('l2'),
+
+    summed over pixels and latent entries and averaged over the batch, as LDM does (so its
+    β = 1e-6 is on this scale). Returns (mean L, per-image terms)."""
+    mean, logvar = model.apply({'params': params}, x0, method='encode')
+    z = latents_lib.from_moments(mean, logvar, 1.0, rng)
+    x_hat = model.apply({'params': params}, z, method='decode')
+    diff = x0 - x_hat
+    rho = jnp.abs(diff) if reconstruction == 'l1' else jnp.square(diff)
+    axes = tuple(range(1, x0.ndim))
+    rec = jnp.sum(rho, axis=axes)
+    kl = 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=axes)
+    loss = rec + kl_weight * kl
+    return jnp.mean(loss), dict(loss=loss, mse=jnp.mean(jnp.square(diff), axis=axes), kl=kl)
+
+
 def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
     """train_step(state, batch, rng) -> (state, metrics); pure, to be jitted over a mesh.
 
@@ -114,6 +136,7 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
     num_classes = config.model.get('num_classes', 0)
     label_dropout = config.training.label_dropout
     is_classifier = config.model.name == 'classifier'
+    is_autoencoder = config.model.name == 'autoencoder'
     decay = config.training.ema_decay
     # The process of diffusion.process (diffusion_jax.processes): 'gaussian' keeps the
     # GaussianDiffusion path below unchanged (min-SNR multiplies its per-example loss);
@@ -148,6 +171,10 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
                         sc_rng, lambda z: process.denoise(net(z), x_t, t_draw), x0))
                 terms = process.loss(model_fn, x0, noise_rng)
                 return jnp.mean(terms['loss']), terms
+        elif is_autoencoder:
+            loss_fn = functools.partial(_autoencoder_loss, model, x0, noise_rng,
+                                        config.training.get('reconstruction_loss', 'l1'),
+                                        config.training.get('kl_weight', 1e-6))
         elif is_classifier:
             loss_fn = functools.partial(_classifier_loss, model, diffusion, x0, t, noise,
                                         batch['label'], dropout_rng)
@@ -226,10 +253,11 @@ def compile_train_step(train_step, mesh, state, batch, rng, batch_axis: int = 0)
     return jitted.lower(state, batch, rng).compile()
 
 
-def make_sample_fn(config, model, diffusion, num: int, mesh=None) -> Callable:
+def make_sample_fn(config, model, diffusion, num: int, mesh=None, decoder=None) -> Callable:
     """sample_fn(params, rng) -> [num, ...] samples with config.sampling's method, step count
     and classifier-free guidance scale; a conditional model cycles through the classes. The
-    sampler compiles once: the parameters are a jit argument, not a constant."""
+    sampler compiles once: the parameters are a jit argument, not a constant. decoder (a latent
+    run: latents.make_decoder): applied to the samples, so they are pixels."""
     s = config.sampling
     shape = (num, *models.data_shape(model, self_conditioned(config)))
     prior, process_options = None, {}
@@ -257,11 +285,12 @@ def make_sample_fn(config, model, diffusion, num: int, mesh=None) -> Callable:
             model_fn = guidance.classifier_free_model_fn(
                 model.apply, variables, y, s.guidance_scale, num_classes,
                 guidance_rescale=s.get('guidance_rescale', 0.0),
-                interval=guidance_interval(config))
+                interval=guidance_interval(config), channels=s.get('guidance_channels', 0))
         else:
             model_fn = guidance.bind_model(model.apply, variables, y)
         x_T = None if prior is None else prior.sample(rng, shape)
-        return samplers.sample(diffusion, model_fn, rng, shape, x_T=x_T, **options)['samples']
+        out = samplers.sample(diffusion, model_fn, rng, shape, x_T=x_T, **options)['samples']
+        return out if decoder is None else decoder(out)
 
     return sample_fn
 
@@ -298,6 +327,7 @@ class _Run:
     mesh: Any
     train_ds: input_pipeline.Dataset
     teacher: Any = None  # a distillation's teacher EMA params (diffusion_jax.distill), else None
+    autoencoder: Any = None  # latents.Autoencoder of a latent run (data.latents), else None
 
 
 def prepare_run(config, workdir: str) -> _Run:
@@ -318,8 +348,15 @@ def prepare_run(config, workdir: str) -> _Run:
     check_resume_step(resume_step, config.training.get('steps_per_call', 1), workdir)
     if distill.is_distillation(config):  # read only: the teacher's workdir is never written
         teacher, _ = distill.load_teacher(config)
-    train_ds = input_pipeline.get_dataset(config.data, config.data.train_split)
-    return _Run(config, model, diffusion, mesh, train_ds, teacher)
+    autoencoder = latents_lib.for_config(config, mesh)
+    cache = config.data.get('latents_cache', '') if autoencoder is not None else ''
+    if cache:
+        train_ds = latents_lib.cache_dataset(cache, config.data.train_split,
+                                             config.data.get('num_classes', 0))
+    else:
+        train_ds = input_pipeline.get_dataset(config.data, config.data.train_split)
+    return _Run(config, model, diffusion, mesh, train_ds, teacher=teacher,
+                autoencoder=autoencoder)
 
 
 def check_resume_step(step: int | None, steps_per_call: int, workdir: str) -> None:
@@ -407,7 +444,7 @@ def _summarize(pending: list[dict], steps_per_call: int = 1) -> dict:
     if not good:
         return out
     out.update({k: float(np.mean([m[k] for m in good]))
-                for k in ('loss', 'mse', 'vb', 'accuracy', 'grad_norm') if k in good[0]})
+                for k in ('loss', 'mse', 'vb', 'accuracy', 'kl', 'grad_norm') if k in good[0]})
     q_sum, q_count = (np.sum([m[k] for m in good], axis=0) for k in ('q_sum', 'q_count'))
     out.update({f'loss_q{i}': float(q_sum[i] / q_count[i]) for i in range(NUM_QUARTILES)
                 if q_count[i] > 0})
@@ -553,7 +590,17 @@ class _Loop:
         self.batches = self.sample_fn = self.previous = self.last_saved = None
         self.throughput = None
         self.pending = []
-        self.can_sample = bool(tc.sample_every_steps) and config.model.name != 'classifier'
+        self.can_sample = bool(tc.sample_every_steps) and config.model.name not in (
+            'classifier', 'autoencoder')
+        self.encode = self.decoder = None
+        if run.autoencoder is not None:  # a latent run: batches of pixels (or cached moments)
+            self.encode = latents_lib.make_batch_encoder(
+                run.autoencoder, config.data.get('latent_noise', True),
+                from_cache=bool(config.data.get('latents_cache', '')),
+                out_sharding=sharding.data_sharding(run.mesh, self.batch_axis))
+            self.decoder = latents_lib.make_decoder(run.autoencoder)
+            # ε of the posterior sample: a stream of its own, folded with the step.
+            self.latent_rng = jax.random.fold_in(jax.random.key(tc.seed), LATENT_STREAM)
 
     def train(self) -> TrainState:
         state, start = self._start()
@@ -562,6 +609,8 @@ class _Loop:
             # step: the steps done after this call (calls end at multiples of k).
             for step in range(start + k, tc.num_train_steps + 1, k):
                 batch = sharding.shard_batch(next(self.batches), self.run.mesh, self.batch_axis)
+                if self.encode is not None:  # step - k: the first step of this call
+                    batch = self.encode(batch, jax.random.fold_in(self.latent_rng, step - k))
                 if step == start + k:
                     train_step = self._compile(state, batch, start)
                 state, metrics = train_step(state, batch, self.train_rng)
@@ -652,7 +701,7 @@ class _Loop:
     def _sample(self, step: int, state) -> None:
         self.sample_fn = self.sample_fn or make_sample_fn(
             self.config, self.run.model, self.run.diffusion, self.tc.num_sample_images,
-            self.run.mesh)
+            self.run.mesh, self.decoder)
         samples = self.sample_fn(state.ema_params, jax.random.fold_in(self.sample_rng, step))
         logger.info('samples: %s', write_samples(self.workdir, step, samples, self.writer))
 

@@ -32,10 +32,12 @@ LAYERS = (
     ('sampling', ('diffusion_jax.samplers', 'diffusion_jax.guidance',
                   'diffusion_jax.evaluation.likelihood')),
     ('run', ('diffusion_jax.run', 'diffusion_jax.checkpointing', 'diffusion_jax.config_validation',
-             'diffusion_jax.defaults', 'diffusion_jax.train_state')),
+             'diffusion_jax.defaults', 'diffusion_jax.train_state',
+             'diffusion_jax.latents')),
     ('modes', ('diffusion_jax.train', 'diffusion_jax.generate', 'diffusion_jax.evaluation',
                'diffusion_jax.edit', 'diffusion_jax.distill')),
-    ('faces', ('diffusion_jax.main', 'diffusion_jax.convert', 'diffusion_jax.notebook')),
+    ('faces', ('diffusion_jax.main', 'diffusion_jax.convert', 'diffusion_jax.encode',
+               'diffusion_jax.notebook')),
 )
 # Services any layer may import; they import only each other.
 SERVICES = ('diffusion_jax.sharding', 'diffusion_jax.input_pipeline', 'diffusion_jax.image_utils',

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from diffusion_jax import image_utils, run, sharding
+from diffusion_jax import image_utils, latents, run, sharding
 from diffusion_jax.defaults import default_eval_config  # noqa: F401  (the old name)
 from diffusion_jax.evaluation import likelihood, sample_quality
 from diffusion_jax.evaluation.likelihood import ESTIMATORS
@@ -49,15 +49,19 @@ def _nll_fns(config, model, diffusion):
     K-timestep estimate."""
     conditional = int(config.model.get('num_classes', 0) or 0) > 0
     k = int(config.eval.get('nll_timesteps_per_image', 32))
+    # x̂_0 is clipped to the data's [-1, 1] in the bound's posterior means; latents are not in
+    # that range, so a latent run's bound does not clip.
+    clip = not latents.is_latent(config)
 
     def bind(variables, y):
         return _bind(model, variables, y if conditional else None, config)
 
     def full(variables, x0, y, rng):
-        return likelihood.full_bpd(diffusion, bind(variables, y), x0, rng)
+        return likelihood.full_bpd(diffusion, bind(variables, y), x0, rng, clip_denoised=clip)
 
     def sampled(variables, x0, y, rng, probs):
-        return likelihood.sampled_bpd(diffusion, bind(variables, y), x0, rng, k, probs=probs)
+        return likelihood.sampled_bpd(diffusion, bind(variables, y), x0, rng, k, probs=probs,
+                                      clip_denoised=clip)
     return jax.jit(full), jax.jit(sampled)
 
 
@@ -174,9 +178,15 @@ def evaluate_nll(config, workdir: str, variables, step: int, mesh) -> dict:
     key = jax.random.key(config.training.seed + 1)
     # One batch in flight: batch i+1 is dispatched before batch i is fetched, so the device is
     # not idle while the host accumulates.
+    # A latent run's bound is of its latents s·μ(x) (the posterior mean: no encoder noise in
+    # the number), so it is latent bits/dim, not image bits/dim (_write_nll says so).
+    autoencoder = latents.for_config(config, mesh)
+    encode = None if autoencoder is None else latents.make_batch_encoder(autoencoder, noise=False)
     previous = None
     for i, batch in enumerate(input_pipeline.eval_iterator(ds, e.batch_size, num_batches)):
         x0, y, mask = sharding.shard_batch((batch['image'], batch['label'], batch['mask']), mesh)
+        if encode is not None:
+            x0 = encode({'image': x0}, None)['image']
         out = nll.dispatch(i, variables, x0, y, jax.random.fold_in(key, i))
         if previous is not None:
             nll.consume(*previous)
@@ -196,10 +206,17 @@ def _write_nll(config, workdir: str, step: int, diffusion, summary: dict) -> dic
                   num_timesteps=diffusion.num_timesteps)
     if summary['estimator'] in ('sampled', 'importance'):
         result['timesteps_per_image'] = int(e.get('nll_timesteps_per_image', 32))
+    space = 'latent' if latents.is_latent(config) else 'image'
+    result['bits_per_dim_of'] = space
+    if space == 'latent':
+        result['note'] = ('latent bits/dim: per dimension of the latents s·mu(x) of '
+                          f'{config.data.latents}, not image bits/dim')
     if jax.process_index() == 0:
         image_utils.write_json(os.path.join(workdir, 'eval', f'nll_{step}.json'), result)
-    logging.info('eval nll at step %d: %.4f ± %.4f bits/dim over %d images', step,
-                 result['total_bpd'], result['total_bpd_stderr'], result['num_images'])
+    logging.info('eval nll at step %d: %.4f ± %.4f %s over %d images', step,
+                 result['total_bpd'], result['total_bpd_stderr'],
+                 'latent bits/dim (not image bits/dim)' if space == 'latent' else 'bits/dim',
+                 result['num_images'])
     return result
 
 

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from diffusion_jax import image_utils, run
+from diffusion_jax import image_utils, latents, run
 from diffusion_jax.evaluation import fid
 from diffusion_jax.evaluation.fid import FEATURE_SPACES  # noqa: F401  (the old name)
 from diffusion_jax.samplers.batches import sample_batches
@@ -199,9 +199,13 @@ def evaluate_samples(config, workdir: str, variables, step: int, mesh) -> dict:
     e = config.eval
     space = FeatureSpace(e)
     num = int(e.get('num_samples', 50_000))
+    # A latent run's samples are decoded to pixels first: FID/IS/PR compare pixels with pixels.
+    autoencoder = latents.for_config(config, mesh)
+    decoder = None if autoencoder is None else latents.make_decoder(autoencoder)
     batches = (x for x, _ in sample_batches(config, variables, mesh, num, uint8=True,
                                             classifier=run.classifier_for(config),
-                                            guide=run.guide_for(config, mesh)))
+                                            guide=run.guide_for(config, mesh),
+                                            decoder=decoder))
     stream = stream_features(space, batches, max_keep=num)
     ref = reference_features(config, space, max_keep=num, folder=_reference_folder(config, workdir))
     result = dict(sample_metrics(stream.features(), ref, fake_stats=stream.stats), step=step,

@@ -48,8 +48,12 @@ class Sampler:
     sampling.guidance_model_workdir is set and sampling.guidance_scale > 0; the scale then
     guides towards the main model and away from the guide instead of the unconditional model."""
 
-    def __init__(self, config, model, variables, diffusion, mesh, classifier=None, guide=None):
+    def __init__(self, config, model, variables, diffusion, mesh, classifier=None, guide=None,
+                 decoder=None):
         s = config.sampling
+        # A latent run's decoder (latents.make_decoder, loaded by the caller): 'samples' are
+        # then decoded pixels and 'latents' what the chain produced.
+        self.decoder = decoder
         self.guide = None
         if s.get('guidance_model_workdir', '') and s.guidance_scale:
             if guide is None:
@@ -93,7 +97,8 @@ class Sampler:
             return guidance_lib.classifier_free_model_fn(
                 self.model.apply, self.variables, y, w, null_label=self.num_classes,
                 guidance_rescale=self.config.sampling.get('guidance_rescale', 0.0),
-                interval=guidance_interval(self.config))
+                interval=guidance_interval(self.config),
+                channels=self.config.sampling.get('guidance_channels', 0))
         return guidance_lib.bind_model(self.model.apply, self.variables,
                                        y if self.num_classes else None)
 
@@ -120,8 +125,11 @@ class Sampler:
         options = dict(self.options, **overrides)
         if self.prior is not None:
             options['x_T'] = self.prior.sample(rng, shape)
-        return chain.sample(self.diffusion, self.model_fn(y), rng, shape,
-                               guidance=self.guidance(y), mesh=self.mesh_for(shape[0]), **options)
+        out = chain.sample(self.diffusion, self.model_fn(y), rng, shape,
+                           guidance=self.guidance(y), mesh=self.mesh_for(shape[0]), **options)
+        if self.decoder is not None:
+            out = dict(out, latents=out['samples'], samples=self.decoder(out['samples']))
+        return out
 
 
 CHURN_FIELDS = ('s_churn', 's_tmin', 's_tmax', 's_noise')
@@ -170,13 +178,14 @@ def guidance_interval(config):
     return (*bounds, processes.get_process(config.diffusion).network_sigma())
 
 
-def build_sampler(config, variables, mesh, classifier=None, guide=None):
+def build_sampler(config, variables, mesh, classifier=None, guide=None, decoder=None):
     """(Sampler over config.sampling's respaced diffusion or the run's process, the model's
-    example shape). classifier, guide: see Sampler."""
+    example shape). classifier, guide, decoder: see Sampler (with a decoder the example shape
+    is still the latent one)."""
     model = models.get_model(config.model)
     base = None if cold.is_cold(config.diffusion) else create_diffusion(config.diffusion)
     target, extra = sampling_target(config, base)
-    sampler = Sampler(config, model, variables, target, mesh, classifier, guide)
+    sampler = Sampler(config, model, variables, target, mesh, classifier, guide, decoder)
     sampler.options.update(extra)
     return sampler, models.data_shape(model, self_conditioned(config))
 
@@ -189,17 +198,19 @@ def labels_for(sampler, count: int):
     return parse_labels(s.labels, sampler.label_classes, count, np.random.default_rng(s.seed))
 
 
-def draw_samples(config, variables, mesh, num_samples: int, *, classifier=None, guide=None):
+def draw_samples(config, variables, mesh, num_samples: int, *, classifier=None, guide=None,
+                 decoder=None):
     """num_samples samples of the run's model with config.sampling's sampler, in memory.
 
     config: the run's config (run.load(...).config: the trained model/diffusion sections);
     variables: the model's {'params': ...} (replicated on the mesh). Returns (float32 numpy
     [num_samples, ...] in [-1, 1], labels [num_samples] int32 or None). Used by the evaluation
-    (FID/IS) and by experiments that sweep sampler settings. classifier, guide: see Sampler.
+    (FID/IS) and by experiments that sweep sampler settings. classifier, guide, decoder: see Sampler
+    (a latent run's samples are the decoded pixels).
     """
     s = config.sampling
     sharding.check_global_batch(s.batch_size, mesh, 'sampling.batch_size')
-    sampler, example_shape = build_sampler(config, variables, mesh, classifier, guide)
+    sampler, example_shape = build_sampler(config, variables, mesh, classifier, guide, decoder)
     labels = labels_for(sampler, num_samples)
     samples = draw(sampler, jax.random.key(s.seed), (s.batch_size, *example_shape),
                     num_samples, labels)
@@ -207,7 +218,7 @@ def draw_samples(config, variables, mesh, num_samples: int, *, classifier=None, 
 
 
 def sample_batches(config, variables, mesh, num_samples: int, *, uint8: bool = False,
-                   classifier=None, guide=None):
+                   classifier=None, guide=None, decoder=None):
     """Yields (samples, labels) batch by batch: draw_samples without holding all of them.
 
     samples: numpy [b, ...] float32 in [-1, 1], or with uint8=True the pixels
@@ -218,7 +229,7 @@ def sample_batches(config, variables, mesh, num_samples: int, *, uint8: bool = F
     """
     s = config.sampling
     sharding.check_global_batch(s.batch_size, mesh, 'sampling.batch_size')
-    sampler, example_shape = build_sampler(config, variables, mesh, classifier, guide)
+    sampler, example_shape = build_sampler(config, variables, mesh, classifier, guide, decoder)
     labels = labels_for(sampler, num_samples)
     batch = s.batch_size
     for i, x in enumerate(draw_batches(sampler, jax.random.key(s.seed),
