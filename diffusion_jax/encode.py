@@ -21,12 +21,18 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'The latent run\'s config (its data section).',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'The autoencoder run (a workdir or a converted preset).')
-flags.DEFINE_string('out', None, 'The .npz to write.')
-flags.DEFINE_string('split', None, 'Which split (default: the config\'s data.train_split).')
-flags.DEFINE_integer('batch_size', 256, 'Images per encoder call.')
+
+
+def _define_flags() -> None:
+    """The CLI's flags, defined only when this module runs as the program: importing it as a
+    library (encode_dataset) next to diffusion_jax.main, whose --config/--workdir share these
+    names in absl's one global registry, must not define them twice."""
+    config_flags.DEFINE_config_file('config', None, 'The latent run\'s config (its data section).',
+                                    lock_config=True)
+    flags.DEFINE_string('workdir', None, 'The autoencoder run (a workdir or a converted preset).')
+    flags.DEFINE_string('out', None, 'The .npz to write.')
+    flags.DEFINE_string('split', None, 'Which split (default: the config\'s data.train_split).')
+    flags.DEFINE_integer('batch_size', 256, 'Images per encoder call.')
 
 
 def encode_dataset(workdir: str, data_config, out: str, split: str | None = None,
@@ -81,4 +87,5 @@ def _run(argv):
 
 
 if __name__ == '__main__':
+    _define_flags()
     app.run(_run)
