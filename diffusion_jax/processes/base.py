@@ -29,6 +29,7 @@ and a builder `@register_process('name')` reading its `config.diffusion` section
 """
 from __future__ import annotations
 
+import abc
 from typing import Callable
 
 import jax
@@ -53,27 +54,33 @@ def mean_flat(x):
     return jnp.mean(x, axis=tuple(range(1, x.ndim)))
 
 
-class Process:
-    """The shared part of every process: conversions from x̂_0 (see the module docstring)."""
+class Process(abc.ABC):
+    """The shared part of every process: conversions from x̂_0 (see the module docstring).
+    A process implements the four abstract methods; the optional ones raise a one-line error
+    naming what the process does not have."""
 
     name = ''
     methods: tuple[str, ...] = ()
 
     # -- to be provided by a process ----------------------------------------------------------
+    @abc.abstractmethod
     def alpha_sigma(self, t):
-        raise NotImplementedError
+        """See the module docstring."""
 
     def d_alpha_sigma(self, t):
-        raise NotImplementedError(f'process {self.name!r} has no continuous time derivative.')
+        raise ValueError(f'process {self.name!r} has no continuous time derivative.')
 
+    @abc.abstractmethod
     def model_input(self, x, t):
-        raise NotImplementedError
+        """See the module docstring."""
 
+    @abc.abstractmethod
     def output_to_x0(self, out, x, t):
-        raise NotImplementedError
+        """See the module docstring."""
 
+    @abc.abstractmethod
     def time_grid(self, num_steps: int) -> np.ndarray:
-        raise NotImplementedError
+        """See the module docstring."""
 
     def sigma_tilde(self, t):
         alpha, sigma = self.alpha_sigma(t)
@@ -117,11 +124,11 @@ class Process:
 
     def ode_limits(self) -> tuple[float, float]:
         """(t_data, t_noise): where the likelihood ODE starts and ends."""
-        raise NotImplementedError(f'process {self.name!r} has no probability-flow ODE limits.')
+        raise ValueError(f'process {self.name!r} has no probability-flow ODE limits.')
 
     def prior_logp(self, z):
         """log p_{t_noise}(z) per example [B] of the (approximate) prior at t_noise."""
-        raise NotImplementedError
+        raise ValueError(f'process {self.name!r} has no prior density for the ODE likelihood.')
 
     def draw(self, x0, key, t=None):
         """(t [B], ε [B, ...], x_t) of one training draw from key: t ~ sample_time unless
