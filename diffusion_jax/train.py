@@ -122,6 +122,13 @@ def _autoencoder_loss(model, x0, rng, reconstruction: str, kl_weight: float, par
     return jnp.mean(loss), dict(loss=loss, mse=jnp.mean(jnp.square(diff), axis=axes), kl=kl)
 
 
+def _train_net(model, params, y, dropout_rng, self_cond=None):
+    """The network in training mode (dropout on) as model_fn(x, t): model.apply on x, or on
+    [x, self_cond] for a self-conditioned network (guidance.with_self_cond)."""
+    return lambda x, t: model.apply({'params': params}, guidance.with_self_cond(x, self_cond), t,
+                                    y, train=True, rngs={'dropout': dropout_rng})
+
+
 def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
     """train_step(state, batch, rng) -> (state, metrics); pure, to be jitted over a mesh.
 
@@ -160,10 +167,7 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
             y = _labels(batch['label'], num_classes, label_dropout, label_rng)
 
             def loss_fn(params):
-                def net(self_cond=None):
-                    return lambda x_in, t_in: model.apply(
-                        {'params': params}, guidance.with_self_cond(x_in, self_cond), t_in, y,
-                        train=True, rngs={'dropout': dropout_rng})
+                net = functools.partial(_train_net, model, params, y, dropout_rng)
                 model_fn = net()
                 if self_condition:  # the first pass sees the very x_t that process.loss draws
                     t_draw, _, x_t = process.draw(x0, noise_rng)
@@ -182,10 +186,7 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
             y = _labels(batch['label'], num_classes, label_dropout, label_rng)
 
             def loss_fn(params):
-                def net(self_cond=None):
-                    return lambda x_t, t_model: model.apply(
-                        {'params': params}, guidance.with_self_cond(x_t, self_cond), t_model, y,
-                        train=True, rngs={'dropout': dropout_rng})
+                net = functools.partial(_train_net, model, params, y, dropout_rng)
                 model_fn = net()
                 if self_condition:
                     x_t = diffusion.q_sample(x0, t, noise)  # the x_t training_losses makes
