@@ -38,10 +38,9 @@ def read_metrics(workdir: str) -> dict[str, np.ndarray]:
     """The scalars a run logged (workdir/metrics.jsonl) as name -> [n] arrays; 'step' included.
     A metric missing from some lines is NaN there."""
     path = os.path.join(workdir, logging_utils.METRICS_FILE)
-    if not os.path.exists(path):
+    if not image_utils.exists(path):  # a local path or a URI (gs://...)
         return {}
-    with open(path, encoding='utf-8') as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [json.loads(line) for line in image_utils.read_text(path).splitlines() if line.strip()]
     names = sorted({k for row in rows for k in row})
     return {k: np.array([row.get(k, np.nan) for row in rows], np.float64) for k in names}
 
@@ -94,19 +93,19 @@ class TrainProgress:
             self.show_new_grids()
 
     def show_new_grids(self) -> None:
-        folder = os.path.join(self.workdir, 'samples')
-        if not os.path.isdir(folder):
+        folder = image_utils.as_path(os.path.join(self.workdir, 'samples'))
+        if not folder.is_dir():
             return
-        for name in sorted(os.listdir(folder), key=lambda n: (len(n), n)):
-            png = os.path.join(folder, name, 'ema_grid.png')
-            if name.isdigit() and int(name) not in self._shown and os.path.exists(png):
+        for name in sorted((p.name for p in folder.iterdir()), key=lambda n: (len(n), n)):
+            png = folder / name / 'ema_grid.png'
+            if name.isdigit() and int(name) not in self._shown and png.exists():
                 self._shown.add(int(name))
                 try:
                     from IPython.display import Image  # pylint: disable=import-outside-toplevel
                 except ImportError:
                     return
                 print(f'EMA samples at step {name}:')
-                _display(Image(filename=png, width=256))
+                _display(Image(data=png.read_bytes(), format='png', width=256))
 
     def finish(self) -> None:
         """Close the bar and show the grid the last step wrote."""

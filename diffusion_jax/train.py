@@ -690,6 +690,7 @@ class _Loop:
                 self.ckpt.save(state)  # finite: _check_finite passed at this step
                 # Until it commits, a crash would fall back one more interval.
                 self.ckpt.wait()
+                self.writer.flush()  # the logs up to this checkpoint (a URI workdir's too)
             self.last_saved = step
         return stop
 
