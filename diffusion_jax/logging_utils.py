@@ -25,6 +25,10 @@ METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
 # Libraries whose INFO lines (dozens per checkpoint) would bury the training log.
 QUIET_LIBRARIES = ('/orbax/',)
+# Their warnings that say only what the package asked for (inference opens checkpoints read
+# only): dropped with the INFO lines.
+EXPECTED_WARNINGS = ('read_only=True, setting save_interval_steps=0',
+                     'Given directory is read only')
 
 
 # The package's own logger: INFO and above always reach the run's log file, whatever absl's
@@ -34,17 +38,71 @@ logger.setLevel(py_logging.INFO)
 
 
 class _QuietLibraries(py_logging.Filter):
+    """Drops the INFO lines of QUIET_LIBRARIES unless show_library_logs(True) (--verbosity=1);
+    clears any progress bar on the console first, so that a log line does not land in the
+    middle of one (the bar redraws itself on its next update)."""
+
+    show = False
+
     def filter(self, record):
-        return record.levelno >= py_logging.WARNING or not any(
-            lib in record.pathname for lib in QUIET_LIBRARIES)
+        keep = self.show or not any(lib in record.pathname for lib in QUIET_LIBRARIES) or (
+            record.levelno >= py_logging.WARNING and not any(
+                w in str(record.msg) for w in EXPECTED_WARNINGS))
+        if keep:
+            for bar in list(_BARS):
+                bar.clear()
+        return keep
 
 
 _QUIET = _QuietLibraries()
+_BARS: list = []  # the open progress bars (progress_bar) on this process's console
+
+
+def show_library_logs(show: bool) -> None:
+    """Whether the INFO lines of QUIET_LIBRARIES (orbax: dozens per checkpoint save or restore)
+    reach the console and the run's log file: False by default, True at --verbosity >= 1 (main).
+    Either way the package logs one line per save and per restore (checkpointing)."""
+    _QuietLibraries.show = bool(show)
 
 
 def quiet_libraries() -> None:
-    """Drop the INFO lines of QUIET_LIBRARIES from absl's log output (idempotent)."""
+    """Drop the INFO lines of QUIET_LIBRARIES from absl's log output (idempotent); main calls
+    it before anything runs, MetricWriter again (the library API, notebooks)."""
     logging.get_absl_handler().addFilter(_QUIET)
+
+
+def in_kernel() -> bool:
+    """Whether this runs in a Jupyter kernel (IPython already imported, its shell a kernel's)."""
+    import sys  # pylint: disable=import-outside-toplevel
+    ipython = sys.modules.get('IPython')  # never imported here: only if already running
+    shell = ipython.get_ipython() if ipython is not None else None
+    return getattr(shell, 'kernel', None) is not None
+
+
+def progress_bar(total: int, desc: str, *, initial: int = 0, unit: str = 'step'):
+    """A tqdm bar on stderr with rate and ETA, on process 0 only (disabled elsewhere, writing
+    nothing). initial: where a resumed loop starts, so that the ETA is the remaining
+    (total − n) over the rate of this process's own steps. The bar redraws at most once a
+    second on a terminal and every 30 s when stderr is a file (a log of a batch job). Close it
+    (it is a context manager too). In a Jupyter kernel it is disabled: stderr there is a stream
+    the saved notebook keeps line by line, and the notebooks draw their own
+    (notebook.TrainProgress)."""
+    import sys  # pylint: disable=import-outside-toplevel
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+    class _Bar(tqdm):  # leaves _BARS when closed
+        def close(self):
+            if self in _BARS:
+                _BARS.remove(self)
+            super().close()
+
+    tty = hasattr(sys.stderr, 'isatty') and sys.stderr.isatty()
+    bar = _Bar(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr,
+               disable=jax.process_index() != 0 or in_kernel(), mininterval=1.0 if tty else 30.0,
+               dynamic_ncols=tty)
+    if not bar.disable:
+        _BARS.append(bar)
+    return bar
 
 
 class _RunFile:

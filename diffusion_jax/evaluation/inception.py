@@ -318,7 +318,7 @@ def _check_against_model(flat: dict) -> None:
 
 
 def save_converted(variables: dict, path: str) -> None:
-    """Write variables as flax msgpack, atomically (a temp file, then os.replace)."""
+    """Write variables as flax msgpack, atomically (image_utils.atomic_write)."""
     data = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, variables))
     image_utils.atomic_write(os.fspath(path), data)
 
