@@ -50,7 +50,7 @@ class _QuietLibraries(py_logging.Filter):
                 w in str(record.msg) for w in EXPECTED_WARNINGS))
         if keep:
             for bar in list(_BARS):
-                bar.clear()
+                bar.before_log()
         return keep
 
 
@@ -90,13 +90,31 @@ def progress_bar(total: int, desc: str, *, initial: int = 0, unit: str = 'step')
     import sys  # pylint: disable=import-outside-toplevel
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
-    class _Bar(tqdm):  # leaves _BARS when closed
-        def close(self):
+    tty = hasattr(sys.stderr, 'isatty') and sys.stderr.isatty()
+
+    class _Bar(tqdm):
+        shown = False  # the bar is the console's last, unterminated line
+
+        def display(self, *args, **kwargs):
+            self.shown = True
+            return super().display(*args, **kwargs)
+
+        def before_log(self):
+            """A log line is about to be printed: erase the bar on a terminal (it redraws at its
+            next update); end its line in a file, where nothing can be erased."""
+            if self.shown:
+                if tty:
+                    self.clear()
+                else:
+                    self.fp.write('\n')
+                    self.fp.flush()
+                self.shown = False
+
+        def close(self):  # leaves _BARS
             if self in _BARS:
                 _BARS.remove(self)
             super().close()
 
-    tty = hasattr(sys.stderr, 'isatty') and sys.stderr.isatty()
     bar = _Bar(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr,
                disable=jax.process_index() != 0 or in_kernel(), mininterval=1.0 if tty else 30.0,
                dynamic_ncols=tty)
