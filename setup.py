@@ -39,6 +39,8 @@ setuptools.setup(
         "pillow>=10.0",
         "tensorboardX>=2.6",
         "etils[epath]>=1.7",  # paths that may be gs://
+        "fsspec>=2023.1",  # etils.epath's backend for gs:// / s3:// URIs (gcsfs/s3fs plug in)
+        "tqdm>=4.66",  # the console's progress bars (logging_utils.progress_bar)
         "diffrax>=0.6",  # adaptive ODE solving (probability-flow likelihood)
     ],
     extras_require={

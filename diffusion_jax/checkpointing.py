@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -275,6 +276,8 @@ def restore_items(workdir, targets: dict[str, Any], step: int | None = None):
                 error = err
             codes = _agree(0 if error is None else 1 if read_damage(error) else 2)
             if max(codes) == 0:
+                logger.info('restored %s of checkpoint step %d from %s', '/'.join(items), s,
+                            checkpoint_dir(workdir))
                 return dict(out), int(s)
             if max(codes) == 2:
                 raise _restore_failed(workdir, s, codes, error) from error
@@ -393,6 +396,7 @@ class Checkpointer:
         step = int(jax.device_get(state.step))
         args = ocp.args.Composite(
             **{k: ocp.args.StandardSave(v) for k, v in _items(state).items()})
+        self._started = time.monotonic()
         try:
             self.manager.save(step, args=args)
         except Exception as err:  # pylint: disable=broad-except  (any storage failure)
@@ -456,6 +460,9 @@ class Checkpointer:
         except Exception as err:  # pylint: disable=broad-except  (any storage failure)
             raise self._fail(self._pending, err) from err
         if self._pending is not None:
+            # The one line per save (orbax's own dozens show at --verbosity=1 only).
+            logger.info('saved checkpoint step %d to %s (%.1fs)', self._pending,
+                        checkpoint_dir(self.workdir), time.monotonic() - self._started)
             self.last_good, self._pending = self._pending, None
 
     def close(self) -> None:

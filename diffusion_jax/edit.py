@@ -20,6 +20,7 @@ Every check (file, shapes, mask, strength, labels) runs before anything is compu
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 
@@ -42,6 +43,12 @@ def _fail(field: str, value, why: str):
     raise ValueError(f'edit.{field}={value!r} {why}')
 
 
+def _is_file(path) -> bool:
+    """A file at a local path or a URI (gs://...)."""
+    target = image_utils.as_path(path)
+    return target.exists() and not target.is_dir()
+
+
 def read_images(config) -> tuple[np.ndarray, np.ndarray | None]:
     """(images uint8 [N, H, W, C], labels int32 [N] or None) from edit.images, checked against
     the run's data shape and classes."""
@@ -50,9 +57,9 @@ def read_images(config) -> tuple[np.ndarray, np.ndarray | None]:
     if not path:
         _fail('images', path, 'is empty: give an .npz of `images` uint8 [N, H, W, C] '
               '(e.g. a samples.npz).')
-    if not os.path.isfile(path):
+    if not _is_file(path):
         _fail('images', path, 'is not a file: give an .npz of `images` uint8 [N, H, W, C].')
-    with np.load(path) as f:
+    with np.load(io.BytesIO(image_utils.read_bytes(path))) as f:
         if 'images' not in f:
             _fail('images', path, f'has no `images` array (it has {", ".join(f.files)}).')
         images, labels = f['images'], (f['labels'] if 'labels' in f else None)
@@ -75,9 +82,9 @@ def read_masks(config, shape) -> np.ndarray:
     spec = config.edit.mask
     if not str(spec).endswith('.npz'):
         return samplers.make_mask(spec, shape, np.random.default_rng(config.edit.seed))
-    if not os.path.isfile(spec):
+    if not _is_file(spec):
         _fail('mask', spec, 'is not a file: give a mask name or an .npz with `masks`.')
-    with np.load(spec) as f:
+    with np.load(io.BytesIO(image_utils.read_bytes(spec))) as f:
         if 'masks' not in f:
             _fail('mask', spec, 'has no `masks` array.')
         masks = np.asarray(f['masks'], np.float32)

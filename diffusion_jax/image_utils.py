@@ -1,7 +1,13 @@
-"""Images in and out: [-1, 1] floats <-> uint8, sample grids and strips as PNG, .npz archives.
+"""Images in and out: [-1, 1] floats <-> uint8, sample grids and strips as PNG, .npz archives;
+and the package's file I/O: every file a run writes (config.json, logs, grids, sample archives,
+eval JSONs, caches) goes through `atomic_write`, and the reads of a run's own files through
+`as_path`/`read_bytes`, so that a workdir may be a `gs://` (or any etils.epath) URI.
 
-Writes go to a temporary file in the same folder and are renamed into place, so an interrupted
-write never leaves a truncated file where a good one was.
+Writes are all or nothing. A local path: a temporary file in the same folder, renamed into place
+(os.replace, atomic on POSIX), so an interrupted write never leaves a truncated file where a good
+one was. A URI (gs://, s3://, ...: an object store, which has no atomic rename, only copy and
+delete): one direct write through etils.epath, which is atomic there because an object becomes
+visible only when its upload completes.
 """
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import os
 import tempfile
 
 import numpy as np
+from etils import epath
 
 
 def to_uint8(x) -> np.ndarray:
@@ -39,8 +46,39 @@ def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.
     return grid
 
 
-def atomic_write(path: str, data: bytes) -> None:
-    """Write bytes to path all or nothing (temp file beside it, then os.replace)."""
+def is_uri(path) -> bool:
+    """Whether path names a non-local store (gs://bucket/..., s3://..., any scheme://)."""
+    return '://' in os.fspath(path)
+
+
+def as_path(path) -> epath.Path:
+    """path as an etils.epath.Path: a URI keeps its scheme (os.path would turn gs://b into a
+    local gs:/b folder), a local path is made absolute."""
+    return epath.Path(path) if is_uri(path) else epath.Path(os.path.abspath(os.fspath(path)))
+
+
+def read_bytes(path) -> bytes:
+    return as_path(path).read_bytes()
+
+
+def read_text(path) -> str:
+    return as_path(path).read_text(encoding='utf-8')
+
+
+def exists(path) -> bool:
+    return as_path(path).exists()
+
+
+def atomic_write(path, data: bytes) -> None:
+    """Write bytes to path all or nothing: a local path by a temp file beside it and os.replace,
+    a URI by one direct write through etils.epath (module docstring)."""
+    if is_uri(path):
+        target = epath.Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)  # a no-op on object stores
+        with target.open('wb') as f:
+            f.write(data)
+        return
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-')

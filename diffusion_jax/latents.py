@@ -127,7 +127,8 @@ def cache_dataset(path: str, split: str, num_classes: int):
     """The input_pipeline.Dataset of an encode CLI cache: 'image' = concat(μ, log σ²) [N, h, w,
     2c] (make_batch_encoder(from_cache=True) turns a batch of it into latents)."""
     from diffusion_jax import input_pipeline  # pylint: disable=import-outside-toplevel
-    with open(path, 'rb') as f:
+    from diffusion_jax import image_utils  # pylint: disable=import-outside-toplevel
+    with image_utils.as_path(path).open('rb') as f:  # a local path or a URI
         arrays = np.load(f)
         missing = [k for k in CACHE_KEYS if k not in arrays]
         if missing:

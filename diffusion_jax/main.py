@@ -18,6 +18,10 @@ Without --workdir, the run lives in runs/<config.name>.
 
 Every mistake on the command line (flag parsing included) is one `error: ...` line on stderr
 and exit status 1, before anything is written; --verbosity=1 shows the traceback instead.
+
+The console: one line per checkpoint save and restore, and progress bars with ETA for training,
+sampling and the NLL eval (process 0); orbax's own INFO lines (dozens per save or restore)
+only at --verbosity=1 (logging_utils.show_library_logs).
 """
 from __future__ import annotations
 
@@ -103,6 +107,10 @@ def main(argv):
 def execute(config, workdir: str | None, mode: str, typed: dict, verbosity: int = 0):
     """resolve_command, then run; bad input exits with one `error:` line (status 1), or raises
     (the traceback) when verbosity >= 1. Returns what the mode's library function returns."""
+    from diffusion_jax import logging_utils  # pylint: disable=import-outside-toplevel
+    # orbax's INFO lines (dozens per checkpoint save or restore) at --verbosity=1 only.
+    logging_utils.show_library_logs(verbosity >= 1)
+    logging_utils.quiet_libraries()
     try:
         config, workdir = resolve_command(config, workdir, mode, typed)
         logging.info('mode=%s workdir=%s', mode, workdir)

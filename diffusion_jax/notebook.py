@@ -38,10 +38,9 @@ def read_metrics(workdir: str) -> dict[str, np.ndarray]:
     """The scalars a run logged (workdir/metrics.jsonl) as name -> [n] arrays; 'step' included.
     A metric missing from some lines is NaN there."""
     path = os.path.join(workdir, logging_utils.METRICS_FILE)
-    if not os.path.exists(path):
+    if not image_utils.exists(path):  # a local path or a URI (gs://...)
         return {}
-    with open(path, encoding='utf-8') as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [json.loads(line) for line in image_utils.read_text(path).splitlines() if line.strip()]
     names = sorted({k for row in rows for k in row})
     return {k: np.array([row.get(k, np.nan) for row in rows], np.float64) for k in names}
 
@@ -52,6 +51,56 @@ def _display(obj) -> None:
     except ImportError:
         return
     display(obj)
+
+
+def _have_widgets() -> bool:
+    try:
+        import ipywidgets  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:
+        return False
+    return True
+
+
+class _DisplayFile:
+    """The file a text tqdm bar writes to, shown as one notebook output updated in place
+    (IPython's display_id) instead of a stream: the saved notebook keeps one line, the bar's
+    last state, where a stream keeps every redraw."""
+
+    def __init__(self):
+        self._handle, self._text, self.updates = None, '', 0
+
+    def write(self, text: str) -> None:
+        self._text += text
+
+    def flush(self) -> None:
+        line = self._text.replace('\n', '\r').split('\r')
+        self._text = ''
+        line = next((part for part in reversed(line) if part.strip()), '')
+        if not line:
+            return
+        from IPython import display  # pylint: disable=import-outside-toplevel
+        bundle = {'text/plain': line.rstrip()}
+        if self._handle is None:
+            self._handle = display.display(bundle, raw=True, display_id=True)
+        else:
+            self._handle.update(bundle, raw=True)
+        self.updates += 1
+
+
+def progress_bar(total: int, desc: str, *, initial: int = 0, unit: str = 'step'):
+    """A tqdm bar for a notebook: the widget where ipywidgets is installed; in a Jupyter
+    kernel without them, tqdm's text bar in one output updated in place (at most once a
+    second), so the saved notebook holds one line, not one per step; elsewhere (a console)
+    tqdm's text bar on stderr."""
+    if logging_utils.in_kernel():
+        if _have_widgets():
+            from tqdm.notebook import tqdm  # pylint: disable=import-outside-toplevel
+            return tqdm(total=total, initial=initial, desc=desc, unit=unit)
+        from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=_DisplayFile(),
+                    mininterval=1.0, ncols=100, ascii=False)
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit)
 
 
 class TrainProgress:
@@ -73,10 +122,9 @@ class TrainProgress:
 
     def _progress_bar(self, start: int):
         try:
-            from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-        except ImportError:
+            return progress_bar(self.total, 'train', initial=start)
+        except ImportError:  # no tqdm
             return None
-        return tqdm(total=self.total, initial=start, desc='train', unit='step')
 
     def __call__(self, step: int, state) -> None:
         if self._bar is None:
@@ -84,7 +132,7 @@ class TrainProgress:
         if self.keep_every and step % self.keep_every == 0:
             self.kept[step] = state
         if self._bar is not None:
-            self._bar.update(1)
+            self._bar.update(step - self._bar.n)  # K steps per call: the steps done
             if step % self.log_every == 1 or self.log_every == 1:
                 last = read_metrics(self.workdir)
                 if 'loss' in last:
@@ -94,19 +142,19 @@ class TrainProgress:
             self.show_new_grids()
 
     def show_new_grids(self) -> None:
-        folder = os.path.join(self.workdir, 'samples')
-        if not os.path.isdir(folder):
+        folder = image_utils.as_path(os.path.join(self.workdir, 'samples'))
+        if not folder.is_dir():
             return
-        for name in sorted(os.listdir(folder), key=lambda n: (len(n), n)):
-            png = os.path.join(folder, name, 'ema_grid.png')
-            if name.isdigit() and int(name) not in self._shown and os.path.exists(png):
+        for name in sorted((p.name for p in folder.iterdir()), key=lambda n: (len(n), n)):
+            png = folder / name / 'ema_grid.png'
+            if name.isdigit() and int(name) not in self._shown and png.exists():
                 self._shown.add(int(name))
                 try:
                     from IPython.display import Image  # pylint: disable=import-outside-toplevel
                 except ImportError:
                     return
                 print(f'EMA samples at step {name}:')
-                _display(Image(filename=png, width=256))
+                _display(Image(data=png.read_bytes(), format='png', width=256))
 
     def finish(self) -> None:
         """Close the bar and show the grid the last step wrote."""

@@ -530,6 +530,7 @@ def _initial_state(config, run, optimizer, ckpt, init_rng) -> TrainState:
             state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params),
                                   opt_state=optimizer.init(params))
         return sharding.shard_state(state, run.mesh)
+    # The one line of a restore in training (experiments/fault_injection.py reads it).
     logger.info('resumed from %s at step %d', checkpointing.checkpoint_dir(ckpt.workdir),
                 int(state.step))
     return state
@@ -589,7 +590,7 @@ class _Loop:
             jax.random.key(tc.seed), 3)
         self.ckpt = checkpointing.Checkpointer(workdir, tc.keep_checkpoints)
         self.batches = self.sample_fn = self.previous = self.last_saved = None
-        self.throughput = None
+        self.throughput = self.bar = None
         self.pending = []
         self.can_sample = bool(tc.sample_every_steps) and config.model.name not in (
             'classifier', 'autoencoder')
@@ -606,6 +607,8 @@ class _Loop:
     def train(self) -> TrainState:
         state, start = self._start()
         k, tc = self.k, self.tc
+        # steps done / num_train_steps with rate and ETA on the console (process 0).
+        self.bar = logging_utils.progress_bar(tc.num_train_steps, 'train', initial=start)
         with _Preemption() as preemption:
             # step: the steps done after this call (calls end at multiples of k).
             for step in range(start + k, tc.num_train_steps + 1, k):
@@ -660,6 +663,7 @@ class _Loop:
     def _after_call(self, step: int, state, metrics, preemption) -> bool:
         """Everything between calls, in order; True when the loop stops after this call."""
         tc, k = self.tc, self.k
+        self.bar.update(k)
         self.pending.append(metrics)
         if self.previous is not None:  # one call behind: the device stays busy meanwhile
             _check_finite(self.previous, step - k, self.max_skips, self.ckpt, k)
@@ -690,6 +694,7 @@ class _Loop:
                 self.ckpt.save(state)  # finite: _check_finite passed at this step
                 # Until it commits, a crash would fall back one more interval.
                 self.ckpt.wait()
+                self.writer.flush()  # the logs up to this checkpoint (a URI workdir's too)
             self.last_saved = step
         return stop
 
@@ -698,6 +703,8 @@ class _Loop:
         self.pending = []
         eta = self.throughput.report(summary, step)
         self.writer.scalars(step, summary, note=f'ETA {eta}')
+        if 'loss' in summary:
+            self.bar.set_postfix(loss=f'{summary["loss"]:.4g}', refresh=False)
 
     def _sample(self, step: int, state) -> None:
         self.sample_fn = self.sample_fn or make_sample_fn(
@@ -707,6 +714,8 @@ class _Loop:
         logger.info('samples: %s', write_samples(self.workdir, step, samples, self.writer))
 
     def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
         if self.batches is not None:
             self.batches.close()
         self.ckpt.close()

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from diffusion_jax import image_utils, latents, run, sharding
+from diffusion_jax import image_utils, latents, logging_utils, run, sharding
 from diffusion_jax.defaults import default_eval_config  # noqa: F401  (the old name)
 from diffusion_jax.evaluation import likelihood, sample_quality
 from diffusion_jax.evaluation.likelihood import ESTIMATORS
@@ -111,6 +111,7 @@ class _NllPass:
         self.probs = None if estimator == 'full' else uniform
         self.acc = likelihood.BpdAccumulator()
         self.start = time.time()
+        self.bar = logging_utils.progress_bar(total, 'eval nll', unit='batch')
 
     def fetch_first(self, i: int) -> bool:
         """Whether batch i must be consumed before the next is dispatched (it sets p(t))."""
@@ -140,11 +141,15 @@ class _NllPass:
             'full', 'ode') else out
         self.acc.add({name: np.asarray(v)[mask] for name, v in terms.items()})
         elapsed = time.time() - self.start
-        logging.info('eval nll: batch %d/%d, %.4f bits/dim so far, %.1fs elapsed, ETA %.0fs',
-                     i + 1, self.total, self.acc.mean('total'), elapsed,
-                     elapsed / (i + 1) * (self.total - i - 1))
+        self.bar.update(1)
+        self.bar.set_postfix(bpd=f'{self.acc.mean("total"):.4f}', refresh=False)
+        if (i + 1) % 10 == 0 or i + 1 == self.total:  # the bar shows every batch
+            logging.info('eval nll: batch %d/%d, %.4f bits/dim so far, %.1fs elapsed, ETA %.0fs',
+                         i + 1, self.total, self.acc.mean('total'), elapsed,
+                         elapsed / (i + 1) * (self.total - i - 1))
 
     def summary(self) -> dict:
+        self.bar.close()
         result = dict(self.acc.summary(), estimator=self.estimator)
         if self.estimator == 'ode':
             result.update(self.ode_options, nfe_mean=float(np.mean(self.ode_nfe)),

@@ -213,7 +213,6 @@ def save_feature_net(out_dir: str, params, meta: dict) -> None:
     missing = {"num_classes", "feature_dim", "dataset", "test_accuracy"} - meta.keys()
     if missing:
         raise ValueError(f"meta lacks {sorted(missing)}")
-    os.makedirs(out_dir, exist_ok=True)
     params = jax.tree.map(np.asarray, params)
     data = flax.serialization.msgpack_serialize(params)
     image_utils.atomic_write(os.path.join(out_dir, PARAMS_FILE), data)
@@ -223,10 +222,9 @@ def save_feature_net(out_dir: str, params, meta: dict) -> None:
 
 def load_feature_net(out_dir: str) -> tuple[FeatureNet, dict, dict]:
     """(model, params, meta) from a directory written by ``save_feature_net``."""
-    with open(os.path.join(out_dir, META_FILE)) as f:
-        meta = json.load(f)
-    with open(os.path.join(out_dir, PARAMS_FILE), "rb") as f:
-        params = flax.serialization.msgpack_restore(f.read())
+    meta = json.loads(image_utils.read_text(os.path.join(out_dir, META_FILE)))
+    params = flax.serialization.msgpack_restore(
+        image_utils.read_bytes(os.path.join(out_dir, PARAMS_FILE)))
     return FeatureNet(meta["num_classes"], meta["feature_dim"]), params, meta
 
 

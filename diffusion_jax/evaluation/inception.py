@@ -267,7 +267,9 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
         import torch
     except ImportError as e:
         raise ImportError(_TORCH_EXTRA_HINT) from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    import io  # pylint: disable=import-outside-toplevel
+    state = torch.load(io.BytesIO(image_utils.read_bytes(path)), map_location="cpu",
+                       weights_only=True)
     return {k: v.detach().cpu().numpy() for k, v in state.items()}
 
 
@@ -316,15 +318,14 @@ def _check_against_model(flat: dict) -> None:
 
 
 def save_converted(variables: dict, path: str) -> None:
-    """Write variables as flax msgpack, atomically (a temp file, then os.replace)."""
+    """Write variables as flax msgpack, atomically (image_utils.atomic_write)."""
     data = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, variables))
     image_utils.atomic_write(os.fspath(path), data)
 
 
 def load_converted(path: str) -> dict:
     """Read a file written by ``save_converted``; re-checks the shapes."""
-    with open(path, "rb") as f:
-        variables = flax.serialization.msgpack_restore(f.read())
+    variables = flax.serialization.msgpack_restore(image_utils.read_bytes(path))
     _check_against_model(traverse_util.flatten_dict(variables))
     return variables
 
@@ -336,7 +337,7 @@ def load_pytorch_fid_weights(path: str | os.PathLike) -> dict:
     fly; needs torch) or the msgpack file written by ``convert_inception``.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not image_utils.exists(path):
         raise FileNotFoundError(
             f"FID Inception weights not found at {path!r}. Download the PyTorch port of the "
             f"2015-12-05 TensorFlow Inception graph from\n  {FID_WEIGHTS_URL}\nand either point "

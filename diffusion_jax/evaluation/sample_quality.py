@@ -56,7 +56,7 @@ class FeatureSpace:
         else:
             from diffusion_jax.evaluation import feature_net  # pylint: disable=import-outside-toplevel
             folder = eval_config.get('feature_net_dir', '') or ''
-            if not os.path.exists(os.path.join(folder, feature_net.META_FILE)):
+            if not image_utils.exists(os.path.join(folder, feature_net.META_FILE)):
                 raise FileNotFoundError(
                     f'eval.feature_net_dir={folder!r} holds no trained feature net: train one with '
                     'python -m diffusion_jax.evaluation.feature_net --dataset=<dataset> --out=DIR '
@@ -73,10 +73,10 @@ def _file_identity(path: str) -> str:
     """What identifies a weights file for the cache key: its sha256 (the file is read once;
     a re-converted or retrained feature space must not reuse statistics of the old one)."""
     import hashlib  # pylint: disable=import-outside-toplevel
-    if not path or not os.path.exists(path):
+    if not path or not image_utils.exists(path):
         return f'{path}:absent'
     digest = hashlib.sha256()
-    with open(path, 'rb') as f:
+    with image_utils.as_path(path).open('rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
             digest.update(chunk)
     return digest.hexdigest()
@@ -244,15 +244,16 @@ class SamplesFile:
 
     def __init__(self, path: str, image_size: int, channels: int):
         self.path = path
-        if not os.path.isfile(path):
+        target = image_utils.as_path(path)
+        if not target.exists() or target.is_dir():
             raise FileNotFoundError(f'eval.samples_path={path!r} does not exist: point it at a '
                                     'samples .npz (e.g. <workdir>/samples/<step>/samples.npz).')
         if path.endswith('.npy'):
-            self._open = lambda: open(path, 'rb')
+            self._open = lambda: target.open('rb')
             self.key = None
         else:
             try:
-                with zipfile.ZipFile(path) as archive:
+                with target.open('rb') as raw, zipfile.ZipFile(raw) as archive:
                     names = [n[:-4] for n in archive.namelist() if n.endswith('.npy')]
             except zipfile.BadZipFile as err:
                 raise ValueError(f'eval.samples_path={path!r} is not an .npz file ({err}): '
@@ -287,7 +288,8 @@ class SamplesFile:
 
 class _ZipMember:
     def __init__(self, path, name):
-        self._archive = zipfile.ZipFile(path)
+        self._raw = image_utils.as_path(path).open('rb')  # a local path or a URI
+        self._archive = zipfile.ZipFile(self._raw)
         self._file = self._archive.open(name)
 
     def read(self, n=-1):
@@ -298,6 +300,8 @@ class _ZipMember:
 
     def __exit__(self, *exc):
         self._file.close()
+        self._archive.close()
+        self._raw.close()
         self._archive.close()
 
 

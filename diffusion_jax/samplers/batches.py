@@ -22,6 +22,7 @@ from absl import logging
 from diffusion_jax import guidance as guidance_lib
 from diffusion_jax import cold, models, processes, sharding
 from diffusion_jax.diffusion import create_diffusion
+from diffusion_jax import logging_utils
 from diffusion_jax.logging_utils import format_duration
 from diffusion_jax.respace import respaced
 from diffusion_jax.samplers import chain
@@ -273,6 +274,15 @@ def draw_batches(sampler, key, batch_shape, num_samples: int, labels, transform=
         x = sampler.sample(jax.random.fold_in(key, i), (size, *batch_shape[1:]), y)['samples']
         return x if transform is None else transform(x)
 
+    bar = logging_utils.progress_bar(num_batches, 'sample', unit='batch')
+    try:
+        yield from _fetch_batches(dispatch, num_batches, num_samples, batch, start, bar)
+    finally:
+        bar.close()
+
+
+def _fetch_batches(dispatch, num_batches: int, num_samples: int, batch: int, start: float,
+                   bar):
     # The first batch is fetched before the next is dispatched, so that its compile (or
     # persistent-cache load) and run time are measured alone.
     with sharding.CompileClock() as clock:
@@ -291,6 +301,7 @@ def draw_batches(sampler, key, batch_shape, num_samples: int, labels, transform=
                 per_batch = (time.time() - start - first) / i
                 logging.info('batch %d/%d, %.2f samples/s, ETA %s', i + 1, num_batches,
                              batch / per_batch, format_duration(per_batch * (num_batches - i - 1)))
+        bar.update(1)
         yield x[:num_samples - i * batch]
 
 
