@@ -17,6 +17,7 @@ on the command line); a value set explicitly that does not fit is an error namin
 from __future__ import annotations
 
 import ml_collections
+from absl import logging
 
 from diffusion_jax import cold
 
@@ -49,6 +50,9 @@ CHECKS = (
     ('sampling.num_steps', 'a valid respacing of diffusion.num_timesteps (gaussian), an '
      'integer K >= 1 (flow, edm)'),
     ('sampling.s_churn > 0', "method='heun'"),
+    ('sampling.eta, langevin_snr, langevin_steps, ddim_guidance, dynamic_threshold, s_churn, '
+     's_tmin, s_tmax, s_noise (where the sampler runs)', 'their default unless sampling.method '
+     'reads them (samplers.options.fields_read)'),
     ('sampling.guidance_interval', "'' or 'lo,hi' with 0 <= lo < hi"),
     ('sampling.guidance_channels', 'in [0, model.in_channels]'),
     ('sampling.guidance_scale > 0', 'model.num_classes > 0 and training.label_dropout > 0 '
@@ -407,11 +411,42 @@ def _check_latent_modes(config) -> None:
                              f'latent run (data.latents) samples pixels only: set it to False.')
 
 
+def samples_drawn(config, mode: str) -> bool:
+    """Whether `mode` runs config.sampling's sampler: --mode=sample, --mode=eval with
+    eval.sample_quality (and no eval.samples_path), --mode=train with periodic samples."""
+    if mode == 'sample':
+        return True
+    if mode == 'eval':
+        e = config.get('eval', {})
+        return bool(e.get('sample_quality', False)) and not e.get('samples_path', '')
+    if mode == 'train':
+        return bool(config.get('training', {}).get('sample_every_steps', 0))
+    return False
+
+
+def _check_method_options(config, mode: str) -> None:
+    """Options the chosen sampler does not read are refused where it runs (one line); a
+    multistep λ-solver on evenly strided steps gets one warning (samplers.options)."""
+    if not samples_drawn(config, mode):
+        return
+    from diffusion_jax.samplers import options  # pylint: disable=import-outside-toplevel
+    process = config.diffusion.get('process', 'gaussian')
+    options.check_method_options(config.sampling, process)
+    if process == 'gaussian':
+        advice = options.spacing_warning(config.sampling.method,
+                                         config.sampling.get('num_steps', ''),
+                                         int(config.diffusion.num_timesteps))
+        if advice:
+            logging.warning('%s', advice)
+
+
 def resolve(config, mode: str = 'train', typed=()) -> ml_collections.ConfigDict:
     """A validated copy of config with the derived fields filled in; ValueError otherwise.
 
     typed: the dotted paths the user typed (a field whose source was typed but which was not
-    typed itself is re-derived). Reads nothing from disk.
+    typed itself is re-derived). Reads nothing from disk. Logs one warning when a multistep
+    solver is asked for evenly strided steps (samplers.options.spacing_warning): run.resolve_config
+    calls this once per command, so the warning appears once.
     """
     check_mode(mode)
     typed = set(typed or ())
@@ -427,6 +462,7 @@ def resolve(config, mode: str = 'train', typed=()) -> ml_collections.ConfigDict:
         _check_sampling(config)
         check_guidance(config)
         _check_guidance_channels(config)
+        _check_method_options(config, mode)
     if 'eval' in config:
         _check_eval(config)
     return config

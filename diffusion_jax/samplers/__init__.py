@@ -18,6 +18,8 @@ Layout (one sampler = one registered unit in one module, with its equation in th
   cold.py        'cold', 'cold_naive'  Bansal et al. 2022 Algorithms 2 and 1 over a
                  diffusion_jax.cold.ColdDiffusion; cold_restore, cold_generate     NFE T
   chain.py       sample, reverse_from, langevin_correct: one jit per (method, options, K, shape)
+  options.py     which method-specific sampling.* fields each method reads (refused otherwise,
+                 config_validation) and the spacing warning of the multistep solvers
   process_solvers.py  the samplers over a continuous process (diffusion_jax.processes 'flow',
                  'edm'): 'euler', 'heun' (EDM Alg. 2 with churn), 'ddim', 'dpmpp_2m', 'dpmpp_3m',
                  'unipc' through the process's x̂_0 and λ (the dpm_solver/unipc updates);
@@ -54,6 +56,7 @@ from diffusion_jax.samplers.editing import (INVERSIONS, ddim_encode, ddim_encode
 from diffusion_jax.samplers.langevin import annealed_step_size, langevin_step, snr_step_size
 from diffusion_jax.samplers.registry import get_sampler, names, nfe, register_sampler
 from diffusion_jax.samplers import process_solvers  # noqa: E402  (after the chain's modules)
+from diffusion_jax.samplers import options  # noqa: E402,F401
 from diffusion_jax.guidance import (ClassifierGuidance, bind_model, classifier_free_model_fn,
                                     classifier_grad_fn, classifier_guidance)
 

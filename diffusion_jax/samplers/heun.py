@@ -61,6 +61,7 @@ def heun_step(ctx, x, t):
 
 
 @register_sampler('heun', nfe=lambda k, _: 2 * k - 1,
+                  reads=('ddim_guidance', 'dynamic_threshold'),
                   summary="EDM's Heun sampler (Karras et al. 2022, Alg. 1)")
 def chain_step(ctx, state, t, key):  # pylint: disable=unused-argument
     x, denoised = heun_step(ctx, state['x'], t)

@@ -110,7 +110,9 @@ def heun_step(ctx, state, i, key):
 
 
 def _order(ctx, state, i, order):
-    remaining = ctx.opts.num_steps - 1 - i  # DPM-Solver's lower_order_final
+    """UniPC's order at step i: ≤ the steps left, for every K (diffusers' UniPCMultistepScheduler,
+    lower_order_final=True: min(solver_order, len(timesteps) - step_index))."""
+    remaining = ctx.opts.num_steps - 1 - i
     return jnp.minimum(jnp.minimum(order, state['n'] + 1), remaining + 1)
 
 
@@ -120,8 +122,11 @@ def multistep_step(order: int):
         m0 = denoise(ctx, x, ctx.grid[i])
         (lam_s2, _, _), (lam_s1, _, _) = _levels(ctx, i - 2), _levels(ctx, i - 1)
         (lam_s, _, sigma_s), (lam_t, alpha_t, sigma_t) = _levels(ctx, i), _levels(ctx, i + 1)
+        # DPM-Solver++'s orders near the end are diffusers' (dpm_solver.multistep_order).
+        step_order = dpm_solver.multistep_order(order, state['n'], ctx.opts.num_steps - i,
+                                                ctx.opts.num_steps)
         x = dpm_solver.dpmpp_update_levels(
-            x, m0, state['m1'], state['m2'], _order(ctx, state, i, order),
+            x, m0, state['m1'], state['m2'], step_order,
             (lam_s2, lam_s1, lam_s, lam_t), alpha_t, sigma_t, sigma_s, ctx.grid[i + 1] == 0)
         return {'x': x, 'm1': m0, 'm2': state['m1'], 'n': state['n'] + 1}, m0
     return step
@@ -163,6 +168,12 @@ METHODS = {
                         lambda k: k),
     'unipc': _Method(unipc_step, lambda x: unipc.init(None, x), lambda k: k),
 }
+
+
+# The method-specific sampling.* fields each process method reads (samplers.options): EDM
+# Algorithm 2's churn for 'heun' only; none of the chain's eta / langevin_* / ddim_guidance /
+# dynamic_threshold (process samplers have no classifier guidance and clip or not).
+READS = {'heun': ('s_churn', 's_tmin', 's_tmax', 's_noise')}
 
 
 def nfe(method: str, num_steps: int) -> int:
