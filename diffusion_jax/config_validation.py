@@ -135,33 +135,31 @@ def _check_diffusion(config) -> None:
     if d.get('timestep_sampler', 'uniform') not in timestep_sampling.SAMPLERS:
         raise ValueError(f'diffusion.timestep_sampler={d.timestep_sampler!r} is not valid; '
                          f'choose one of {", ".join(timestep_sampling.SAMPLERS)}.')
+    from diffusion_jax import processes  # pylint: disable=import-outside-toplevel
     try:
         if cold.is_cold(d):
-            cold.create_cold_diffusion(d, cold.image_shape(config))
+            processes.get_process(d)  # the 'cold' builder checks its own fields
         else:
             create_diffusion(d)
     except ValueError as err:
         text = str(err)
         raise ValueError(text if text.startswith('diffusion.') else f'diffusion.{text}') from err
-    if not cold.is_cold(d):  # cold diffusion's own fields are checked by create_cold_diffusion
-        _check_process(d)
+    _check_process(d)
 
 
 def _check_process(d) -> None:
     """diffusion.process and what depends on it (diffusion_jax.processes), one line each."""
     from diffusion_jax import processes  # pylint: disable=import-outside-toplevel
     name = d.get('process', 'gaussian')
-    known = (*processes.names(), 'cold')  # cold diffusion is built beside them (diffusion_jax.cold)
-    if name not in known:
-        raise ValueError(f'diffusion.process={name!r} is not a process; choose one of '
-                         f'{", ".join(known)}.')
+    processes.check_name(name)
     weighting = d.get('loss_weighting', 'none')
     if name != 'gaussian' and weighting != 'none':
         raise ValueError(f'diffusion.loss_weighting={weighting!r} applies to diffusion.process='
                          f"'gaussian' (ε/x0/v-prediction, Hang et al. 2023); {name!r} weights its "
                          "loss through its own time law (and λ(σ) for edm): set "
                          "loss_weighting='none'.")
-    if name != 'gaussian' and d.get('timestep_sampler', 'uniform') != 'uniform':
+    # 'cold' trains through the discrete chain's timestep sampler (its levels are steps).
+    if name not in ('gaussian', 'cold') and d.get('timestep_sampler', 'uniform') != 'uniform':
         raise ValueError(f'diffusion.timestep_sampler={d.timestep_sampler!r} applies to the '
                          f"discrete gaussian process; {name!r} draws its own training times: set "
                          "timestep_sampler='uniform'.")
@@ -452,6 +450,10 @@ def resolve(config, mode: str = 'train', typed=()) -> ml_collections.ConfigDict:
     typed = set(typed or ())
     config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
     _check_counts(config, mode)
+    if cold.is_cold(config.diffusion):
+        # The one derivation of the cold process's image shape (processes/cold.py reads it):
+        # the data's, or a latent run's latent grid (data.latent_size, set before this).
+        config.diffusion.image_shape = cold.image_shape(config)
     _check_diffusion(config)
     if config.get('data', {}).get('latents', ''):
         # data.latent_size / latent_channels: filled from the autoencoder's config.json by

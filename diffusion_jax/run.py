@@ -56,7 +56,8 @@ TRAINED_FIELDS = ('training.label_dropout',)  # outside TRAINED_SECTIONS, fixed 
 # in; the attention kernels are equal within rounding). A run may be resumed, sampled or
 # evaluated with other values, typed or in the passed config; every other trained field is fixed.
 UNTRAINED_FIELDS = ('data.data_dir', 'data.download', 'data.num_workers', 'data.prefetch',
-                    'model.attention_implementation', 'model.dtype', 'data.latents_cache')
+                    'model.attention_implementation', 'model.dtype', 'data.latents_cache',
+                    'diffusion.image_shape')  # derived from data (cold runs) on every resolve
 LATEST = -1  # sampling.checkpoint_step / eval.checkpoint_step: the newest valid checkpoint
 
 logger = py_logging.getLogger('diffusion_jax').getChild('run')

@@ -150,7 +150,8 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
     # 'flow' and 'edm' draw their own times and noise in process.loss.
     # 'cold' (diffusion_jax.cold) trains through the same path: its training_losses is the L1
     # restoration loss.
-    process = None if cold.is_cold(config.diffusion) else processes.get_process(config.diffusion)
+    cold_run = cold.is_cold(config.diffusion)
+    process = None if cold_run else processes.get_process(config.diffusion)
     continuous = process is not None and not isinstance(process, processes.GaussianProcess)
     min_snr = process is not None and not continuous and process.loss_weighting != 'none'
     self_condition = self_conditioned(config)
@@ -193,7 +194,9 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
                     model_fn = net(self_condition_input(sc_rng, lambda z: diffusion.p_mean_variance(
                         diffusion_lib.wrap_model(net(z), diffusion)(x_t, t), x_t, t,
                         clip_denoised=False)['pred_x0'], x0))
-                terms = diffusion.training_losses(model_fn, x0, t, noise)
+                # A cold run's random-centre mask draws its centres from the training key.
+                extra = {'key': noise_rng} if cold_run else {}
+                terms = diffusion.training_losses(model_fn, x0, t, noise, **extra)
                 if min_snr:
                     terms = dict(terms, loss=process.loss_weight(t) * terms['loss'])
                 return jnp.mean(weights * terms['loss']), terms

@@ -18,6 +18,15 @@ classifier-free guidance via model_fn / guidance) carries over.
              conditional), another guidance scale. The unchanged decode (reconstruction) and its
              error, the inversion's own, come with it.
 
+On a continuous process (diffusion_jax.processes 'flow', 'edm'; given as `diffusion` with
+num_steps = K) each function runs its process form, samplers/process_edit.py: the same
+constructions on the process's grid, marginals and x̂_0. A GaussianProcess runs its diffusion
+(respaced by num_steps when given).
+
+Conditions (class labels, a text context {'context': [B, L, D], 'mask': [B, L]}, classifier-free
+guidance) are bound into model_fn as for the samplers (guidance.bind_model,
+guidance.classifier_free_model_fn); classifier guidance is `guidance` (the Gaussian chain only).
+
 Masks: 1 = keep (known), 0 = generate. The named masks name the region that is generated:
 'right_half' inpaints the right half.
 """
@@ -31,9 +40,35 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from diffusion_jax.samplers import ancestral, chain, common, editing
+from diffusion_jax.diffusion import GaussianDiffusion
+from diffusion_jax.samplers import ancestral, chain, common, editing, process_edit
 
 MASKS = ('right_half', 'left_half', 'top_half', 'center')
+
+
+def _target(diffusion, num_steps, guidance=None):
+    """(GaussianDiffusion or None, continuous process or None) of an edit's `diffusion`."""
+    if isinstance(diffusion, GaussianDiffusion):
+        if num_steps is not None:
+            raise ValueError('num_steps applies to a process; respace a GaussianDiffusion with '
+                             'diffusion.respace instead.')
+        return diffusion, None
+    inner = chain._from_process(diffusion, num_steps)  # pylint: disable=protected-access
+    if isinstance(inner, GaussianDiffusion):
+        return inner, None
+    if guidance is not None:
+        raise ValueError('classifier guidance runs on the gaussian process only; set '
+                         'sampling.classifier_scale=0.')
+    return None, inner
+
+
+def _as_mask(mask, x0):
+    mask = jnp.asarray(mask, jnp.float32)
+    try:
+        return jnp.broadcast_to(mask, x0.shape)
+    except ValueError as err:
+        raise ValueError(f'edit.mask of shape {tuple(mask.shape)} does not fit the images '
+                         f'{tuple(x0.shape)}: give [N, H, W, 1] or [N, H, W, C].') from err
 
 
 def make_mask(spec: str, shape, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -140,21 +175,23 @@ def _repaint_jit(dynamic, rng, x0, mask, levels, *, static, opts):
 
 def repaint(diffusion, model_fn, rng, x0, mask, *, jump_length: int = 10,
             jump_n_sample: int = 10, clip_denoised: bool = True, guidance=None,
-            mesh: Mesh | None = None):
+            mesh: Mesh | None = None, num_steps=None):
     """RePaint inpainting (Lugmayr et al. 2022) of x0 [B, ...] where mask == 0.
 
     mask: broadcastable to x0 (e.g. [B, H, W, 1]), 1 = keep. jump_length, jump_n_sample: the
     resampling (their defaults, j = 10 and r = 10 over T = 250, are this function's; 1 and 1 is
     the plain chain with pasting). Network calls: K + (jump_n_sample - 1) · jump_length · ⌊(K -
-    1)/jump_length⌋ reverse steps. Returns [B, ...] with the kept pixels equal to x0 exactly.
+    1)/jump_length⌋ reverse steps. diffusion: a GaussianDiffusion, or a process with num_steps
+    = K (process_edit.repaint). Returns [B, ...] with the kept pixels equal to x0 exactly.
     """
     x0 = jnp.asarray(x0, jnp.float32)
-    mask = jnp.asarray(mask, jnp.float32)
-    try:
-        mask = jnp.broadcast_to(mask, x0.shape)
-    except ValueError as err:
-        raise ValueError(f'edit.mask of shape {tuple(mask.shape)} does not fit the images '
-                         f'{tuple(x0.shape)}: give [N, H, W, 1] or [N, H, W, C].') from err
+    mask = _as_mask(mask, x0)
+    diffusion, process = _target(diffusion, num_steps, guidance)
+    if process is not None:
+        return process_edit.repaint(process, model_fn, rng, x0, mask,
+                                    num_steps=18 if num_steps is None else num_steps,
+                                    jump_length=jump_length, jump_n_sample=jump_n_sample,
+                                    clip_denoised=clip_denoised, mesh=mesh)
     chain.check_batch(x0.shape[0], mesh, 'repaint')
     levels = jnp.asarray(repaint_schedule(diffusion.num_timesteps, int(jump_length),
                                           int(jump_n_sample)))
@@ -177,9 +214,18 @@ def sdedit_start(num_steps: int, strength: float) -> int:
 
 def sdedit(diffusion, model_fn, rng, x_input, strength: float, *, method: str = 'ancestral',
            eta: float = 0.0, clip_denoised: bool = True, guidance=None,
-           mesh: Mesh | None = None):
+           mesh: Mesh | None = None, num_steps=None, **solver_options):
     """SDEdit (Meng et al. 2022): x_{t0} = √ᾱ_{t0} x_input + √(1-ᾱ_{t0}) ε, then the sampler
-    `method` from t0 = sdedit_start(K, strength) to 0. x_input [B, ...]; returns [B, ...]."""
+    `method` from t0 = sdedit_start(K, strength) to 0. x_input [B, ...]; returns [B, ...].
+    On a process (num_steps = K): process_edit.sdedit, method 'ancestral' or a process solver
+    (solver_options: its churn)."""
+    diffusion, process = _target(diffusion, num_steps, guidance)
+    if process is not None:
+        process_edit.check_sdedit_method(process, method)
+        return process_edit.sdedit(process, model_fn, rng, x_input, strength,
+                                   num_steps=18 if num_steps is None else num_steps,
+                                   method=method, clip_denoised=clip_denoised, mesh=mesh,
+                                   **solver_options)
     t0 = sdedit_start(diffusion.num_timesteps, strength)
     k_noise, k_chain = jax.random.split(rng)
     x_input = jnp.asarray(x_input, jnp.float32)
@@ -194,14 +240,24 @@ def sdedit(diffusion, model_fn, rng, x_input, strength: float, *, method: str = 
 # ----------------------------------------------------------------------------------------------
 def ddim_edit(diffusion, model_fn, x_input, *, edit_model_fn=None, edit_guidance=None,
               inversion: str = 'reference', clip_denoised: bool = False,
-              mesh: Mesh | None = None) -> dict:
+              mesh: Mesh | None = None, num_steps=None) -> dict:
     """Invert x_input [B, ...] with model_fn (DDIM, η = 0) and decode the code with
     edit_model_fn (another label or guidance scale; None: model_fn) and edit_guidance.
 
     Returns dict(edited [B, ...], reconstruction [B, ...] (decoded with model_fn: what the
     inversion alone gives back), codes [B, ...], reconstruction_error [B] (RMS of
     reconstruction - x_input per example)). With no change, edited == reconstruction.
+    On a process (num_steps = K): process_edit.ddim_edit (its 'reference'-convention inversion).
     """
+    diffusion, process = _target(diffusion, num_steps, edit_guidance)
+    if process is not None:
+        if inversion != 'reference':
+            raise ValueError(f'sampling.inversion={inversion!r}: a {process.name} process '
+                             "inverts with the 'reference' convention only; set it so.")
+        return process_edit.ddim_edit(process, model_fn, x_input,
+                                      num_steps=18 if num_steps is None else num_steps,
+                                      edit_model_fn=edit_model_fn, clip_denoised=clip_denoised,
+                                      mesh=mesh)
     x_input = jnp.asarray(x_input, jnp.float32)
     codes = editing.ddim_encode(diffusion, model_fn, x_input, clip_denoised=clip_denoised,
                                 mesh=mesh, inversion=inversion)
