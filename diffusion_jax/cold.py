@@ -399,11 +399,11 @@ def diffusion_section(config):
 
 def create_for_config(config):
     """The process a whole run config trains and samples with: the registry's 'cold' process
-    (processes.get_process) where diffusion.process='cold', built at the data's shape, else
+    (processes.get_process(diffusion_section(config)) builds the same; this module stays below
+    the registry) where diffusion.process='cold', built at the data's shape, else
     diffusion.create_diffusion's GaussianDiffusion."""
-    if is_cold(config.diffusion):
-        from diffusion_jax import processes  # pylint: disable=import-outside-toplevel
-        return processes.get_process(diffusion_section(config))
+    if is_cold(config.diffusion):  # what processes.get_process builds from diffusion_section
+        return create_cold_diffusion(config.diffusion, image_shape(config))
     from diffusion_jax.diffusion import create_diffusion  # pylint: disable=import-outside-toplevel
     return create_diffusion(config.diffusion)
 

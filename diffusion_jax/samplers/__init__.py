@@ -28,6 +28,8 @@ Layout (one sampler = one registered unit in one module, with its equation in th
                  interpolate_ddpm, same_xt_samples, slerp
   edit.py        repaint (Lugmayr et al. 2022, with resampling), sdedit (Meng et al. 2022),
                  ddim_edit (invert, decode with another label/scale), make_mask
+  process_edit.py  the three edits on a continuous process's grid and marginals (edit.py
+                 dispatches there when given a 'flow' or 'edm' process)
   batches.py     a run's samples in batches over the mesh: draw_samples, sample_batches
                  (imported as diffusion_jax.samplers.batches; --mode=sample and FID use it)
 Samplers call the network as ctx.model_fn(x, t) with their own step indices t: common.context
@@ -57,6 +59,7 @@ from diffusion_jax.samplers.langevin import annealed_step_size, langevin_step, s
 from diffusion_jax.samplers.registry import get_sampler, names, nfe, register_sampler
 from diffusion_jax.samplers import process_solvers  # noqa: E402  (after the chain's modules)
 from diffusion_jax.samplers import options  # noqa: E402,F401
+from diffusion_jax.samplers import process_edit  # noqa: E402
 from diffusion_jax.guidance import (ClassifierGuidance, bind_model, classifier_free_model_fn,
                                     classifier_grad_fn, classifier_guidance)
 
@@ -69,5 +72,6 @@ __all__ = ['METHODS', 'INVERSIONS', 'DDIM_GUIDANCE', 'DEFAULT_SNR', 'DEFAULT_LAN
            'same_xt_samples', 'slerp', 'langevin_correct', 'ancestral_step', 'ddim_step',
            'ddim_encode_step', 'ddim_reverse_step', 'langevin_step', 'snr_step_size',
            'annealed_step_size', 'guided_model_output', 'condition_score', 'dynamic_threshold',
-           'register_sampler', 'get_sampler', 'names', 'nfe', 'process_solvers', 'ClassifierGuidance',
+           'register_sampler', 'get_sampler', 'names', 'nfe', 'process_solvers', 'process_edit',
+           'ClassifierGuidance',
            'classifier_guidance', 'classifier_grad_fn', 'classifier_free_model_fn', 'bind_model']

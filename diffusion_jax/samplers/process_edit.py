@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.samplers import common, process_solvers
+from diffusion_jax.samplers.edit_schedule import repaint_schedule, sdedit_start
 from diffusion_jax.samplers.static import check_batch, partition
 
 METHODS_EXTRA = ('ancestral',)  # sdedit's stochastic choice beside the process's solvers
@@ -107,7 +108,6 @@ def repaint(process, model_fn, rng, x0, mask, *, num_steps: int, jump_length: in
             jump_n_sample: int = 10, clip_denoised: bool = False, grid=None, mesh=None):
     """RePaint of x0 [B, ...] where mask == 0 (mask broadcastable to x0, 1 = keep) on the
     process's K-step grid. Returns [B, ...] with the kept pixels equal to x0 exactly."""
-    from diffusion_jax.samplers.edit import repaint_schedule  # pylint: disable=import-outside-toplevel
     grid = _grid(process, num_steps, grid)
     k = grid.shape[0] - 1
     levels = repaint_schedule(k, int(jump_length), int(jump_n_sample))
@@ -124,7 +124,6 @@ def repaint(process, model_fn, rng, x0, mask, *, num_steps: int, jump_length: in
 def sdedit_index(num_steps: int, strength: float) -> int:
     """j0 = K - ceil(strength · K): the grid index SDEdit noises the input to (strength in
     (0, 1]; the chain index t0 = ceil(strength · K) - 1 of the Gaussian chain is K - 1 - j0)."""
-    from diffusion_jax.samplers.edit import sdedit_start  # pylint: disable=import-outside-toplevel
     return int(num_steps) - 1 - sdedit_start(num_steps, strength)
 
 
