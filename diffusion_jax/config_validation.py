@@ -62,6 +62,14 @@ CHECKS = (
     ('training.self_condition', "model.name 'unet' or 'mlp'; diffusion.process gaussian, flow or "
      'edm; model.in_channels (in_dim) = 2·C (derived)'),
     ('training.label_dropout > 0', 'model.num_classes > 0'),
+    ('model.text_encoder', "'' or 'small' / 'clip' (a UNet, model.num_classes=0, a captioned "
+     "data.dataset such as 'digit_pairs'); model.context_dim = model.text.hidden_size (derived)"),
+    ('training.caption_dropout', 'in [0, 1); > 0 needs model.text_encoder'),
+    ('sampling.prompt / prompts_file / negative_prompt', 'a text run only; not both prompt and '
+     'prompts_file; prompts_file an existing file with a prompt per line; --mode=sample of a '
+     'text run needs one of them'),
+    ('sampling.guidance_scale > 0 (text run)', 'training.caption_dropout > 0'),
+    ('--mode=eval (text run)', 'eval.nll=False and eval.sample_quality=False (not yet wired)'),
     ('eval.nll_estimator / eval.feature_space', "a known name; 'ode' for flow and edm"),
 )
 
@@ -196,10 +204,64 @@ def _check_self_condition(config) -> None:
                          'training.self_condition=False.')
 
 
+# Embedded datasets whose examples carry captions (input_pipeline.Dataset.captions).
+CAPTIONED_DATASETS = ('digit_pairs',)
+TEXT_ENCODERS = ('small', 'clip')
+
+
+def is_text(config) -> bool:
+    return bool(config.get('model', {}).get('text_encoder', ''))
+
+
+def _derive_text(config, typed) -> None:
+    """A text run (model.text_encoder): a UNet without labels on captioned data; its
+    cross-attention width model.context_dim follows model.text.hidden_size."""
+    model, data = config.model, config.data
+    kind = model.get('text_encoder', '') or ''
+    dropout = config.get('training', {}).get('caption_dropout', 0.0) or 0.0
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f'training.caption_dropout={dropout} must lie in [0, 1) (latent '
+                         'diffusion drops 10% of the captions: 0.1).')
+    if not kind:
+        if dropout:
+            raise ValueError(f'training.caption_dropout={dropout} needs a text run: set '
+                             "model.text_encoder='small' (or 'clip'), or caption_dropout=0.")
+        return
+    if kind not in TEXT_ENCODERS:
+        raise ValueError(f'model.text_encoder={kind!r} is not a trained text encoder: use one of '
+                         f"{', '.join(TEXT_ENCODERS)} ('' for none).")
+    if model.get('name') != 'unet':
+        raise ValueError(f'model.text_encoder={kind!r} conditions a UNet, not model.name='
+                         f"{model.get('name')!r}: set model.name='unet' or text_encoder=''.")
+    if model.get('num_classes', 0):
+        raise ValueError(f'model.num_classes={model.num_classes} with model.text_encoder='
+                         f"{kind!r}: condition on captions or on labels; set num_classes=0.")
+    if data.get('dataset') not in CAPTIONED_DATASETS:
+        raise ValueError(f'model.text_encoder={kind!r} needs captions, but data.dataset='
+                         f"{data.get('dataset')!r} has none: use {', '.join(CAPTIONED_DATASETS)}.")
+    if 'text' not in model:
+        raise ValueError(f'model.text_encoder={kind!r} needs the model.text section (vocab_size, '
+                         'hidden_size, num_layers, num_heads, intermediate_size, max_length).')
+    width = model.text.get('hidden_size')
+    if not model.get('context_dim') or ('model.text.hidden_size' in typed
+                                        and 'model.context_dim' not in typed):
+        model.context_dim = width
+    elif model.context_dim != width:
+        raise ValueError(f'model.context_dim={model.context_dim} does not fit model.text.'
+                         f'hidden_size={width}: the cross-attention reads the encoder\'s states; '
+                         'leave context_dim unset (0) to derive it.')
+
+
 def _derive_model(config, typed) -> None:
     """Fills in / checks the model fields that follow data and diffusion (config is unlocked)."""
     model, data = config.model, config.data
     _check_self_condition(config)
+    _derive_text(config, typed)
+    if data.get('image_width', 0):  # H x W images (digit_pairs: 8 x 16): the UNet's W follows
+        if model.get('name') != 'unet':
+            raise ValueError(f'data.image_width={data.image_width}: non-square images are '
+                             f"sampled by the UNet only, not model.name={model.get('name')!r}.")
+        model.image_width = int(data.image_width)
     # A self-conditioned network takes [x_t, x̂_0]: twice the data's channels (Chen et al. 2022).
     factor = 2 if _self_condition(config) else 1
     if model.get('name') == 'mlp' or 'data_dim' in model:
@@ -350,6 +412,9 @@ def check_guidance(config) -> None:
     model trained with label dropout; label dropout needs a class-conditional model."""
     classes = config.model.get('num_classes', 0) or 0
     dropout = config.training.get('label_dropout', 0.0)
+    if is_text(config):
+        _check_text_guidance(config)
+        return
     if dropout > 0 and not classes:
         raise ValueError(f'training.label_dropout={dropout} needs a class-conditional model: set '
                          'model.num_classes (to data.num_classes) or label_dropout to 0.')
@@ -373,6 +438,51 @@ def check_guidance(config) -> None:
                          f'training.label_dropout > 0 (this one: {dropout}), so that it knows '
                          'the null label; set sampling.guidance_scale=0 or train with '
                          '--config.training.label_dropout=0.1.')
+
+
+def _check_text_guidance(config) -> None:
+    s = config.sampling
+    scale = s.get('guidance_scale', 0.0)
+    dropout = config.training.get('caption_dropout', 0.0) or 0.0
+    if scale > 0 and dropout <= 0:
+        raise ValueError(f'sampling.guidance_scale={scale} needs a text run trained with '
+                         f'training.caption_dropout > 0 (this one: {dropout}), so that it knows '
+                         'the empty prompt; set sampling.guidance_scale=0 or train with '
+                         '--config.training.caption_dropout=0.1.')
+    for field in ('guidance_model_workdir', 'classifier_scale'):
+        if s.get(field, ''):
+            raise ValueError(f'sampling.{field}={s.get(field)!r}: a text run is guided '
+                             'classifier-free (sampling.guidance_scale); set it to its default.')
+
+
+def _check_prompts(config, mode: str) -> None:
+    """sampling.prompt / prompts_file / negative_prompt: text runs only, one source of prompts;
+    --mode=sample of a text run needs one."""
+    s = config.sampling
+    given = [f for f in ('prompt', 'prompts_file', 'negative_prompt') if s.get(f, '')]
+    if not is_text(config):
+        if given:
+            raise ValueError(f'sampling.{given[0]}={s.get(given[0])!r} needs a text run '
+                             "(model.text_encoder='small' or 'clip'); this run is not one: "
+                             f'drop sampling.{given[0]}.')
+        return
+    if s.get('prompt', '') and s.get('prompts_file', ''):
+        raise ValueError(f'sampling.prompt={s.prompt!r} and sampling.prompts_file='
+                         f'{s.prompts_file!r}: give one of them.')
+    if s.get('prompts_file', ''):
+        from diffusion_jax import text  # pylint: disable=import-outside-toplevel
+        text.read_prompts_file(s.prompts_file)
+    if mode == 'sample' and not (s.get('prompt', '') or s.get('prompts_file', '')):
+        raise ValueError("sampling.prompt='' and sampling.prompts_file='': a text run samples "
+                         'from prompts; set --config.sampling.prompt="three and seven" or '
+                         'sampling.prompts_file=FILE (one prompt per line).')
+    if mode == 'eval':
+        e = config.get('eval', {})
+        for field in ('nll', 'sample_quality'):
+            if e.get(field, field == 'nll'):
+                raise ValueError(f'eval.{field}=True: --mode=eval of a text run is not wired '
+                                 f'yet; set eval.{field}=False (the prompt accuracy of '
+                                 'experiments/digit_pairs.py measures text runs).')
 
 
 def _check_eval(config) -> None:
@@ -465,6 +575,7 @@ def resolve(config, mode: str = 'train', typed=()) -> ml_collections.ConfigDict:
         check_guidance(config)
         _check_guidance_channels(config)
         _check_method_options(config, mode)
+        _check_prompts(config, mode)
     if 'eval' in config:
         _check_eval(config)
     return config

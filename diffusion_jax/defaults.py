@@ -62,6 +62,12 @@ def default_sampling_config() -> ml_collections.ConfigDict:
     c.ddim_guidance = 'auto'
     c.classifier_workdir = ''  # workdir of the noisy classifier run (its config.json + checkpoint)
     c.labels = ''  # class labels: '' random uniform, '3' all class 3, '0,1,2' cycled
+    # Text runs (model.text_encoder): one prompt for every sample, or a file of prompts (one
+    # per line, cycled over the samples); the negative prompt replaces the empty prompt as
+    # classifier-free guidance's unconditional branch (as the Stable Diffusion pipelines do).
+    c.prompt = ''  # text runs: one prompt for every sample, e.g. 'three and seven'
+    c.prompts_file = ''  # text runs: a file of prompts, one per line, cycled over the samples
+    c.negative_prompt = ''  # text runs: the unconditional branch's prompt ('' = the empty one)
     c.use_ema = True  # sample with the EMA parameters (Ho et al. 2020, App. B)
     c.progressive = False  # also write DDPM Fig. 6 (x̂_0 along the chain) and Fig. 7 (same x_t)
     c.progress_every = 0  # chain steps between Fig. 6 columns; 0 = K/10 (11 columns)

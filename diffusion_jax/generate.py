@@ -8,7 +8,9 @@ the sampling section comes from the command line.
 
 Writes into <workdir>/samples/<step>/ (step = the checkpoint's):
   samples.npz        'images' uint8 [N, H, W, C] (or 'points' float32 [N, D] for point data),
-                     plus 'labels' int32 [N] when the samples are class-conditional
+                     plus 'labels' int32 [N] when the samples are class-conditional (a text
+                     run's: the index of each sample's prompt in sampling_config.json's
+                     'prompts')
   samples.png        a grid of the first images (a scatter plot of all the points)
   progressive.png    DDPM Fig. 6: x̂_0 along the chain, one row per example   (sampling.progressive)
   same_xt.png        DDPM Fig. 7: one x_t per row, then samples of p(x_0|x_t) (sampling.progressive)
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from diffusion_jax import image_utils, latents, run, samplers, sharding
+from diffusion_jax import image_utils, latents, run, samplers, sharding, text as text_lib
 from diffusion_jax.defaults import default_sampling_config  # noqa: F401  (the old name)
 from diffusion_jax.respace import respaced  # noqa: F401  (the old name)
 from diffusion_jax.run import CLASSIFIER_DIFFUSION_FIELDS  # noqa: F401  (the old name)
@@ -61,6 +63,19 @@ def _decoder(config, mesh):
     return None if autoencoder is None else latents.make_decoder(autoencoder)
 
 
+def prompts_for(config, loaded):
+    """A text run's PromptTable (diffusion_jax.text): sampling.prompt or the lines of
+    sampling.prompts_file, encoded by the run's own encoder with the tokenizer stored in the
+    run, and sampling.negative_prompt ('' by default) as classifier-free guidance's ∅;
+    None for other runs."""
+    if not text_lib.is_text(config):
+        return None
+    tok = text_lib.load_tokenizer(loaded.workdir)
+    return text_lib.prompt_table(loaded.model, loaded.variables, tok,
+                                 text_lib.sampling_prompts(config),
+                                 config.sampling.get('negative_prompt', ''))
+
+
 def _load_params(config, workdir, mesh):
     """The parameters of the run in workdir at sampling.checkpoint_step for the resolved config
     (run.load_resolved: nothing merged again), replicated on mesh."""
@@ -69,19 +84,21 @@ def _load_params(config, workdir, mesh):
                              use_ema=config.sampling.get('use_ema', True), mesh=mesh)
 
 
-def draw_samples(config, variables, mesh, num_samples: int):
+def draw_samples(config, variables, mesh, num_samples: int, text=None):
     """samplers.batches.draw_samples with the run's guiding classifier loaded when
-    config.sampling.classifier_scale > 0: (float32 [num_samples, ...] in [-1, 1], labels)."""
+    config.sampling.classifier_scale > 0: (float32 [num_samples, ...] in [-1, 1], labels).
+    text: a text run's PromptTable (prompts_for)."""
     return batches.draw_samples(config, variables, mesh, num_samples,
                                 classifier=_classifier(config), guide=_guide(config, mesh),
-                                decoder=_decoder(config, mesh))
+                                decoder=_decoder(config, mesh), text=text)
 
 
-def sample_batches(config, variables, mesh, num_samples: int, *, uint8: bool = False):
+def sample_batches(config, variables, mesh, num_samples: int, *, uint8: bool = False,
+                   text=None):
     """samplers.batches.sample_batches with the guiding classifier loaded (see draw_samples)."""
     return batches.sample_batches(config, variables, mesh, num_samples, uint8=uint8,
                                   classifier=_classifier(config), guide=_guide(config, mesh),
-                                  decoder=_decoder(config, mesh))
+                                  decoder=_decoder(config, mesh), text=text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,9 +123,10 @@ def run_resolved(config, workdir: str) -> str:
     sharding.use_compile_cache(config.get('compile_cache_dir', sharding.AUTO_CACHE))
     loaded = _load_params(config, workdir, mesh)
     step = loaded.step
+    prompts = prompts_for(config, loaded)
     sampler, example_shape = batches.build_sampler(config, loaded.variables, mesh,
                                                    _classifier(config), _guide(config, mesh),
-                                                   _decoder(config, mesh))
+                                                   _decoder(config, mesh), prompts)
     diffusion = sampler.diffusion
     # The steps run: the respaced chain's K, or a continuous process's num_steps.
     num_run = int(getattr(diffusion, 'num_timesteps', 0) or int(s.num_steps))
@@ -127,9 +145,10 @@ def run_resolved(config, workdir: str) -> str:
         _write_interpolations(folder, sampler, key_interpolation, samples, labels)
     if jax.process_index() == 0:
         # The sampling section, plus what it ran on: the checkpoint and the trained diffusion.
+        extra = {} if prompts is None else {'prompts': prompts.prompts}  # labels index them
         image_utils.write_json(os.path.join(folder, 'sampling_config.json'), dict(
             s.to_dict(), step=step, sampling_timesteps=num_run,
-            diffusion=config.diffusion.to_dict()))
+            diffusion=config.diffusion.to_dict(), **extra))
     return folder
 
 

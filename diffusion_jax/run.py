@@ -49,7 +49,7 @@ CONFIG_FILE = 'config.json'
 TRAINED_SECTIONS = ('model', 'diffusion', 'data')  # fixed by the trained network
 RESUME_SECTIONS = TRAINED_SECTIONS + ('optim',)  # a resumed run must also keep its optimiser
 MODE_SECTIONS = ('sampling', 'eval', 'edit')  # what --mode=sample / eval / edit may change
-TRAINED_FIELDS = ('training.label_dropout',)  # outside TRAINED_SECTIONS, fixed by training too
+TRAINED_FIELDS = ('training.label_dropout', 'training.caption_dropout')  # outside TRAINED_SECTIONS, fixed by training too
 # Fields inside the trained sections that are not part of what was trained: where the data
 # lives and how it is read (batches are a pure function of seed and step whatever the worker
 # count), and how the network is computed (params stay float32 whatever model.dtype computes
