@@ -33,6 +33,7 @@ from diffusion_jax import cold, image_utils, samplers, sharding
 from diffusion_jax.defaults import default_edit_config  # noqa: F401  (the old name)
 from diffusion_jax import guidance as guidance_lib
 from diffusion_jax.respace import space_timesteps
+from diffusion_jax.samplers.batches import self_conditioned
 
 METHODS = ('repaint', 'sdedit', 'ddim_edit')
 GRID_ROWS = 16
@@ -167,15 +168,17 @@ def _edit_batch(config, models, diffusion, key, x, mask, y, y_target, mesh):
     """One batch: (edited [b, ...], reconstruction error [b] or None)."""
     e, s = config.edit, config.sampling
     w = s.guidance_scale
+    self_condition = self_conditioned(config)  # feed the previous step's x̂_0 (Chen et al.)
     if e.method == 'repaint':
         return samplers.repaint(diffusion, models.model_fn(y, w), key, x, mask,
                                 jump_length=e.jump_length, jump_n_sample=e.jump_n_sample,
                                 clip_denoised=s.clip_denoised, guidance=models.guidance(y),
-                                mesh=mesh), None
+                                mesh=mesh, self_condition=self_condition), None
     if e.method == 'sdedit':
         return samplers.sdedit(diffusion, models.model_fn(y, w), key, x, e.strength,
                                method=e.sdedit_method, eta=s.eta, clip_denoised=s.clip_denoised,
-                               guidance=models.guidance(y), mesh=mesh), None
+                               guidance=models.guidance(y), mesh=mesh,
+                               self_condition=self_condition), None
     scale = w if e.guidance_scale < 0 else e.guidance_scale
     changed = (y_target is not None and not np.array_equal(np.asarray(y_target), np.asarray(y))
                ) or scale != w
@@ -183,7 +186,7 @@ def _edit_batch(config, models, diffusion, key, x, mask, y, y_target, mesh):
         diffusion, models.model_fn(y, 0.0 if models.classes else w), x,
         edit_model_fn=models.model_fn(y_target, scale) if changed else None,
         edit_guidance=models.guidance(y_target) if changed else None,
-        inversion=s.get('inversion', 'reference'), mesh=mesh)
+        inversion=s.get('inversion', 'reference'), mesh=mesh, self_condition=self_condition)
     return out['edited'], out['reconstruction_error']
 
 

@@ -94,9 +94,11 @@ def repaint_schedule(num_steps: int, jump_length: int, jump_n_sample: int) -> np
     return np.asarray(path, np.int32)
 
 
-def _repaint_step(ctx, x, x0, mask, level, up, key):
+def _repaint_step(ctx, x, x0, mask, level, up, key, previous_x0):
     """One move of the RePaint chain from `level` (x at level ᾱ_level; -1 = data): up to level+1
-    by forward noising, or down by the reverse step at `level` with the known region pasted."""
+    by forward noising, or down by the reverse step at `level` with the known region pasted.
+    Returns (x, the x̂_0 to feed the next reverse step): a reverse step's own x̂_0, unchanged by
+    a forward move (self-conditioning; previous_x0 is None without it)."""
     d = ctx.diffusion
     k_step, k_known = jax.random.split(key)
     t = jnp.full((x.shape[0],), level, jnp.int32)
@@ -105,10 +107,13 @@ def _repaint_step(ctx, x, x0, mask, level, up, key):
         t_up = t + 1
         noise = jax.random.normal(k_step, x.shape, x.dtype)
         beta = common.coef(d, 'betas', t_up, x)
-        return jnp.sqrt(1.0 - beta) * x + jnp.sqrt(beta) * noise
+        return jnp.sqrt(1.0 - beta) * x + jnp.sqrt(beta) * noise, previous_x0
 
     def reverse(_):
-        out = ancestral.ancestral_step(d, ctx.model_fn(x, t), x, t,
+        model_fn = ctx.model_fn
+        if previous_x0 is not None:
+            model_fn = common.with_previous_x0(model_fn, previous_x0)
+        out = ancestral.ancestral_step(d, model_fn(x, t), x, t,
                                        jax.random.normal(k_step, x.shape, x.dtype),
                                        clip_denoised=ctx.opts.clip_denoised,
                                        guidance=ctx.guidance)
@@ -116,7 +121,8 @@ def _repaint_step(ctx, x, x0, mask, level, up, key):
         known = (common.coef(d, 'sqrt_alphas_cumprod_prev', t, x) * x0
                  + jnp.sqrt(common.coef(d, 'one_minus_alphas_cumprod_prev', t, x))
                  * jax.random.normal(k_known, x.shape, x.dtype))
-        return mask * known + (1.0 - mask) * out['sample']
+        fed = None if previous_x0 is None else out['pred_x0'].astype(x.dtype)
+        return mask * known + (1.0 - mask) * out['sample'], fed
 
     return jax.lax.cond(up, forward, reverse, None)
 
@@ -124,29 +130,38 @@ def _repaint_step(ctx, x, x0, mask, level, up, key):
 @functools.partial(jax.jit, static_argnames=('static', 'opts'))
 def _repaint_jit(dynamic, rng, x0, mask, levels, *, static, opts):
     diffusion, model_fn, guidance = static.merge(dynamic)
-    ctx = common.Context(diffusion, model_fn, guidance, opts, jnp.float32(0.0), jnp.float32(0.0))
+    # common.context: the network sees the original timesteps of a respaced chain.
+    ctx = common.context(diffusion, model_fn, guidance, opts, jnp.float32(0.0), jnp.float32(0.0))
     k_init, k_chain = jax.random.split(rng)
     x = jax.random.normal(k_init, x0.shape, jnp.float32)
 
-    def body(i, x):
+    def body(i, carry):
+        x, previous_x0 = carry
         level, nxt = levels[i], levels[i + 1]
-        x = _repaint_step(ctx, x, x0, mask, level, nxt > level, jax.random.fold_in(k_chain, i))
-        return common.constrain(x, opts.mesh)
+        x, previous_x0 = _repaint_step(ctx, x, x0, mask, level, nxt > level,
+                                       jax.random.fold_in(k_chain, i), previous_x0)
+        keep = lambda a: common.constrain(a, opts.mesh)  # noqa: E731
+        return keep(x), (None if previous_x0 is None else keep(previous_x0))
 
-    x = jax.lax.fori_loop(0, levels.shape[0] - 1, body, common.constrain(x, opts.mesh))
+    # Self-conditioning feeds zeros to the first reverse step (Chen et al. 2022, Algorithm 2).
+    previous_x0 = jnp.zeros_like(x0) if opts.self_condition else None
+    x, _ = jax.lax.fori_loop(0, levels.shape[0] - 1, body,
+                             (common.constrain(x, opts.mesh), previous_x0))
     # Binary masks make this the identity; it also pins the known pixels for soft ones.
     return jnp.where(mask >= 1.0, x0, x)
 
 
 def repaint(diffusion, model_fn, rng, x0, mask, *, jump_length: int = 10,
             jump_n_sample: int = 10, clip_denoised: bool = True, guidance=None,
-            mesh: Mesh | None = None):
+            mesh: Mesh | None = None, self_condition: bool = False):
     """RePaint inpainting (Lugmayr et al. 2022) of x0 [B, ...] where mask == 0.
 
     mask: broadcastable to x0 (e.g. [B, H, W, 1]), 1 = keep. jump_length, jump_n_sample: the
     resampling (their defaults, j = 10 and r = 10 over T = 250, are this function's; 1 and 1 is
     the plain chain with pasting). Network calls: K + (jump_n_sample - 1) · jump_length · ⌊(K -
-    1)/jump_length⌋ reverse steps. Returns [B, ...] with the kept pixels equal to x0 exactly.
+    1)/jump_length⌋ reverse steps. self_condition: a self-conditioned network (Chen et al. 2022):
+    each reverse step is fed the x̂_0 of the reverse step before it (forward jumps keep it),
+    zeros at the first. Returns [B, ...] with the kept pixels equal to x0 exactly.
     """
     x0 = jnp.asarray(x0, jnp.float32)
     mask = jnp.asarray(mask, jnp.float32)
@@ -158,7 +173,8 @@ def repaint(diffusion, model_fn, rng, x0, mask, *, jump_length: int = 10,
     chain.check_batch(x0.shape[0], mesh, 'repaint')
     levels = jnp.asarray(repaint_schedule(diffusion.num_timesteps, int(jump_length),
                                           int(jump_n_sample)))
-    opts = chain.make_options(diffusion, 'ancestral', clip_denoised, 1, mesh)
+    opts = chain.make_options(diffusion, 'ancestral', clip_denoised, 1, mesh,
+                              self_condition=self_condition)
     dynamic, static = chain.partition((diffusion, model_fn, guidance))
     return _repaint_jit(dynamic, rng, x0, mask, levels, static=static, opts=opts)
 
@@ -177,16 +193,18 @@ def sdedit_start(num_steps: int, strength: float) -> int:
 
 def sdedit(diffusion, model_fn, rng, x_input, strength: float, *, method: str = 'ancestral',
            eta: float = 0.0, clip_denoised: bool = True, guidance=None,
-           mesh: Mesh | None = None):
+           mesh: Mesh | None = None, self_condition: bool = False):
     """SDEdit (Meng et al. 2022): x_{t0} = √ᾱ_{t0} x_input + √(1-ᾱ_{t0}) ε, then the sampler
-    `method` from t0 = sdedit_start(K, strength) to 0. x_input [B, ...]; returns [B, ...]."""
+    `method` from t0 = sdedit_start(K, strength) to 0. x_input [B, ...]; returns [B, ...].
+    self_condition: feed each step the previous step's x̂_0, zeros at t0 (chain.reverse_from)."""
     t0 = sdedit_start(diffusion.num_timesteps, strength)
     k_noise, k_chain = jax.random.split(rng)
     x_input = jnp.asarray(x_input, jnp.float32)
     t = jnp.full((x_input.shape[0],), t0, jnp.int32)
     x_t = diffusion.q_sample(x_input, t, jax.random.normal(k_noise, x_input.shape, jnp.float32))
     return chain.reverse_from(diffusion, model_fn, k_chain, x_t, t0, method=method, eta=eta,
-                              clip_denoised=clip_denoised, guidance=guidance, mesh=mesh)
+                              clip_denoised=clip_denoised, guidance=guidance, mesh=mesh,
+                              self_condition=self_condition)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,20 +212,23 @@ def sdedit(diffusion, model_fn, rng, x_input, strength: float, *, method: str = 
 # ----------------------------------------------------------------------------------------------
 def ddim_edit(diffusion, model_fn, x_input, *, edit_model_fn=None, edit_guidance=None,
               inversion: str = 'reference', clip_denoised: bool = False,
-              mesh: Mesh | None = None) -> dict:
+              mesh: Mesh | None = None, self_condition: bool = False) -> dict:
     """Invert x_input [B, ...] with model_fn (DDIM, η = 0) and decode the code with
     edit_model_fn (another label or guidance scale; None: model_fn) and edit_guidance.
 
     Returns dict(edited [B, ...], reconstruction [B, ...] (decoded with model_fn: what the
     inversion alone gives back), codes [B, ...], reconstruction_error [B] (RMS of
     reconstruction - x_input per example)). With no change, edited == reconstruction.
+    self_condition: a self-conditioned network: the inversion and the decoder each feed every
+    step the previous step's x̂_0, zeros at their first (editing.ddim_encode, chain.sample).
     """
     x_input = jnp.asarray(x_input, jnp.float32)
     codes = editing.ddim_encode(diffusion, model_fn, x_input, clip_denoised=clip_denoised,
-                                mesh=mesh, inversion=inversion)
+                                mesh=mesh, inversion=inversion, self_condition=self_condition)
     decode = lambda fn, guidance: chain.sample(  # noqa: E731
         diffusion, fn, jax.random.key(0), codes.shape, method='ddim', eta=0.0,
-        clip_denoised=clip_denoised, x_T=codes, guidance=guidance, mesh=mesh)['samples']
+        clip_denoised=clip_denoised, x_T=codes, guidance=guidance, mesh=mesh,
+        self_condition=self_condition)['samples']
     reconstruction = decode(model_fn, None)
     if edit_model_fn is None and edit_guidance is None:
         edited = reconstruction
