@@ -53,6 +53,8 @@ CHECKS = (
     ('sampling.eta, langevin_snr, langevin_steps, ddim_guidance, dynamic_threshold, s_churn, '
      's_tmin, s_tmax, s_noise (where the sampler runs)', 'their default unless sampling.method '
      'reads them (samplers.options.fields_read)'),
+    ('sampling.dynamic_threshold, eta, ddim_guidance', "0, 0, 'auto' for flow and edm (the "
+     'gaussian chain\'s options)'),
     ('sampling.guidance_interval', "'' or 'lo,hi' with 0 <= lo < hi"),
     ('sampling.guidance_channels', 'in [0, model.in_channels]'),
     ('sampling.guidance_scale > 0', 'model.num_classes > 0 and training.label_dropout > 0 '
@@ -345,6 +347,14 @@ def sampler_names() -> tuple[str, ...]:
     return tuple(samplers.METHODS)
 
 
+# (field, its off value, what it is): sampling options of the Gaussian chain only.
+GAUSSIAN_ONLY_SAMPLING = (
+    ('dynamic_threshold', 0.0, "dynamic thresholding of x̂_0 (Imagen's)"),
+    ('eta', 0.0, "DDIM's η"),
+    ('ddim_guidance', 'auto', 'the order of classifier guidance and clipping'),
+)
+
+
 def _check_process_sampling(config, name: str) -> None:
     """sampling.* for a continuous process: a method it runs, an integer num_steps >= 1."""
     from diffusion_jax import processes  # pylint: disable=import-outside-toplevel
@@ -363,6 +373,14 @@ def _check_process_sampling(config, name: str) -> None:
     if s.get('classifier_scale', 0.0):
         raise ValueError(f'sampling.classifier_scale={s.classifier_scale}: classifier guidance '
                          f'runs on the gaussian chain only, not on {name!r}; set it to 0.')
+    # Options of the discrete chain's samplers that no process solver reads: refused rather than
+    # silently ignored.
+    for field, off, what in GAUSSIAN_ONLY_SAMPLING:
+        value = s.get(field, off)
+        if value != off:
+            raise ValueError(f'sampling.{field}={value!r}: {what} applies to the gaussian chain '
+                             f'only, not to diffusion.process={name!r}; set sampling.{field}='
+                             f'{off!r}.')
     if s.get('s_churn', 0.0) and s.method != 'heun':
         raise ValueError(f"sampling.s_churn={s.s_churn} applies to method='heun' (EDM "
                          f"Algorithm 2), not {s.method!r}; set s_churn=0.")

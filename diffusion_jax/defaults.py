@@ -40,7 +40,8 @@ def default_sampling_config() -> ml_collections.ConfigDict:
     c.guidance_rescale = 0.0
     # Guidance interval (Kynkäänniemi et al. 2024): 'lo,hi' applies classifier-free guidance only
     # where σ lies in (lo, hi] (σ = √((1-ᾱ)/ᾱ); t/(1-t) for flow; σ for EDM; EDM2-XXL's is about
-    # '0.28,1.61'); '' = guidance at every step.
+    # '0.28,1.61'), decided once per step from the step's current σ (both evaluations of a Heun
+    # step, as the reference sampler); '' = guidance at every step.
     c.guidance_interval = ''
     # Autoguidance (Karras et al. 2024): guide with a weaker model of the same process and data
     # instead of the unconditional one: out = (1+w) out(x) - w out_weak(x) with w =

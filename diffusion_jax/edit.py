@@ -44,6 +44,7 @@ from diffusion_jax import cold, image_utils, latents, processes, samplers, shard
 from diffusion_jax.defaults import default_edit_config  # noqa: F401  (the old name)
 from diffusion_jax import guidance as guidance_lib
 from diffusion_jax.respace import space_timesteps
+from diffusion_jax.samplers.batches import self_conditioned
 
 METHODS = ('repaint', 'sdedit', 'ddim_edit')
 GRID_ROWS = 16
@@ -222,16 +223,18 @@ def _edit_batch(config, models, diffusion, key, x, mask, y, y_target, mesh):
     w = s.guidance_scale
     steps = {} if _continuous(config) is None else {'num_steps': _num_steps(config)}
     clip = s.clip_denoised and not latents.is_latent(config)  # latents are not in [-1, 1]
+    self_condition = self_conditioned(config)  # feed the previous step's x̂_0 (Chen et al.)
     if e.method == 'repaint':
         return samplers.repaint(diffusion, models.model_fn(y, w), key, x, mask,
                                 jump_length=e.jump_length, jump_n_sample=e.jump_n_sample,
                                 clip_denoised=clip, guidance=models.guidance(y),
-                                mesh=mesh, **steps), None
+                                mesh=mesh, self_condition=self_condition, **steps), None
     if e.method == 'sdedit':
         extra = {} if steps else {'eta': s.eta}
         return samplers.sdedit(diffusion, models.model_fn(y, w), key, x, e.strength,
                                method=e.sdedit_method, clip_denoised=clip,
-                               guidance=models.guidance(y), mesh=mesh, **steps, **extra), None
+                               guidance=models.guidance(y), mesh=mesh,
+                               self_condition=self_condition, **steps, **extra), None
     scale = w if e.guidance_scale < 0 else e.guidance_scale
     changed = (y_target is not None and not np.array_equal(np.asarray(y_target), np.asarray(y))
                ) or scale != w
@@ -239,7 +242,8 @@ def _edit_batch(config, models, diffusion, key, x, mask, y, y_target, mesh):
         diffusion, models.model_fn(y, 0.0 if models.classes else w), x,
         edit_model_fn=models.model_fn(y_target, scale) if changed else None,
         edit_guidance=models.guidance(y_target) if changed else None,
-        inversion=s.get('inversion', 'reference'), mesh=mesh, **steps)
+        inversion=s.get('inversion', 'reference'), mesh=mesh, self_condition=self_condition,
+        **steps)
     return out['edited'], out['reconstruction_error']
 
 

@@ -215,7 +215,10 @@ def _write_same_xt(folder, sampler, key, example_shape, y):
     # The chain to x_t runs on num copies of one x_T (one row kept), so that it and the draws
     # from x_t share one compiled program (reverse_from on a batch of num).
     model_fn = sampler.model_fn(None if y is None else jnp.full((num,), y[0], jnp.int32))
-    opts = dict(clip_denoised=sampler.config.sampling.clip_denoised)
+    # A self-conditioned chain feeds each step the previous step's x̂_0; the draws from x_t start
+    # their own history (zeros at step t), as every sampler does at its first step.
+    opts = dict(clip_denoised=sampler.config.sampling.clip_denoised,
+                self_condition=sampler.options['self_condition'])
     x_T = np.repeat(np.asarray(jax.random.normal(key, (1, *example_shape))), num, axis=0)
     rows = []
     for i, frac in enumerate((0.75, 0.5, 0.25)):
@@ -250,14 +253,16 @@ def _write_interpolations(folder, sampler, key, samples, labels):
     mesh = sampler.mesh_for(pairs * num)
     t = int(round(s.interpolation_t_frac * (d.num_timesteps - 1)))
     ddpm = samplers.interpolate_ddpm(d, sampler.model_fn(sampler.place(y)), key, x_a, x_b, t,
-                                     lambdas, clip_denoised=s.clip_denoised, mesh=mesh)
+                                     lambdas, clip_denoised=s.clip_denoised, mesh=mesh,
+                                     self_condition=sampler.options['self_condition'])
     # DDIM encodes the [2·pairs] batch, then decodes [λ, pair]: both must split over the mesh.
     both = mesh if sampler.mesh_for(2 * pairs) is not None else None
     encode_y = None if y is None else np.concatenate([y[:pairs], y[:pairs]])
     ddim = samplers.interpolate_ddim(d, sampler.model_fn(sampler.place(encode_y)), x_a, x_b,
                                      lambdas, mesh=both,
                                      decode_model_fn=sampler.model_fn(sampler.place(y)),
-                                     inversion=s.get('inversion', 'reference'))
+                                     inversion=s.get('inversion', 'reference'),
+                                     self_condition=sampler.options['self_condition'])
     ddpm, ddim = sharding.to_host((ddpm, ddim))
     if jax.process_index() != 0:
         return
