@@ -13,6 +13,21 @@ _TEST = [
     "ipykernel>=6.29",
     "matplotlib>=3.8",
 ]
+# PyTorch is needed only to convert the pytorch-fid Inception weights and to test that
+# conversion against the PyTorch network.
+# PyTorch checkpoint conversion (diffusion_jax.convert) and the reference networks the
+# converters are tested against (diffusers' UNet2DModel).
+# transformers: CLIP tokenisation and the CLIPTextModel the text encoder is tested against.
+_TORCH = ["torch>=2.4", "torchvision>=0.19", "pytorch-fid>=0.3.0", "safetensors>=0.4",
+          "diffusers>=0.30", "transformers>=4.40"]
+# The suite imports torch and the reference packages directly (no skips: a missing one fails):
+# the torch extra, plus upstream definitions the converters and samplers are compared with,
+# installed, never copied: guided-diffusion-sdk ships openai's guided_diffusion package (its
+# UNetModel / EncoderUNetModel); torchsde and torchdiffeq are what k_diffusion.sampling imports.
+# k-diffusion itself is installed with --no-deps by the README's test command: its
+# requirements (dctorch pins numpy<2, clip-anytorch needs pkg_resources) cannot be installed
+# beside jax>=0.7, and only its sampling module is used.
+_TEST += _TORCH + ["guided-diffusion-sdk==1.0.0", "torchsde>=0.2.6", "torchdiffeq>=0.2.5"]
 
 setuptools.setup(
     name="diffusion_jax",
@@ -45,13 +60,7 @@ setuptools.setup(
     ],
     extras_require={
         "test": _TEST,
-        # PyTorch is needed only to convert the pytorch-fid Inception weights and to test that
-        # conversion against the PyTorch network.
-        # PyTorch checkpoint conversion (diffusion_jax.convert) and the reference networks the
-        # converters are tested against (diffusers' UNet2DModel).
-        # transformers: CLIP tokenisation and the CLIPTextModel the text encoder is tested against.
-        "torch": ["torch>=2.4", "torchvision>=0.19", "pytorch-fid>=0.3.0", "safetensors>=0.4",
-                  "diffusers>=0.30", "transformers>=4.40"],
+        "torch": _TORCH,
         "tf": ["tensorflow>=2.16"],
         "gpu": ["jax[cuda12]>=0.7.0"],
         "experiments": ["matplotlib>=3.8"],

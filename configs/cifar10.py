@@ -76,6 +76,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.ema_decay = 0.9999  # Ho et al. 2020, App. B
     t.seed = 0  # seeds init, data order, t, noise and dropout
     t.label_dropout = 0.0  # P(y -> null label) for classifier-free guidance (conditional models)
+    # P(caption -> the empty prompt) for classifier-free guidance of text runs (model.text_encoder)
+    t.caption_dropout = 0.0
     # Non-finite loss/gradient: 0 stops the run at that step; N > 0 skips up to N such updates
     # (params, EMA and optimiser left unchanged) and stops at the (N+1)-th.
     t.skip_nonfinite_steps = 0

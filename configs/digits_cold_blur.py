@@ -50,6 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.blur_to_mean = True  # D(x_0, T) = the spatial mean (their --discrete generation)
     d.mask_std_step = 0.1  # (mask only) σ_i = mask_std_step·(i + mask_initial)
     d.mask_initial = 11.0  # (mask only) the reference's initial_mask default
+    d.mask_center = 'center'  # (mask only) 'center' | 'random' (a centre per image, training key)
     d.prior_components = 10  # x_T's Gaussian mixture over channel means (reference: clusters=10)
     d.prior_noise_std = 0.002  # pixel noise added to x_T (reference: noise_level=0.002)
     d.prior_fit_examples = 10000  # training images the mixture is fitted to (at most)

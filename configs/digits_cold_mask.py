@@ -12,7 +12,8 @@ defading-diffusion-pytorch; MNIST inpainting: `--time_steps 50 --blur_std 0.1`, 
 at 32x32). Here T = 50, initial 11 and the std step 0.1 scaled by the image width 8/32 to 0.025
 px, so that the hole covers the same fraction of the digit: at s = T the centre 5x5 pixels are
 < 2% kept, the border mostly kept (mean multiplier 0.42). The reference places the hole at a
-random centre (Random_Incremental); this config keeps it centred ('Incremental'). The L1
+random centre (Random_Incremental: --config.diffusion.mask_center=random, one centre per
+training image drawn from the training key); this config keeps it centred ('Incremental'). The L1
 restoration loss and Algorithm 2 ('cold') as the reference; the end state keeps the border of
 the image, so --mode=sample restores the degraded eval.split (held-out) digits
 deterministically rather than generating from a prior.
@@ -44,4 +45,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.num_timesteps = 50  # T (the reference's MNIST inpainting: --time_steps 50)
     d.mask_std_step = 0.025  # the reference's kernel_std 0.1 at 32 px, scaled by 8/32
     d.mask_initial = 11.0  # σ_i = 0.025·(i + 11) px (the reference's initial_mask = 11)
+    d.mask_center = 'center'  # the hole at the centre pixel; 'random': the paper's per-image centre
     return config

@@ -150,6 +150,7 @@ def _dit(config, image_size: int) -> None:
     config.training.batch_size = 256
     config.sampling.num_steps = ADM_SAMPLING_STEPS
     config.sampling.guidance_scale = DIT_CFG_SCALE - 1.0
+    config.sampling.clip_denoised = False  # DiT's sample.py: latents are not in [-1, 1]
 
 
 def _diffusion(config, schedule: str, num_timesteps: int, var_type: str, loss: str):

@@ -21,9 +21,14 @@ costs one einsum. D(x_0, 0) = x_0 for every degradation.
             the spatial mean (their `--discrete` generation runs): D(x_0, T) = mean_hw(K^T x_0),
             one colour per channel, the state a Gaussian mixture can model.
   mask      m_s = ∏_{i<s} (1 - exp(-r²/(2 σ_i²))), σ_i = mask_std_step · (i + mask_initial),
-            r the distance to the centre pixel ((H-1)//2, (W-1)//2): the paper's growing
-            Gaussian-edged hole ('Incremental' fade kernels). The centre pixel is 0 for s ≥ 1;
-            D(x_0, T) = m_T ⊙ x_0.
+            r the distance to the hole's centre c: the paper's growing Gaussian-edged hole.
+            diffusion.mask_center='center' (default; the reference's 'Incremental' kernels):
+            c = ((H-1)//2, (W-1)//2), the table m_s. 'random' (the paper's inpainting runs,
+            'Random_Incremental'): c uniform over the H x W pixels, drawn per image from the
+            training key (loss / training_losses(key=...)); degrade(x0, s, center=c) takes a
+            given c [B, 2]. The centre pixel is 0 for s ≥ 1; D(x_0, T) = m_T ⊙ x_0. Sampling
+            (cold_restore, the run's prior) restores centred holes: a random-centre network
+            restores a hole wherever it is, the centred one is its fixed test case.
   pixelate  R_s = U_k A_k with k = ceil(s · L / T) halvings (A_k averages 2^k x 2^k blocks, U_k
             repeats them: nearest upsampling), L = log2(H) so D(x_0, T) = mean_hw(x_0).
   fade      D(x_0, s) = (1 - s/T) x_0 + (s/T) mean_hw(x_0): towards the per-image mean colour
@@ -46,6 +51,7 @@ import numpy as np
 DEGRADATIONS = ('blur', 'mask', 'pixelate', 'fade')
 BLUR_PADDINGS = ('reflect', 'circular')
 METHODS = ('cold', 'cold_naive')
+MASK_CENTERS = ('center', 'random')
 # Degradations whose end point D(x_0, T) is one colour per channel (a prior over C numbers).
 MEAN_END = ('blur', 'pixelate', 'fade')
 
@@ -94,11 +100,17 @@ def blur_stds(num_timesteps: int, std_start: float, std_step: float) -> np.ndarr
     return std_start + std_step * np.arange(num_timesteps, dtype=np.float64)
 
 
+def mask_sigmas(num_timesteps: int, std_step: float, initial: float) -> np.ndarray:
+    """σ_i = std_step (i + initial) of the T per-step mask factors. [T]."""
+    return std_step * (np.arange(num_timesteps, dtype=np.float64) + initial)
+
+
 def mask_multipliers(height: int, width: int, num_timesteps: int, std_step: float,
-                     initial: float) -> np.ndarray:
-    """m_s = ∏_{i<s} (1 - exp(-r²/(2 σ_i²))), σ_i = std_step (i + initial), s = 0 … T.
+                     initial: float, center=None) -> np.ndarray:
+    """m_s = ∏_{i<s} (1 - exp(-r²/(2 σ_i²))), σ_i = std_step (i + initial), s = 0 … T, r the
+    distance to center (row, col; default the centre pixel ((H-1)//2, (W-1)//2)).
     [T + 1, H, W] (m_0 = 1)."""
-    cy, cx = (height - 1) // 2, (width - 1) // 2
+    cy, cx = ((height - 1) // 2, (width - 1) // 2) if center is None else center
     yy, xx = np.meshgrid(np.arange(height) - cy, np.arange(width) - cx, indexing='ij')
     r2 = (yy**2 + xx**2).astype(np.float64)
     out = [np.ones((height, width))]
@@ -125,24 +137,61 @@ class ColdDiffusion:
     mean_weight: Any
     offset: Any
     timestep_map: Any
+    mask_sigma: Any = None  # [T] σ_i of the mask factors (mask only; the random-centre masks)
     degradation: str = flax.struct.field(pytree_node=False, default='blur')
     num_timesteps: int = flax.struct.field(pytree_node=False, default=1)
+    mask_center: str = flax.struct.field(pytree_node=False, default='center')
 
     methods = METHODS
     process = 'cold'
+    name = 'cold'
+
+    @property
+    def random_center(self) -> bool:
+        """Whether training draws the mask's centre per image (degradation='mask' only)."""
+        return self.degradation == 'mask' and self.mask_center == 'random'
+
+    def center_mask(self, center, s, dtype=jnp.float32):
+        """m_s at per-image centres: center [B, 2] (row, col), s [B] in [0, T]. [B, H, W].
+        m_s(p) = ∏_{i<s} (1 - exp(-|p - c|²/(2 σ_i²)))."""
+        height, width = self.mult.shape[1:3]
+        center = jnp.asarray(center, jnp.float32)
+        yy = jnp.arange(height, dtype=jnp.float32)[None, :, None] - center[:, 0, None, None]
+        xx = jnp.arange(width, dtype=jnp.float32)[None, None, :] - center[:, 1, None, None]
+        r2 = yy**2 + xx**2  # [B, H, W]
+        sigma = jnp.asarray(self.mask_sigma, jnp.float32)
+        factors = 1.0 - jnp.exp(-r2[:, None] / (2.0 * sigma[None, :, None, None] ** 2))
+        on = jnp.arange(self.num_timesteps)[None, :] < jnp.asarray(s)[:, None]  # i < s
+        return jnp.prod(jnp.where(on[..., None, None], factors, 1.0), axis=1).astype(dtype)
+
+    def draw_center(self, key, batch: int):
+        """Mask centres c [B, 2] int32, uniform over the H x W pixels."""
+        height, width = self.mult.shape[1:3]
+        k_y, k_x = jax.random.split(key)
+        return jnp.stack([jax.random.randint(k_y, (batch,), 0, height),
+                          jax.random.randint(k_x, (batch,), 0, width)], axis=1)
 
     def model_time(self, t):
         """The network's time input for chain index t: the index itself (diffusion.wrap_model)."""
         return t
 
-    def degrade(self, x0, s):
-        """D(x_0, s): x0 [B, H, W, C], s [B] int in [0, T] (or a scalar). Returns [B, H, W, C]."""
+    def degrade(self, x0, s, center=None):
+        """D(x_0, s): x0 [B, H, W, C], s [B] int in [0, T] (or a scalar); center [B, 2] the
+        mask's centres (degradation='mask'; None: the table's, the centre pixel).
+        Returns [B, H, W, C]."""
         s = jnp.broadcast_to(jnp.asarray(s, jnp.int32), x0.shape[:1])
         dtype = x0.dtype
         rows = jnp.asarray(self.rows, dtype)[s]
         cols = jnp.asarray(self.cols, dtype)[s]
         y = jnp.einsum('bhi,biwc,bjw->bhjc', rows, x0, cols)
-        y = y * jnp.asarray(self.mult, dtype)[s][..., None]
+        if center is not None:
+            if self.degradation != 'mask':
+                raise ValueError(f'a mask centre applies to diffusion.degradation=\'mask\', '
+                                 f'not {self.degradation!r}.')
+            mult = self.center_mask(center, s, dtype)
+        else:
+            mult = jnp.asarray(self.mult, dtype)[s]
+        y = y * mult[..., None]
         mean = jnp.mean(x0, axis=(1, 2), keepdims=True)
         y = y + jnp.asarray(self.mean_weight, dtype)[s].reshape(-1, 1, 1, 1) * mean
         return y + jnp.asarray(self.offset, dtype)[s]
@@ -152,12 +201,20 @@ class ColdDiffusion:
         out = model_fn(x_s, jnp.asarray(self.timestep_map)[s - 1])
         return out[..., :x_s.shape[-1]].astype(x_s.dtype)
 
-    def training_losses(self, model_fn, x0, t, noise=None):  # pylint: disable=unused-argument
+    def training_losses(self, model_fn, x0, t, noise=None, key=None):  # pylint: disable=unused-argument
         """The paper's L1 restoration loss per example, at level s = t + 1 (t [B] the chain
         index in [0, T) the timestep sampler draws):  L = mean |R(D(x_0, s), s) - x_0|.
-        noise is ignored (the degradation is deterministic). Returns dict(loss=[B])."""
+        noise is ignored (the degradation is deterministic). key: the training key the
+        random-centre mask (mask_center='random') draws its centres from (draw_center).
+        Returns dict(loss=[B])."""
         s = t + 1
-        x_s = self.degrade(x0, s)
+        center = None
+        if self.random_center:
+            if key is None:
+                raise ValueError("diffusion.mask_center='random' draws the mask centres from "
+                                 'the training key: pass key= to training_losses.')
+            center = self.draw_center(key, x0.shape[0])
+        x_s = self.degrade(x0, s, center)
         err = jnp.abs(self.restore(model_fn, x_s, s) - x0)
         return dict(loss=jnp.mean(err, axis=tuple(range(1, x0.ndim))))
 
@@ -165,9 +222,12 @@ class ColdDiffusion:
         """The same L1 loss in the process interface's form (diffusion_jax.processes): levels
         s ~ U{1, …, T} drawn from key unless given as t [B]. Returns dict(loss=[B], t=[B]
         levels, quantile=[B] (s - 1)/T, the metrics' loss-per-quarter axis)."""
+        k_center = None
+        if self.random_center:  # the centres from their own stream; the levels as before
+            key, k_center = jax.random.split(key)
         if t is None:
             t = jax.random.randint(key, (x0.shape[0],), 1, self.num_timesteps + 1)
-        loss = self.training_losses(model_fn, x0, t - 1)['loss']
+        loss = self.training_losses(model_fn, x0, t - 1, key=k_center)['loss']
         return dict(loss=loss, t=t, quantile=(t - 1).astype(jnp.float32) / self.num_timesteps)
 
     def check_method(self, method: str) -> None:
@@ -195,6 +255,12 @@ def create_cold_diffusion(config, image_shape) -> ColdDiffusion:
     rows, cols = [eye_h], [eye_w]
     mult = np.ones((T + 1, height, width))
     mean_weight = np.zeros(T + 1)
+    center = config.get('mask_center', 'center')
+    _check('mask_center', center, center in MASK_CENTERS,
+           f'is not one of {", ".join(MASK_CENTERS)}.')
+    _check('mask_center', center, center == 'center' or name == 'mask',
+           "applies to diffusion.degradation='mask' only; set mask_center='center'.")
+    mask_sigma = np.zeros(T)
     if name == 'blur':
         size = int(config.get('blur_kernel_size', 11))
         padding = config.get('blur_padding', 'reflect')
@@ -222,7 +288,9 @@ def create_cold_diffusion(config, image_shape) -> ColdDiffusion:
     elif name == 'mask':
         std_step = float(config.get('mask_std_step', 0.1))
         _check('mask_std_step', std_step, std_step > 0, 'must be > 0.')
-        mult = mask_multipliers(height, width, T, std_step, float(config.get('mask_initial', 11)))
+        initial = float(config.get('mask_initial', 11))
+        mult = mask_multipliers(height, width, T, std_step, initial)
+        mask_sigma = mask_sigmas(T, std_step, initial)
     else:  # fade
         frac = np.arange(T + 1, dtype=np.float64) / T
         mult = np.broadcast_to((1.0 - frac)[:, None, None], (T + 1, height, width)).copy()
@@ -234,8 +302,9 @@ def create_cold_diffusion(config, image_shape) -> ColdDiffusion:
                          mean_weight=as32(mean_weight),
                          offset=jnp.zeros((T + 1, height, width, int(image_shape[2])),
                                           jnp.float32),
-                         timestep_map=jnp.arange(T, dtype=jnp.int32), degradation=name,
-                         num_timesteps=T)
+                         timestep_map=jnp.arange(T, dtype=jnp.int32),
+                         mask_sigma=as32(mask_sigma), degradation=name, num_timesteps=T,
+                         mask_center=center)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,14 +378,31 @@ def is_cold(diffusion_config) -> bool:
 
 
 def image_shape(config) -> tuple[int, int, int]:
-    """(H, W, C) of the run's data (data.image_size, data.channels)."""
-    return (int(config.data.image_size), int(config.data.image_size), int(config.data.channels))
+    """(H, W, C) the run's diffusion sees: the data's (data.image_size, data.channels), or a
+    latent run's latent grid (data.latent_size, data.latent_channels, derived by
+    run.resolve_config from the autoencoder)."""
+    d = config.data
+    if d.get('latents', '') and d.get('latent_size', 0):
+        return (int(d.latent_size), int(d.latent_size), int(d.latent_channels))
+    return (int(d.image_size), int(d.image_size), int(d.channels))
+
+
+def diffusion_section(config):
+    """A copy of config.diffusion with image_shape derived from the data (the field the 'cold'
+    process builder reads; config_validation.resolve sets it on a cold run's config)."""
+    import ml_collections  # pylint: disable=import-outside-toplevel
+    d = ml_collections.ConfigDict(config.diffusion.to_dict())
+    if is_cold(d):
+        d.image_shape = image_shape(config)
+    return d
 
 
 def create_for_config(config):
-    """The process a whole run config trains and samples with: a ColdDiffusion where
-    diffusion.process='cold', else diffusion.create_diffusion's GaussianDiffusion."""
-    if is_cold(config.diffusion):
+    """The process a whole run config trains and samples with: the registry's 'cold' process
+    (processes.get_process(diffusion_section(config)) builds the same; this module stays below
+    the registry) where diffusion.process='cold', built at the data's shape, else
+    diffusion.create_diffusion's GaussianDiffusion."""
+    if is_cold(config.diffusion):  # what processes.get_process builds from diffusion_section
         return create_cold_diffusion(config.diffusion, image_shape(config))
     from diffusion_jax.diffusion import create_diffusion  # pylint: disable=import-outside-toplevel
     return create_diffusion(config.diffusion)

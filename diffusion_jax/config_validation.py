@@ -17,6 +17,7 @@ on the command line); a value set explicitly that does not fit is an error namin
 from __future__ import annotations
 
 import ml_collections
+from absl import logging
 
 from diffusion_jax import cold
 
@@ -49,6 +50,11 @@ CHECKS = (
     ('sampling.num_steps', 'a valid respacing of diffusion.num_timesteps (gaussian), an '
      'integer K >= 1 (flow, edm)'),
     ('sampling.s_churn > 0', "method='heun'"),
+    ('sampling.eta, langevin_snr, langevin_steps, ddim_guidance, dynamic_threshold, s_churn, '
+     's_tmin, s_tmax, s_noise (where the sampler runs)', 'their default unless sampling.method '
+     'reads them (samplers.options.fields_read)'),
+    ('sampling.dynamic_threshold, eta, ddim_guidance', "0, 0, 'auto' for flow and edm (the "
+     'gaussian chain\'s options)'),
     ('sampling.guidance_interval', "'' or 'lo,hi' with 0 <= lo < hi"),
     ('sampling.guidance_channels', 'in [0, model.in_channels]'),
     ('sampling.guidance_scale > 0', 'model.num_classes > 0 and training.label_dropout > 0 '
@@ -58,6 +64,14 @@ CHECKS = (
     ('training.self_condition', "model.name 'unet' or 'mlp'; diffusion.process gaussian, flow or "
      'edm; model.in_channels (in_dim) = 2·C (derived)'),
     ('training.label_dropout > 0', 'model.num_classes > 0'),
+    ('model.text_encoder', "'' or 'small' / 'clip' (a UNet, model.num_classes=0, a captioned "
+     "data.dataset such as 'digit_pairs'); model.context_dim = model.text.hidden_size (derived)"),
+    ('training.caption_dropout', 'in [0, 1); > 0 needs model.text_encoder'),
+    ('sampling.prompt / prompts_file / negative_prompt', 'a text run only; not both prompt and '
+     'prompts_file; prompts_file an existing file with a prompt per line; --mode=sample of a '
+     'text run needs one of them'),
+    ('sampling.guidance_scale > 0 (text run)', 'training.caption_dropout > 0'),
+    ('--mode=eval (text run)', 'eval.nll=False and eval.sample_quality=False (not yet wired)'),
     ('eval.nll_estimator / eval.feature_space', "a known name; 'ode' for flow and edm"),
 )
 
@@ -131,33 +145,31 @@ def _check_diffusion(config) -> None:
     if d.get('timestep_sampler', 'uniform') not in timestep_sampling.SAMPLERS:
         raise ValueError(f'diffusion.timestep_sampler={d.timestep_sampler!r} is not valid; '
                          f'choose one of {", ".join(timestep_sampling.SAMPLERS)}.')
+    from diffusion_jax import processes  # pylint: disable=import-outside-toplevel
     try:
         if cold.is_cold(d):
-            cold.create_cold_diffusion(d, cold.image_shape(config))
+            processes.get_process(d)  # the 'cold' builder checks its own fields
         else:
             create_diffusion(d)
     except ValueError as err:
         text = str(err)
         raise ValueError(text if text.startswith('diffusion.') else f'diffusion.{text}') from err
-    if not cold.is_cold(d):  # cold diffusion's own fields are checked by create_cold_diffusion
-        _check_process(d)
+    _check_process(d)
 
 
 def _check_process(d) -> None:
     """diffusion.process and what depends on it (diffusion_jax.processes), one line each."""
     from diffusion_jax import processes  # pylint: disable=import-outside-toplevel
     name = d.get('process', 'gaussian')
-    known = (*processes.names(), 'cold')  # cold diffusion is built beside them (diffusion_jax.cold)
-    if name not in known:
-        raise ValueError(f'diffusion.process={name!r} is not a process; choose one of '
-                         f'{", ".join(known)}.')
+    processes.check_name(name)
     weighting = d.get('loss_weighting', 'none')
     if name != 'gaussian' and weighting != 'none':
         raise ValueError(f'diffusion.loss_weighting={weighting!r} applies to diffusion.process='
                          f"'gaussian' (ε/x0/v-prediction, Hang et al. 2023); {name!r} weights its "
                          "loss through its own time law (and λ(σ) for edm): set "
                          "loss_weighting='none'.")
-    if name != 'gaussian' and d.get('timestep_sampler', 'uniform') != 'uniform':
+    # 'cold' trains through the discrete chain's timestep sampler (its levels are steps).
+    if name not in ('gaussian', 'cold') and d.get('timestep_sampler', 'uniform') != 'uniform':
         raise ValueError(f'diffusion.timestep_sampler={d.timestep_sampler!r} applies to the '
                          f"discrete gaussian process; {name!r} draws its own training times: set "
                          "timestep_sampler='uniform'.")
@@ -194,10 +206,64 @@ def _check_self_condition(config) -> None:
                          'training.self_condition=False.')
 
 
+# Embedded datasets whose examples carry captions (input_pipeline.Dataset.captions).
+CAPTIONED_DATASETS = ('digit_pairs',)
+TEXT_ENCODERS = ('small', 'clip')
+
+
+def is_text(config) -> bool:
+    return bool(config.get('model', {}).get('text_encoder', ''))
+
+
+def _derive_text(config, typed) -> None:
+    """A text run (model.text_encoder): a UNet without labels on captioned data; its
+    cross-attention width model.context_dim follows model.text.hidden_size."""
+    model, data = config.model, config.data
+    kind = model.get('text_encoder', '') or ''
+    dropout = config.get('training', {}).get('caption_dropout', 0.0) or 0.0
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f'training.caption_dropout={dropout} must lie in [0, 1) (latent '
+                         'diffusion drops 10% of the captions: 0.1).')
+    if not kind:
+        if dropout:
+            raise ValueError(f'training.caption_dropout={dropout} needs a text run: set '
+                             "model.text_encoder='small' (or 'clip'), or caption_dropout=0.")
+        return
+    if kind not in TEXT_ENCODERS:
+        raise ValueError(f'model.text_encoder={kind!r} is not a trained text encoder: use one of '
+                         f"{', '.join(TEXT_ENCODERS)} ('' for none).")
+    if model.get('name') != 'unet':
+        raise ValueError(f'model.text_encoder={kind!r} conditions a UNet, not model.name='
+                         f"{model.get('name')!r}: set model.name='unet' or text_encoder=''.")
+    if model.get('num_classes', 0):
+        raise ValueError(f'model.num_classes={model.num_classes} with model.text_encoder='
+                         f"{kind!r}: condition on captions or on labels; set num_classes=0.")
+    if data.get('dataset') not in CAPTIONED_DATASETS:
+        raise ValueError(f'model.text_encoder={kind!r} needs captions, but data.dataset='
+                         f"{data.get('dataset')!r} has none: use {', '.join(CAPTIONED_DATASETS)}.")
+    if 'text' not in model:
+        raise ValueError(f'model.text_encoder={kind!r} needs the model.text section (vocab_size, '
+                         'hidden_size, num_layers, num_heads, intermediate_size, max_length).')
+    width = model.text.get('hidden_size')
+    if not model.get('context_dim') or ('model.text.hidden_size' in typed
+                                        and 'model.context_dim' not in typed):
+        model.context_dim = width
+    elif model.context_dim != width:
+        raise ValueError(f'model.context_dim={model.context_dim} does not fit model.text.'
+                         f'hidden_size={width}: the cross-attention reads the encoder\'s states; '
+                         'leave context_dim unset (0) to derive it.')
+
+
 def _derive_model(config, typed) -> None:
     """Fills in / checks the model fields that follow data and diffusion (config is unlocked)."""
     model, data = config.model, config.data
     _check_self_condition(config)
+    _derive_text(config, typed)
+    if data.get('image_width', 0):  # H x W images (digit_pairs: 8 x 16): the UNet's W follows
+        if model.get('name') != 'unet':
+            raise ValueError(f'data.image_width={data.image_width}: non-square images are '
+                             f"sampled by the UNet only, not model.name={model.get('name')!r}.")
+        model.image_width = int(data.image_width)
     # A self-conditioned network takes [x_t, x̂_0]: twice the data's channels (Chen et al. 2022).
     factor = 2 if _self_condition(config) else 1
     if model.get('name') == 'mlp' or 'data_dim' in model:
@@ -281,6 +347,14 @@ def sampler_names() -> tuple[str, ...]:
     return tuple(samplers.METHODS)
 
 
+# (field, its off value, what it is): sampling options of the Gaussian chain only.
+GAUSSIAN_ONLY_SAMPLING = (
+    ('dynamic_threshold', 0.0, "dynamic thresholding of x̂_0 (Imagen's)"),
+    ('eta', 0.0, "DDIM's η"),
+    ('ddim_guidance', 'auto', 'the order of classifier guidance and clipping'),
+)
+
+
 def _check_process_sampling(config, name: str) -> None:
     """sampling.* for a continuous process: a method it runs, an integer num_steps >= 1."""
     from diffusion_jax import processes  # pylint: disable=import-outside-toplevel
@@ -299,6 +373,14 @@ def _check_process_sampling(config, name: str) -> None:
     if s.get('classifier_scale', 0.0):
         raise ValueError(f'sampling.classifier_scale={s.classifier_scale}: classifier guidance '
                          f'runs on the gaussian chain only, not on {name!r}; set it to 0.')
+    # Options of the discrete chain's samplers that no process solver reads: refused rather than
+    # silently ignored.
+    for field, off, what in GAUSSIAN_ONLY_SAMPLING:
+        value = s.get(field, off)
+        if value != off:
+            raise ValueError(f'sampling.{field}={value!r}: {what} applies to the gaussian chain '
+                             f'only, not to diffusion.process={name!r}; set sampling.{field}='
+                             f'{off!r}.')
     if s.get('s_churn', 0.0) and s.method != 'heun':
         raise ValueError(f"sampling.s_churn={s.s_churn} applies to method='heun' (EDM "
                          f"Algorithm 2), not {s.method!r}; set s_churn=0.")
@@ -348,6 +430,9 @@ def check_guidance(config) -> None:
     model trained with label dropout; label dropout needs a class-conditional model."""
     classes = config.model.get('num_classes', 0) or 0
     dropout = config.training.get('label_dropout', 0.0)
+    if is_text(config):
+        _check_text_guidance(config)
+        return
     if dropout > 0 and not classes:
         raise ValueError(f'training.label_dropout={dropout} needs a class-conditional model: set '
                          'model.num_classes (to data.num_classes) or label_dropout to 0.')
@@ -371,6 +456,51 @@ def check_guidance(config) -> None:
                          f'training.label_dropout > 0 (this one: {dropout}), so that it knows '
                          'the null label; set sampling.guidance_scale=0 or train with '
                          '--config.training.label_dropout=0.1.')
+
+
+def _check_text_guidance(config) -> None:
+    s = config.sampling
+    scale = s.get('guidance_scale', 0.0)
+    dropout = config.training.get('caption_dropout', 0.0) or 0.0
+    if scale > 0 and dropout <= 0:
+        raise ValueError(f'sampling.guidance_scale={scale} needs a text run trained with '
+                         f'training.caption_dropout > 0 (this one: {dropout}), so that it knows '
+                         'the empty prompt; set sampling.guidance_scale=0 or train with '
+                         '--config.training.caption_dropout=0.1.')
+    for field in ('guidance_model_workdir', 'classifier_scale'):
+        if s.get(field, ''):
+            raise ValueError(f'sampling.{field}={s.get(field)!r}: a text run is guided '
+                             'classifier-free (sampling.guidance_scale); set it to its default.')
+
+
+def _check_prompts(config, mode: str) -> None:
+    """sampling.prompt / prompts_file / negative_prompt: text runs only, one source of prompts;
+    --mode=sample of a text run needs one."""
+    s = config.sampling
+    given = [f for f in ('prompt', 'prompts_file', 'negative_prompt') if s.get(f, '')]
+    if not is_text(config):
+        if given:
+            raise ValueError(f'sampling.{given[0]}={s.get(given[0])!r} needs a text run '
+                             "(model.text_encoder='small' or 'clip'); this run is not one: "
+                             f'drop sampling.{given[0]}.')
+        return
+    if s.get('prompt', '') and s.get('prompts_file', ''):
+        raise ValueError(f'sampling.prompt={s.prompt!r} and sampling.prompts_file='
+                         f'{s.prompts_file!r}: give one of them.')
+    if s.get('prompts_file', ''):
+        from diffusion_jax import text  # pylint: disable=import-outside-toplevel
+        text.read_prompts_file(s.prompts_file)
+    if mode == 'sample' and not (s.get('prompt', '') or s.get('prompts_file', '')):
+        raise ValueError("sampling.prompt='' and sampling.prompts_file='': a text run samples "
+                         'from prompts; set --config.sampling.prompt="three and seven" or '
+                         'sampling.prompts_file=FILE (one prompt per line).')
+    if mode == 'eval':
+        e = config.get('eval', {})
+        for field in ('nll', 'sample_quality'):
+            if e.get(field, field == 'nll'):
+                raise ValueError(f'eval.{field}=True: --mode=eval of a text run is not wired '
+                                 f'yet; set eval.{field}=False (the prompt accuracy of '
+                                 'experiments/digit_pairs.py measures text runs).')
 
 
 def _check_eval(config) -> None:
@@ -407,16 +537,51 @@ def _check_latent_modes(config) -> None:
                              f'latent run (data.latents) samples pixels only: set it to False.')
 
 
+def samples_drawn(config, mode: str) -> bool:
+    """Whether `mode` runs config.sampling's sampler: --mode=sample, --mode=eval with
+    eval.sample_quality (and no eval.samples_path), --mode=train with periodic samples."""
+    if mode == 'sample':
+        return True
+    if mode == 'eval':
+        e = config.get('eval', {})
+        return bool(e.get('sample_quality', False)) and not e.get('samples_path', '')
+    if mode == 'train':
+        return bool(config.get('training', {}).get('sample_every_steps', 0))
+    return False
+
+
+def _check_method_options(config, mode: str) -> None:
+    """Options the chosen sampler does not read are refused where it runs (one line); a
+    multistep λ-solver on evenly strided steps gets one warning (samplers.options)."""
+    if not samples_drawn(config, mode):
+        return
+    from diffusion_jax.samplers import options  # pylint: disable=import-outside-toplevel
+    process = config.diffusion.get('process', 'gaussian')
+    options.check_method_options(config.sampling, process)
+    if process == 'gaussian':
+        advice = options.spacing_warning(config.sampling.method,
+                                         config.sampling.get('num_steps', ''),
+                                         int(config.diffusion.num_timesteps))
+        if advice:
+            logging.warning('%s', advice)
+
+
 def resolve(config, mode: str = 'train', typed=()) -> ml_collections.ConfigDict:
     """A validated copy of config with the derived fields filled in; ValueError otherwise.
 
     typed: the dotted paths the user typed (a field whose source was typed but which was not
-    typed itself is re-derived). Reads nothing from disk.
+    typed itself is re-derived). Reads nothing from disk. Logs one warning when a multistep
+    solver is asked for evenly strided steps (samplers.options.spacing_warning): run.resolve_config
+    calls this once per command, so the warning appears once.
     """
     check_mode(mode)
     typed = set(typed or ())
     config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
     _check_counts(config, mode)
+    if cold.is_cold(config.diffusion):
+        # The one derivation of the cold process's image shape (processes/cold.py reads it):
+        # the data's, or a latent run's latent grid (data.latent_size, set before this).
+        config.diffusion.image_shape = cold.image_shape(config)
     _check_diffusion(config)
     if config.get('data', {}).get('latents', ''):
         # data.latent_size / latent_channels: filled from the autoencoder's config.json by
@@ -427,6 +592,8 @@ def resolve(config, mode: str = 'train', typed=()) -> ml_collections.ConfigDict:
         _check_sampling(config)
         check_guidance(config)
         _check_guidance_channels(config)
+        _check_method_options(config, mode)
+        _check_prompts(config, mode)
     if 'eval' in config:
         _check_eval(config)
     return config

@@ -40,7 +40,8 @@ def default_sampling_config() -> ml_collections.ConfigDict:
     c.guidance_rescale = 0.0
     # Guidance interval (Kynkäänniemi et al. 2024): 'lo,hi' applies classifier-free guidance only
     # where σ lies in (lo, hi] (σ = √((1-ᾱ)/ᾱ); t/(1-t) for flow; σ for EDM; EDM2-XXL's is about
-    # '0.28,1.61'); '' = guidance at every step.
+    # '0.28,1.61'), decided once per step from the step's current σ (both evaluations of a Heun
+    # step, as the reference sampler); '' = guidance at every step.
     c.guidance_interval = ''
     # Autoguidance (Karras et al. 2024): guide with a weaker model of the same process and data
     # instead of the unconditional one: out = (1+w) out(x) - w out_weak(x) with w =
@@ -62,6 +63,12 @@ def default_sampling_config() -> ml_collections.ConfigDict:
     c.ddim_guidance = 'auto'
     c.classifier_workdir = ''  # workdir of the noisy classifier run (its config.json + checkpoint)
     c.labels = ''  # class labels: '' random uniform, '3' all class 3, '0,1,2' cycled
+    # Text runs (model.text_encoder): one prompt for every sample, or a file of prompts (one
+    # per line, cycled over the samples); the negative prompt replaces the empty prompt as
+    # classifier-free guidance's unconditional branch (as the Stable Diffusion pipelines do).
+    c.prompt = ''  # text runs: one prompt for every sample, e.g. 'three and seven'
+    c.prompts_file = ''  # text runs: a file of prompts, one per line, cycled over the samples
+    c.negative_prompt = ''  # text runs: the unconditional branch's prompt ('' = the empty one)
     c.use_ema = True  # sample with the EMA parameters (Ho et al. 2020, App. B)
     c.progressive = False  # also write DDPM Fig. 6 (x̂_0 along the chain) and Fig. 7 (same x_t)
     c.progress_every = 0  # chain steps between Fig. 6 columns; 0 = K/10 (11 columns)

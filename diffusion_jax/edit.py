@@ -17,6 +17,16 @@ repaint (uint8, 1 = kept), `labels` the inputs' where known, `target_labels` for
 (repaint) | result) and edit_config.json (the edit section, the step, the chain and, for
 ddim_edit, the mean reconstruction error of the unchanged decode: the inversion's own error).
 Every check (file, shapes, mask, strength, labels) runs before anything is computed or written.
+
+Processes: a Gaussian run edits on its chain respaced by edit.num_steps; a flow or EDM run
+(diffusion.process='flow'/'edm') on the process's grid of K = edit.num_steps (default
+sampling.num_steps) steps (samplers/process_edit.py; edit.sdedit_method: 'ancestral' or one of
+the process's solvers). A cold run is refused (it restores with --mode=sample).
+Latent runs (data.latents): the images are encoded to the autoencoder's latent means (s·μ),
+edited in latent space and decoded. RePaint's mask is downsampled to the latent grid by a min
+over each f x f pixel block: a latent cell is kept only where all its pixels are kept (so every
+latent touching the hole is generated); the kept pixels of the decoded output are then the
+input's exactly (the pixel mask pastes them, as for a pixel run).
 """
 from __future__ import annotations
 
@@ -30,10 +40,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import cold, image_utils, samplers, sharding
+from diffusion_jax import cold, image_utils, latents, processes, samplers, sharding
 from diffusion_jax.defaults import default_edit_config  # noqa: F401  (the old name)
 from diffusion_jax import guidance as guidance_lib
 from diffusion_jax.respace import space_timesteps
+from diffusion_jax.samplers.batches import self_conditioned
 
 METHODS = ('repaint', 'sdedit', 'ddim_edit')
 GRID_ROWS = 16
@@ -113,10 +124,18 @@ def check_edit(config) -> None:
     if e.method == 'repaint' and (e.jump_length < 1 or e.jump_n_sample < 1):
         _fail('jump_length', e.jump_length, f'and edit.jump_n_sample={e.jump_n_sample} must be '
               '>= 1 (1 and 1: no resampling).')
+    continuous = _continuous(config)
     if e.method == 'sdedit':
         samplers.sdedit_start(100, e.strength)  # raises on a strength outside (0, 1]
-        if e.sdedit_method not in ('ancestral', 'ddim'):
+        if continuous is not None:
+            samplers.process_edit.check_sdedit_method(continuous, e.sdedit_method)
+        elif e.sdedit_method not in ('ancestral', 'ddim'):
             _fail('sdedit_method', e.sdedit_method, 'is not one of ancestral, ddim.')
+    if continuous is not None:
+        k = e.num_steps if e.num_steps not in ('', None, 0) else s.num_steps
+        if isinstance(k, bool) or not str(k).isdigit() or int(k) < 1:
+            _fail('num_steps', e.num_steps, f'must be an integer K >= 1 of the {continuous.name} '
+                  "process's grid ('' = sampling.num_steps).")
     classes = int(config.model.get('num_classes', 0) or 0)
     if e.target_label >= 0 and not classes and not s.classifier_scale:
         _fail('target_label', e.target_label, 'needs a class-conditional run (model.num_classes '
@@ -129,8 +148,26 @@ def check_edit(config) -> None:
         _fail('guidance_scale', e.guidance_scale, 'needs a class-conditional run; set -1.')
 
 
+def _continuous(config):
+    """The run's continuous process ('flow', 'edm'), or None for a Gaussian (or cold) run."""
+    if config.diffusion.get('process', 'gaussian') in ('gaussian', 'cold'):
+        return None
+    return processes.get_process(config.diffusion)
+
+
+def _num_steps(config):
+    """K of a continuous process's edit grid: edit.num_steps, default sampling.num_steps."""
+    k = config.edit.num_steps
+    return int(k if k not in ('', None, 0) else config.sampling.num_steps)
+
+
 def _diffusion(config):
+    """What the edit runs over: the Gaussian chain (respaced by edit.num_steps) or the run's
+    continuous process (its grid has _num_steps(config) steps)."""
     from diffusion_jax.diffusion import create_diffusion  # pylint: disable=import-outside-toplevel
+    continuous = _continuous(config)
+    if continuous is not None:
+        return continuous
     d = create_diffusion(config.diffusion)
     spec = config.edit.num_steps
     if spec in ('', None, 0):
@@ -170,19 +207,34 @@ class _Models:
                                                 self.config.sampling.classifier_scale)
 
 
+def latent_mask(mask, latent_shape):
+    """A pixel mask [N, H, W, 1 or C] (1 = keep) on the latent grid [N, h, w, 1]: the min over
+    each (H/h) x (W/w) block, so a latent cell is kept only where all its pixels are."""
+    n, height, width = mask.shape[:3]
+    h, w = int(latent_shape[1]), int(latent_shape[2])
+    fy, fx = height // h, width // w
+    blocks = np.asarray(mask).min(axis=-1).reshape(n, h, fy, w, fx)
+    return blocks.min(axis=(2, 4))[..., None].astype(np.float32)
+
+
 def _edit_batch(config, models, diffusion, key, x, mask, y, y_target, mesh):
     """One batch: (edited [b, ...], reconstruction error [b] or None)."""
     e, s = config.edit, config.sampling
     w = s.guidance_scale
+    steps = {} if _continuous(config) is None else {'num_steps': _num_steps(config)}
+    clip = s.clip_denoised and not latents.is_latent(config)  # latents are not in [-1, 1]
+    self_condition = self_conditioned(config)  # feed the previous step's x̂_0 (Chen et al.)
     if e.method == 'repaint':
         return samplers.repaint(diffusion, models.model_fn(y, w), key, x, mask,
                                 jump_length=e.jump_length, jump_n_sample=e.jump_n_sample,
-                                clip_denoised=s.clip_denoised, guidance=models.guidance(y),
-                                mesh=mesh), None
+                                clip_denoised=clip, guidance=models.guidance(y),
+                                mesh=mesh, self_condition=self_condition, **steps), None
     if e.method == 'sdedit':
+        extra = {} if steps else {'eta': s.eta}
         return samplers.sdedit(diffusion, models.model_fn(y, w), key, x, e.strength,
-                               method=e.sdedit_method, eta=s.eta, clip_denoised=s.clip_denoised,
-                               guidance=models.guidance(y), mesh=mesh), None
+                               method=e.sdedit_method, clip_denoised=clip,
+                               guidance=models.guidance(y), mesh=mesh,
+                               self_condition=self_condition, **steps, **extra), None
     scale = w if e.guidance_scale < 0 else e.guidance_scale
     changed = (y_target is not None and not np.array_equal(np.asarray(y_target), np.asarray(y))
                ) or scale != w
@@ -190,7 +242,8 @@ def _edit_batch(config, models, diffusion, key, x, mask, y, y_target, mesh):
         diffusion, models.model_fn(y, 0.0 if models.classes else w), x,
         edit_model_fn=models.model_fn(y_target, scale) if changed else None,
         edit_guidance=models.guidance(y_target) if changed else None,
-        inversion=s.get('inversion', 'reference'), mesh=mesh)
+        inversion=s.get('inversion', 'reference'), mesh=mesh, self_condition=self_condition,
+        **steps)
     return out['edited'], out['reconstruction_error']
 
 
@@ -215,6 +268,9 @@ def run_edit(config, workdir: str) -> str:
                           mesh=mesh)
     config = config_validation.resolve(loaded.config, 'edit')
     models = _Models(config, models_lib.get_model(config.model), loaded.variables)
+    ae = latents.for_config(config, mesh)  # a latent run: edit the latents, decode the result
+    encode = None if ae is None else latents.make_batch_encoder(ae, noise=False)
+    decode = None if ae is None else latents.make_decoder(ae)
     y_all = labels if labels is not None else (
         np.full((n,), e.target_label, np.int32) if e.target_label >= 0 else None)
     y_target = (np.full((n,), e.target_label, np.int32) if e.target_label >= 0 else y_all)
@@ -227,9 +283,15 @@ def run_edit(config, workdir: str) -> str:
     for i in range(math.ceil(n / batch)):
         idx = np.resize(np.arange(i * batch, min((i + 1) * batch, n)), batch)
         pick = lambda a: None if a is None else jnp.asarray(a[idx])  # noqa: E731
-        out, err = _edit_batch(config, models, diffusion, jax.random.fold_in(key, i),
-                               jnp.asarray(x_all[idx]), pick(masks), pick(y_all),
-                               pick(y_target), mesh if batch % mesh.devices.size == 0 else None)
+        x, m = jnp.asarray(x_all[idx]), pick(masks)
+        if encode is not None:
+            x = encode({'image': x}, None)['image']
+            m = None if m is None else jnp.asarray(latent_mask(np.asarray(m), x.shape))
+        out, err = _edit_batch(config, models, diffusion, jax.random.fold_in(key, i), x, m,
+                               pick(y_all), pick(y_target),
+                               mesh if batch % mesh.devices.size == 0 else None)
+        if decode is not None:  # the reconstruction error stays the latent inversion's
+            out = decode(out)
         keep = min(batch, n - i * batch)
         outs.append(np.asarray(sharding.to_host(out))[:keep])
         if err is not None:
@@ -266,7 +328,10 @@ def _write(folder, config, step, diffusion, images, edited, masks, labels, y_tar
     rows = min(len(images), GRID_ROWS)
     grid = np.stack([c[:rows] for c in columns], axis=1).reshape((-1,) + images.shape[1:])
     image_utils.save_grid(os.path.join(folder, 'edited.png'), grid, ncols=len(columns))
-    written = dict(e.to_dict(), step=int(step), edit_timesteps=int(diffusion.num_timesteps),
+    steps = (_num_steps(config) if _continuous(config) is not None
+             else int(diffusion.num_timesteps))
+    written = dict(e.to_dict(), step=int(step), edit_timesteps=steps,
+                   latent=latents.is_latent(config),
                    sampling=config.sampling.to_dict(), diffusion=config.diffusion.to_dict())
     if errors is not None:
         written['reconstruction_rms_mean'] = float(np.mean(errors))

@@ -8,7 +8,9 @@ the sampling section comes from the command line.
 
 Writes into <workdir>/samples/<step>/ (step = the checkpoint's):
   samples.npz        'images' uint8 [N, H, W, C] (or 'points' float32 [N, D] for point data),
-                     plus 'labels' int32 [N] when the samples are class-conditional
+                     plus 'labels' int32 [N] when the samples are class-conditional (a text
+                     run's: the index of each sample's prompt in sampling_config.json's
+                     'prompts')
   samples.png        a grid of the first images (a scatter plot of all the points)
   progressive.png    DDPM Fig. 6: x̂_0 along the chain, one row per example   (sampling.progressive)
   same_xt.png        DDPM Fig. 7: one x_t per row, then samples of p(x_0|x_t) (sampling.progressive)
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from diffusion_jax import image_utils, latents, run, samplers, sharding
+from diffusion_jax import image_utils, latents, run, samplers, sharding, text as text_lib
 from diffusion_jax.defaults import default_sampling_config  # noqa: F401  (the old name)
 from diffusion_jax.respace import respaced  # noqa: F401  (the old name)
 from diffusion_jax.run import CLASSIFIER_DIFFUSION_FIELDS  # noqa: F401  (the old name)
@@ -61,6 +63,19 @@ def _decoder(config, mesh):
     return None if autoencoder is None else latents.make_decoder(autoencoder)
 
 
+def prompts_for(config, loaded):
+    """A text run's PromptTable (diffusion_jax.text): sampling.prompt or the lines of
+    sampling.prompts_file, encoded by the run's own encoder with the tokenizer stored in the
+    run, and sampling.negative_prompt ('' by default) as classifier-free guidance's ∅;
+    None for other runs."""
+    if not text_lib.is_text(config):
+        return None
+    tok = text_lib.load_tokenizer(loaded.workdir)
+    return text_lib.prompt_table(loaded.model, loaded.variables, tok,
+                                 text_lib.sampling_prompts(config),
+                                 config.sampling.get('negative_prompt', ''))
+
+
 def _load_params(config, workdir, mesh):
     """The parameters of the run in workdir at sampling.checkpoint_step for the resolved config
     (run.load_resolved: nothing merged again), replicated on mesh."""
@@ -69,19 +84,21 @@ def _load_params(config, workdir, mesh):
                              use_ema=config.sampling.get('use_ema', True), mesh=mesh)
 
 
-def draw_samples(config, variables, mesh, num_samples: int):
+def draw_samples(config, variables, mesh, num_samples: int, text=None):
     """samplers.batches.draw_samples with the run's guiding classifier loaded when
-    config.sampling.classifier_scale > 0: (float32 [num_samples, ...] in [-1, 1], labels)."""
+    config.sampling.classifier_scale > 0: (float32 [num_samples, ...] in [-1, 1], labels).
+    text: a text run's PromptTable (prompts_for)."""
     return batches.draw_samples(config, variables, mesh, num_samples,
                                 classifier=_classifier(config), guide=_guide(config, mesh),
-                                decoder=_decoder(config, mesh))
+                                decoder=_decoder(config, mesh), text=text)
 
 
-def sample_batches(config, variables, mesh, num_samples: int, *, uint8: bool = False):
+def sample_batches(config, variables, mesh, num_samples: int, *, uint8: bool = False,
+                   text=None):
     """samplers.batches.sample_batches with the guiding classifier loaded (see draw_samples)."""
     return batches.sample_batches(config, variables, mesh, num_samples, uint8=uint8,
                                   classifier=_classifier(config), guide=_guide(config, mesh),
-                                  decoder=_decoder(config, mesh))
+                                  decoder=_decoder(config, mesh), text=text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,9 +123,10 @@ def run_resolved(config, workdir: str) -> str:
     sharding.use_compile_cache(config.get('compile_cache_dir', sharding.AUTO_CACHE))
     loaded = _load_params(config, workdir, mesh)
     step = loaded.step
+    prompts = prompts_for(config, loaded)
     sampler, example_shape = batches.build_sampler(config, loaded.variables, mesh,
                                                    _classifier(config), _guide(config, mesh),
-                                                   _decoder(config, mesh))
+                                                   _decoder(config, mesh), prompts)
     diffusion = sampler.diffusion
     # The steps run: the respaced chain's K, or a continuous process's num_steps.
     num_run = int(getattr(diffusion, 'num_timesteps', 0) or int(s.num_steps))
@@ -127,9 +145,10 @@ def run_resolved(config, workdir: str) -> str:
         _write_interpolations(folder, sampler, key_interpolation, samples, labels)
     if jax.process_index() == 0:
         # The sampling section, plus what it ran on: the checkpoint and the trained diffusion.
+        extra = {} if prompts is None else {'prompts': prompts.prompts}  # labels index them
         image_utils.write_json(os.path.join(folder, 'sampling_config.json'), dict(
             s.to_dict(), step=step, sampling_timesteps=num_run,
-            diffusion=config.diffusion.to_dict()))
+            diffusion=config.diffusion.to_dict(), **extra))
     return folder
 
 
@@ -196,7 +215,10 @@ def _write_same_xt(folder, sampler, key, example_shape, y):
     # The chain to x_t runs on num copies of one x_T (one row kept), so that it and the draws
     # from x_t share one compiled program (reverse_from on a batch of num).
     model_fn = sampler.model_fn(None if y is None else jnp.full((num,), y[0], jnp.int32))
-    opts = dict(clip_denoised=sampler.config.sampling.clip_denoised)
+    # A self-conditioned chain feeds each step the previous step's x̂_0; the draws from x_t start
+    # their own history (zeros at step t), as every sampler does at its first step.
+    opts = dict(clip_denoised=sampler.config.sampling.clip_denoised,
+                self_condition=sampler.options['self_condition'])
     x_T = np.repeat(np.asarray(jax.random.normal(key, (1, *example_shape))), num, axis=0)
     rows = []
     for i, frac in enumerate((0.75, 0.5, 0.25)):
@@ -231,14 +253,16 @@ def _write_interpolations(folder, sampler, key, samples, labels):
     mesh = sampler.mesh_for(pairs * num)
     t = int(round(s.interpolation_t_frac * (d.num_timesteps - 1)))
     ddpm = samplers.interpolate_ddpm(d, sampler.model_fn(sampler.place(y)), key, x_a, x_b, t,
-                                     lambdas, clip_denoised=s.clip_denoised, mesh=mesh)
+                                     lambdas, clip_denoised=s.clip_denoised, mesh=mesh,
+                                     self_condition=sampler.options['self_condition'])
     # DDIM encodes the [2·pairs] batch, then decodes [λ, pair]: both must split over the mesh.
     both = mesh if sampler.mesh_for(2 * pairs) is not None else None
     encode_y = None if y is None else np.concatenate([y[:pairs], y[:pairs]])
     ddim = samplers.interpolate_ddim(d, sampler.model_fn(sampler.place(encode_y)), x_a, x_b,
                                      lambdas, mesh=both,
                                      decode_model_fn=sampler.model_fn(sampler.place(y)),
-                                     inversion=s.get('inversion', 'reference'))
+                                     inversion=s.get('inversion', 'reference'),
+                                     self_condition=sampler.options['self_condition'])
     ddpm, ddim = sharding.to_host((ddpm, ddim))
     if jax.process_index() != 0:
         return

@@ -158,7 +158,7 @@ def _rescale(cond, guided, phi):
 
 
 def _classifier_free_apply(model_apply, variables, y, w, null_label, rescale, interval, channels,
-                           x_t, t, self_cond=None):
+                           x_t, t, self_cond=None, interval_t=None):
     # Two calls rather than one on a doubled batch: on a mesh, concatenating two sharded batches
     # would reshuffle examples between devices; the FLOPs are the same.
     x_in = with_self_cond(x_t, self_cond)  # both calls see the same x̂_0 (the sampler's)
@@ -167,18 +167,20 @@ def _classifier_free_apply(model_apply, variables, y, w, null_label, rescale, in
             else jnp.full_like(y, null_label))
     cond = model_apply(variables, x_in, t, y=_batched(y, batch))
     uncond = model_apply(variables, x_in, t, y=null)
-    return _combine(cond, uncond, w, rescale, interval, x_t, t, channels)
+    return _combine(cond, uncond, w, rescale, interval, x_t, t, channels, interval_t)
 
 
-def _combine(cond, uncond, w, rescale, interval, x_t, t, channels=0):
+def _combine(cond, uncond, w, rescale, interval, x_t, t, channels=0, interval_t=None):
     """(1 + w) cond - w uncond on the mean output, the variance channels (if any) cond's;
-    channels > 0 guides only the first `channels` mean channels (DiT's partial guidance)."""
+    channels > 0 guides only the first `channels` mean channels (DiT's partial guidance).
+    interval_t: the network time input whose σ decides the guidance interval (a Heun step's
+    first evaluation's, passed to both of its evaluations); None: t itself."""
     # Guide the mean output only: ε, x0 and v are all affine in one another at fixed (x_t, t), so
     # the guided combination means the same for each; a learned variance stays the conditional's.
     c = x_t.shape[-1]
     if interval is not None:  # w = 0 outside (lo, hi]: exactly the conditional output
         lo, hi, sigma_fn = interval
-        sigma = sigma_fn(t)
+        sigma = sigma_fn(t if interval_t is None else interval_t)
         w = jnp.where((sigma > lo) & (sigma <= hi), w, 0.0).reshape((-1,) + (1,) * (x_t.ndim - 1))
     guided = (1.0 + w) * cond[..., :c] - w * uncond[..., :c]
     if rescale is not None:
@@ -210,9 +212,11 @@ def classifier_free_model_fn(model_apply: Callable, variables, y, w, null_label=
       interval: (lo, hi, sigma_fn) or None: the guidance interval of Kynkäänniemi et al. 2024,
         w applied only where σ = sigma_fn(t) of the network's time input lies in (lo, hi], the
         conditional output elsewhere (per example; sigma_fn: a process's network_sigma(), σ in
-        EDM units √((1-ᾱ)/ᾱ), t/(1-t), σ). It is decided per network evaluation: a Heun step
-        whose two evaluations straddle a bound guides one of them (the reference code decides
-        once per step).
+        EDM units √((1-ᾱ)/ᾱ), t/(1-t), σ). The returned model_fn takes the keyword
+        interval_t=t_in (a network time input): the interval is then decided at σ(t_in)
+        instead of at its own t. The Heun samplers pass their step's first time input to both
+        evaluations, so the interval is decided once per step from the step's current σ, as
+        the reference code does (samplers pass it where `has_interval(model_fn)`).
       channels: guide only the first `channels` of the C mean-output channels (the rest stay
         the conditional output); 0 = all C. DiT's sampler guides 3 of the 4 SD-VAE latent
         channels (facebookresearch/DiT, models.py forward_with_cfg), which its FID-50K 2.27
@@ -250,10 +254,11 @@ def _options(guidance_rescale, interval):
     return (jnp.asarray(rescale, jnp.float32) if rescale else None), interval
 
 
-def _autoguided_apply(model_fn, guide_fn, w, rescale, interval, x_t, t, self_cond=None):
+def _autoguided_apply(model_fn, guide_fn, w, rescale, interval, x_t, t, self_cond=None,
+                      interval_t=None):
     main = model_fn(x_t, t, self_cond=self_cond) if self_cond is not None else model_fn(x_t, t)
     weak = guide_fn(x_t, t, self_cond=self_cond) if self_cond is not None else guide_fn(x_t, t)
-    return _combine(main, weak, w, rescale, interval, x_t, t)
+    return _combine(main, weak, w, rescale, interval, x_t, t, interval_t=interval_t)
 
 
 def autoguidance_model_fn(model_fn, guide_fn, w, *, guidance_rescale=0.0,
@@ -278,6 +283,17 @@ def autoguidance_model_fn(model_fn, guide_fn, w, *, guidance_rescale=0.0,
     rescale, interval = _options(guidance_rescale, interval)
     return Partial(_autoguided_apply, model_fn, guide_fn, jnp.asarray(w, jnp.float32), rescale,
                    interval)
+
+
+def has_interval(model_fn) -> bool:
+    """Whether model_fn is a guided model (classifier_free_model_fn, autoguidance_model_fn)
+    with a guidance interval, i.e. takes the keyword interval_t (the samplers' static check)."""
+    func = getattr(model_fn, 'func', None)
+    if func is _classifier_free_apply:
+        return model_fn.args[6] is not None
+    if func is _autoguided_apply:
+        return model_fn.args[4] is not None
+    return False
 
 
 def parse_guidance_interval(text) -> tuple[float, float] | None:

@@ -8,6 +8,13 @@ Every source, embedded or tfds, becomes a `Dataset`: `len(ds)` examples of one s
                 to the 8-bit grid, round(v·255/16), then to [-1, 1]. The split is a
                 permutation seeded by data.split_seed: the first 80% train, the last 20%
                 test, the same on every machine and run.
+  digit_pairs   two digits side by side, [8, 16, 1], captioned "<left> and <right>" (e.g.
+                "three and seven"), label 10·left + right. The 100 ordered pairs are permuted
+                by data.split_seed: the first 80 are the training pairs, the last 20 held out
+                (`pair_split`). The 'train' split's data.num_train_examples examples use
+                training pairs and the digits' train images; 'test' (num_test_examples) the
+                held-out pairs and the digits' test images; each example's pair and its two
+                images are drawn by a generator seeded by (split_seed, split): deterministic.
   swissroll     sklearn.datasets.make_swiss_roll's (x, z) plane, divided by the roll's largest
                 radius 4.5π so the points lie in [-1, 1]; train and test use different seeds.
   idx           the original IDX files of (Fashion-)MNIST under data.data_dir, gzipped or not
@@ -40,7 +47,11 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 
-EMBEDDED = ('digits', 'swissroll')
+EMBEDDED = ('digits', 'swissroll', 'digit_pairs')
+# The captions' words for the digits 0-9 (digit_pairs: "three and seven" = 3 left, 7 right).
+DIGIT_WORDS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
+NUM_PAIRS = 100  # ordered pairs (left, right) of digits
+NUM_HELD_OUT_PAIRS = 20  # pairs never shown in training: following them needs composition
 SOURCES = ('embedded', 'idx', 'tfds')
 # The IDX file names of (Fashion-)MNIST, as published and as Debian installs them.
 IDX_FILES = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
@@ -57,6 +68,7 @@ class Dataset:
     """Random access to the examples of one split.
 
     get(indices [n] int) -> dict(image=float32 [n, *example_shape] in [-1, 1], label=int32 [n]).
+    captions: one caption per example (a captioned dataset: digit_pairs), else None.
     """
     name: str
     split: str
@@ -64,6 +76,7 @@ class Dataset:
     example_shape: tuple[int, ...]
     num_classes: int
     get: Callable[[np.ndarray], dict]
+    captions: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return self.num_examples
@@ -90,6 +103,36 @@ def _digits(data_config, split: str) -> Dataset:
     n_test = int(round(len(images) * data_config.test_fraction))
     keep = perm[:len(images) - n_test] if split == 'train' else perm[len(images) - n_test:]
     return _in_memory('digits', split, images[keep], digits.target[keep], 10)
+
+
+def pair_split(split_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training pairs [80], held-out pairs [20]) of digit_pairs as ids 10·left + right."""
+    perm = np.random.default_rng([split_seed, NUM_PAIRS]).permutation(NUM_PAIRS)
+    return (np.sort(perm[:NUM_PAIRS - NUM_HELD_OUT_PAIRS]),
+            np.sort(perm[NUM_PAIRS - NUM_HELD_OUT_PAIRS:]))
+
+
+def pair_caption(pair: int) -> str:
+    """The caption of pair id 10·left + right: '<left> and <right>'."""
+    return f'{DIGIT_WORDS[pair // 10]} and {DIGIT_WORDS[pair % 10]}'
+
+
+def _digit_pairs(data_config, split: str) -> Dataset:
+    digits = _digits(data_config, split)  # the same 80/20 split of the scans as 'digits'
+    images, labels = (digits.get(np.arange(len(digits)))[k] for k in ('image', 'label'))
+    train_pairs, held_out = pair_split(data_config.split_seed)
+    pairs_of_split = train_pairs if split == 'train' else held_out
+    n = int(data_config.num_train_examples if split == 'train' else data_config.num_test_examples)
+    rng = np.random.default_rng([data_config.split_seed, 0 if split == 'train' else 1])
+    pairs = pairs_of_split[rng.integers(0, len(pairs_of_split), n)]
+    by_class = [np.flatnonzero(labels == c) for c in range(10)]
+    pick = lambda classes: np.array([by_class[c][rng.integers(len(by_class[c]))]
+                                     for c in classes])
+    left, right = pick(pairs // 10), pick(pairs % 10)
+    pair_images = np.concatenate([images[left], images[right]], axis=2)  # [n, 8, 16, 1]
+    captions = tuple(pair_caption(int(p)) for p in pairs)
+    ds = _in_memory('digit_pairs', split, pair_images, pairs, NUM_PAIRS)
+    return dataclasses.replace(ds, captions=captions)
 
 
 def _swissroll(data_config, split: str) -> Dataset:
@@ -252,7 +295,8 @@ def get_dataset(data_config, split: str) -> Dataset:
     if source == 'embedded':
         if split not in ('train', 'test'):
             raise ValueError(f"split {split!r} of {data_config.dataset}: use 'train' or 'test'.")
-        return (_digits if data_config.dataset == 'digits' else _swissroll)(data_config, split)
+        return {'digits': _digits, 'swissroll': _swissroll,
+                'digit_pairs': _digit_pairs}[data_config.dataset](data_config, split)
     ds = (_idx if source == 'idx' else _tfds)(data_config, split)
     num_workers = int(data_config.get('num_workers', 0) or 0)
     if num_workers < 0:

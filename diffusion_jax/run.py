@@ -49,14 +49,15 @@ CONFIG_FILE = 'config.json'
 TRAINED_SECTIONS = ('model', 'diffusion', 'data')  # fixed by the trained network
 RESUME_SECTIONS = TRAINED_SECTIONS + ('optim',)  # a resumed run must also keep its optimiser
 MODE_SECTIONS = ('sampling', 'eval', 'edit')  # what --mode=sample / eval / edit may change
-TRAINED_FIELDS = ('training.label_dropout',)  # outside TRAINED_SECTIONS, fixed by training too
+TRAINED_FIELDS = ('training.label_dropout', 'training.caption_dropout')  # outside TRAINED_SECTIONS, fixed by training too
 # Fields inside the trained sections that are not part of what was trained: where the data
 # lives and how it is read (batches are a pure function of seed and step whatever the worker
 # count), and how the network is computed (params stay float32 whatever model.dtype computes
 # in; the attention kernels are equal within rounding). A run may be resumed, sampled or
 # evaluated with other values, typed or in the passed config; every other trained field is fixed.
 UNTRAINED_FIELDS = ('data.data_dir', 'data.download', 'data.num_workers', 'data.prefetch',
-                    'model.attention_implementation', 'model.dtype', 'data.latents_cache')
+                    'model.attention_implementation', 'model.dtype', 'data.latents_cache',
+                    'diffusion.image_shape')  # derived from data (cold runs) on every resolve
 LATEST = -1  # sampling.checkpoint_step / eval.checkpoint_step: the newest valid checkpoint
 
 logger = py_logging.getLogger('diffusion_jax').getChild('run')

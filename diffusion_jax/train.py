@@ -32,7 +32,7 @@ import optax
 
 from diffusion_jax import checkpointing, cold, diffusion as diffusion_lib, guidance, image_utils
 from diffusion_jax import input_pipeline, latents as latents_lib, logging_utils, models
-from diffusion_jax import distill, processes, run as run_lib, samplers
+from diffusion_jax import distill, processes, run as run_lib, samplers, text as text_lib
 from diffusion_jax import sharding, timestep_sampling
 from diffusion_jax.defaults import default_workdir  # noqa: F401  (the old name)
 from diffusion_jax.samplers.batches import guidance_interval, sampling_target, self_conditioned
@@ -58,6 +58,21 @@ def _labels(labels, num_classes: int, label_dropout: float, rng):
         drop = jax.random.bernoulli(rng, label_dropout, labels.shape)
         labels = jnp.where(drop, num_classes, labels)
     return labels
+
+
+def text_condition(model, params, batch, caption_dropout: float, rng):
+    """The condition of a text run's batch: its captions encoded by the jointly trained encoder
+    (model.encode of batch['input_ids'] / ['attention_mask'], so the gradient reaches the
+    encoder), each replaced by the empty prompt's encoding with probability caption_dropout
+    (guidance.drop_condition: classifier-free guidance's ∅, latent diffusion's caption dropout)."""
+    encode = lambda ids, mask: model.apply({'params': params}, ids, mask, method='encode')
+    cond = encode(batch['input_ids'], batch['attention_mask'])
+    if caption_dropout <= 0:
+        return cond
+    ids, mask = text_lib.empty_prompt(batch['input_ids'].shape[-1])
+    cond, _ = guidance.drop_condition(rng, cond, encode(jnp.asarray(ids), jnp.asarray(mask)),
+                                      caption_dropout)
+    return cond
 
 
 def _all_finite(tree) -> jax.Array:
@@ -142,6 +157,8 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
     max_skips = config.training.get('skip_nonfinite_steps', 0)
     num_classes = config.model.get('num_classes', 0)
     label_dropout = config.training.label_dropout
+    is_text = text_lib.is_text(config)
+    caption_dropout = float(config.training.get('caption_dropout', 0.0) or 0.0)
     is_classifier = config.model.name == 'classifier'
     is_autoencoder = config.model.name == 'autoencoder'
     decay = config.training.ema_decay
@@ -150,7 +167,8 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
     # 'flow' and 'edm' draw their own times and noise in process.loss.
     # 'cold' (diffusion_jax.cold) trains through the same path: its training_losses is the L1
     # restoration loss.
-    process = None if cold.is_cold(config.diffusion) else processes.get_process(config.diffusion)
+    cold_run = cold.is_cold(config.diffusion)
+    process = None if cold_run else processes.get_process(config.diffusion)
     continuous = process is not None and not isinstance(process, processes.GaussianProcess)
     min_snr = process is not None and not continuous and process.loss_weighting != 'none'
     self_condition = self_conditioned(config)
@@ -163,11 +181,17 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
         noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
         # Self-conditioning's coin: its own stream, so the others are those of a run without it.
         sc_rng = jax.random.fold_in(rng, 4)
-        if continuous:
+        if is_text:  # captions -> the encoded context, under the gradient
+            condition = lambda params: text_condition(model, params, batch, caption_dropout,
+                                                      label_rng)
+        else:
             y = _labels(batch['label'], num_classes, label_dropout, label_rng)
+            condition = lambda params: y
+        if continuous:
 
             def loss_fn(params):
-                net = functools.partial(_train_net, model, params, y, dropout_rng)
+                net = functools.partial(_train_net, model, params, condition(params),
+                                        dropout_rng)
                 model_fn = net()
                 if self_condition:  # the first pass sees the very x_t that process.loss draws
                     t_draw, _, x_t = process.draw(x0, noise_rng)
@@ -183,17 +207,19 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
             loss_fn = functools.partial(_classifier_loss, model, diffusion, x0, t, noise,
                                         batch['label'], dropout_rng)
         else:
-            y = _labels(batch['label'], num_classes, label_dropout, label_rng)
 
             def loss_fn(params):
-                net = functools.partial(_train_net, model, params, y, dropout_rng)
+                net = functools.partial(_train_net, model, params, condition(params),
+                                        dropout_rng)
                 model_fn = net()
                 if self_condition:
                     x_t = diffusion.q_sample(x0, t, noise)  # the x_t training_losses makes
                     model_fn = net(self_condition_input(sc_rng, lambda z: diffusion.p_mean_variance(
                         diffusion_lib.wrap_model(net(z), diffusion)(x_t, t), x_t, t,
                         clip_denoised=False)['pred_x0'], x0))
-                terms = diffusion.training_losses(model_fn, x0, t, noise)
+                # A cold run's random-centre mask draws its centres from the training key.
+                extra = {'key': noise_rng} if cold_run else {}
+                terms = diffusion.training_losses(model_fn, x0, t, noise, **extra)
                 if min_snr:
                     terms = dict(terms, loss=process.loss_weight(t) * terms['loss'])
                 return jnp.mean(weights * terms['loss']), terms
@@ -254,11 +280,14 @@ def compile_train_step(train_step, mesh, state, batch, rng, batch_axis: int = 0)
     return jitted.lower(state, batch, rng).compile()
 
 
-def make_sample_fn(config, model, diffusion, num: int, mesh=None, decoder=None) -> Callable:
+def make_sample_fn(config, model, diffusion, num: int, mesh=None, decoder=None, tokenizer=None,
+                   prompts=()) -> Callable:
     """sample_fn(params, rng) -> [num, ...] samples with config.sampling's method, step count
-    and classifier-free guidance scale; a conditional model cycles through the classes. The
-    sampler compiles once: the parameters are a jit argument, not a constant. decoder (a latent
-    run: latents.make_decoder): applied to the samples, so they are pixels."""
+    and classifier-free guidance scale; a conditional model cycles through the classes, a text
+    run (tokenizer given) through `prompts` (the training grid: the training captions), else
+    sampling.prompt / prompts_file. The sampler compiles once: the parameters are a jit
+    argument, not a constant. decoder (a latent run: latents.make_decoder): applied to the
+    samples, so they are pixels."""
     s = config.sampling
     shape = (num, *models.data_shape(model, self_conditioned(config)))
     prior, process_options = None, {}
@@ -277,12 +306,27 @@ def make_sample_fn(config, model, diffusion, num: int, mesh=None, decoder=None) 
     if mesh is not None and num % mesh.devices.size == 0:
         options['mesh'] = mesh
 
+    if tokenizer is not None:  # the given prompts (the training grid: the captions), else sampling's
+        prompts = list(prompts) or text_lib.sampling_prompts(config)
+        y = jnp.arange(num, dtype=jnp.int32) % len(prompts)
+
     def sample_fn(params, rng):
         variables = {'params': params}
         # The training grids guide classifier-free only: an autoguided run's guide is loaded by
         # --mode=sample / eval (run.load_guide), not by the train loop.
-        if y is not None and s.get('guidance_scale', 0.0) and not s.get('guidance_model_workdir',
-                                                                         ''):
+        if tokenizer is not None:  # the prompts encoded by these parameters' text encoder
+            table = text_lib.prompt_table(model, variables, tokenizer, prompts,
+                                          s.get('negative_prompt', ''))
+            cond = table.condition(y)
+            if s.get('guidance_scale', 0.0):
+                model_fn = guidance.classifier_free_model_fn(
+                    model.apply, variables, cond, s.guidance_scale, uncond=table.uncond,
+                    guidance_rescale=s.get('guidance_rescale', 0.0),
+                    interval=guidance_interval(config), channels=s.get('guidance_channels', 0))
+            else:
+                model_fn = guidance.bind_model(model.apply, variables, cond)
+        elif y is not None and s.get('guidance_scale', 0.0) and not s.get(
+                'guidance_model_workdir', ''):
             model_fn = guidance.classifier_free_model_fn(
                 model.apply, variables, y, s.guidance_scale, num_classes,
                 guidance_rescale=s.get('guidance_rescale', 0.0),
@@ -329,6 +373,8 @@ class _Run:
     train_ds: input_pipeline.Dataset
     teacher: Any = None  # a distillation's teacher EMA params (diffusion_jax.distill), else None
     autoencoder: Any = None  # latents.Autoencoder of a latent run (data.latents), else None
+    tokenizer: Any = None  # a text run's tokenizer (diffusion_jax.text), else None
+    new_tokenizer: bool = False  # built from the captions now: written with config.json
 
 
 def prepare_run(config, workdir: str) -> _Run:
@@ -356,8 +402,13 @@ def prepare_run(config, workdir: str) -> _Run:
                                              config.data.get('num_classes', 0))
     else:
         train_ds = input_pipeline.get_dataset(config.data, config.data.train_split)
+    tokenizer, new_tokenizer = None, False
+    if text_lib.is_text(config):  # captions -> token ids with the run's (or a new) vocabulary
+        tokenizer, new_tokenizer = text_lib.tokenizer_for_training(config, workdir,
+                                                                   train_ds.captions)
+        train_ds = text_lib.with_tokens(train_ds, tokenizer, config.model.text.max_length)
     return _Run(config, model, diffusion, mesh, train_ds, teacher=teacher,
-                autoencoder=autoencoder)
+                autoencoder=autoencoder, tokenizer=tokenizer, new_tokenizer=new_tokenizer)
 
 
 def check_resume_step(step: int | None, steps_per_call: int, workdir: str) -> None:
@@ -563,6 +614,8 @@ def run_resolved(config, workdir: str, *,
     run = prepare_run(config, workdir)
     sharding.use_compile_cache(run.config.get('compile_cache_dir', sharding.AUTO_CACHE))
     _write_config(run.config, workdir)
+    if run.new_tokenizer:  # the vocabulary is part of the run: sampling reads it from here
+        text_lib.save_tokenizer(workdir, run.tokenizer)
     loop = _Loop(run, workdir, on_step)
     try:
         state = loop.train()
@@ -707,9 +760,11 @@ class _Loop:
             self.bar.set_postfix(loss=f'{summary["loss"]:.4g}', refresh=False)
 
     def _sample(self, step: int, state) -> None:
+        captions = self.run.train_ds.captions
         self.sample_fn = self.sample_fn or make_sample_fn(
             self.config, self.run.model, self.run.diffusion, self.tc.num_sample_images,
-            self.run.mesh, self.decoder)
+            self.run.mesh, self.decoder, self.run.tokenizer,
+            sorted(set(captions)) if captions else ())
         samples = self.sample_fn(state.ema_params, jax.random.fold_in(self.sample_rng, step))
         logger.info('samples: %s', write_samples(self.workdir, step, samples, self.writer))
 

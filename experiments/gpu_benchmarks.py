@@ -19,6 +19,10 @@ Prints, one JSON line each (and writes them all to --out):
                   1, 2, 4 decoding threads; mock examples when none are prepared
   timestep_update the loss-aware sampler's history update, scan vs vectorised, T=1000/4000,
                   B=128/2048 (benchmark_timestep_sampling.run)
+  dit_train       the DiT train step (issue #20) of DiT-S/2, B/2 and XL/2 on 32x32x4 latents,
+                  1000 classes, learned Σ (L_hybrid), bfloat16, cuDNN attention where it
+                  applies ('auto'), 32 images per device; XL/2 also with model.remat: img/s,
+                  TFLOP/s, share of the measured peak
 Targets (issue #14, one H100/H200): train ≥ 10,000 img/s and ≥ 45% of peak; DDIM-50 50k < 2
 min, DDPM-1000 50k < 30 min; FID-50k features < 1 min; input ≥ 3× the training rate per host.
 """
@@ -78,6 +82,27 @@ def train(per_device_batches, steps: int, peak_tflops: float, smoke: bool) -> li
         result['achieved_tflops'] = result['achieved_flops_per_s'] / 1e12
         result['share_of_measured_peak'] = result['achieved_tflops'] / peak_tflops
         out.append(dict(what='train', per_device_batch=per_device, **result))
+    return out
+
+
+def dit_train(per_device: int, steps: int, peak_tflops: float, smoke: bool) -> list[dict]:
+    cases = ([('tiny', {})] if smoke else
+             [('DiT-S/2', {}), ('DiT-B/2', {}), ('DiT-XL/2', {}), ('DiT-XL/2', {'remat': True})])
+    out = []
+    for preset, extra in cases:
+        config = benchmark_train.load_config('configs/cifar10.py')
+        config.model = (model_configs.tiny_dit(image_size=32, num_classes=1000) if smoke
+                        else model_configs.dit(preset))
+        config.model.dtype = 'bfloat16'
+        config.model.remat = bool(extra.get('remat', False))
+        config.data.update(image_size=32, channels=4, num_classes=1000)
+        config.diffusion.update(model_var_type='learned_range', loss_type='hybrid')
+        config.training.batch_size = per_device * jax.local_device_count()
+        result = benchmark_train.benchmark(config, steps, warmup=2)
+        result['achieved_tflops'] = result['achieved_flops_per_s'] / 1e12
+        result['share_of_measured_peak'] = result['achieved_tflops'] / peak_tflops
+        out.append(dict(what='dit_train', model=preset, per_device_batch=per_device,
+                        **extra, **result))
     return out
 
 
@@ -162,6 +187,7 @@ def main():
     report(train((2,) if smoke else (128, args.large_batch), 2 if smoke else 20,
                  peak['tflops'], smoke))
     report(steps_per_call(2 if smoke else 128, smoke))
+    report(dit_train(2 if smoke else 32, 2 if smoke else 10, peak['tflops'], smoke))
     report(sampling(2 if smoke else 256 * jax.local_device_count(), smoke))
     report(fid_features(2 if smoke else 500, 1 if smoke else 20))
     report(input_pipeline(args.data_dir, 16 if smoke else 512, 2 if smoke else 20,

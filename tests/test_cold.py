@@ -237,3 +237,97 @@ def test_cold_methods_refuse_a_gaussian_diffusion_and_vice_versa(x0):
         samplers.sample(g, Partial(_wrong), jax.random.key(0), SHAPE, method='cold')
     with pytest.raises(ValueError, match="sampling.method='ddim' cannot run"):
         samplers.cold_restore(make('blur'), Partial(_wrong), x0, method='ddim')
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry ('cold' is a process like the others) and the random-centre mask
+# ----------------------------------------------------------------------------------------------
+def test_cold_is_a_registered_process_built_at_the_derived_image_shape():
+    from diffusion_jax import config_validation, processes  # pylint: disable=import-outside-toplevel
+    from configs import digits_cold_mask  # pylint: disable=import-outside-toplevel
+    assert 'cold' in processes.names() and 'cold' in processes.PROCESSES
+    cfg = ml_collections.ConfigDict(dict(process='cold', degradation='mask', num_timesteps=T,
+                                         mask_std_step=0.1, image_shape=(H, W, C)))
+    got = processes.get_process(cfg)
+    want = cold.create_cold_diffusion(cfg, (H, W, C))
+    assert isinstance(got, cold.ColdDiffusion) and got.num_timesteps == T
+    for field in ('rows', 'cols', 'mult', 'mean_weight', 'offset', 'mask_sigma'):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    # Without the shape the builder says where it comes from, in one line.
+    del cfg['image_shape']
+    with pytest.raises(ValueError, match=r"^diffusion.image_shape=None: diffusion.process='cold' "
+                                         r'builds .*run.resolve_config'):
+        processes.get_process(cfg)
+    # run.resolve_config / config_validation.resolve derive it once from the data.
+    resolved = config_validation.resolve(digits_cold_mask.get_config(), 'sample')
+    assert tuple(resolved.diffusion.image_shape) == (8, 8, 1)
+    assert processes.get_process(resolved.diffusion).mult.shape == (51, 8, 8)
+    with pytest.raises(ValueError, match="diffusion.process='snow' is not a process; choose one "
+                                         "of gaussian, flow, edm, cold."):
+        processes.check_name('snow')
+
+
+def _formula_mask(center, s, std_step, initial):
+    """m_s at centre (row, col), written pixel by pixel from the formula."""
+    out = np.ones((H, W))
+    for i in range(s):
+        sigma = std_step * (i + initial)
+        for y in range(H):
+            for x in range(W):
+                r2 = (y - center[0])**2 + (x - center[1])**2
+                out[y, x] *= 1.0 - math.exp(-r2 / (2 * sigma**2))
+    return out
+
+
+def test_random_centre_mask_is_the_formula_at_each_images_centre(x0):
+    """degrade(x0, s, center) = m_s(c_b) ⊙ x0_b with m_s(p) = ∏_{i<s}(1 - exp(-|p - c_b|²/2σ_i²))
+    at each image's own centre and level; the centred table is the special case."""
+    std_step, initial = 0.1, 11
+    d = make('mask', mask_std_step=std_step, mask_initial=initial, mask_center='random')
+    centers = np.array([[0, 0], [7, 2], [3, 3], [5, 7]])
+    s = np.array([1, 4, 7, T])
+    out = np.asarray(d.degrade(x0, jnp.asarray(s), jnp.asarray(centers)))
+    for b in range(SHAPE[0]):
+        expect = _formula_mask(centers[b], s[b], std_step, initial)
+        np.testing.assert_allclose(out[b], expect[:, :, None] * np.asarray(x0[b]), atol=1e-6)
+        assert np.all(out[b, centers[b][0], centers[b][1]] == 0.0)
+    middle = np.full((SHAPE[0], 2), (H - 1) // 2)
+    np.testing.assert_allclose(d.degrade(x0, jnp.asarray(s), jnp.asarray(middle)),
+                               d.degrade(x0, jnp.asarray(s)), atol=1e-6)
+
+
+def test_random_centre_loss_draws_the_centres_from_the_training_key(x0):
+    """The L1 loss of mask_center='random' is the loss at centres c = (randint(k_y), randint(k_x))
+    over [0, H) x [0, W), (k_y, k_x) = split(k_c), k_c the second half of split(key) (the first
+    draws the levels as before); the centres cover the image uniformly."""
+    d = make('mask', mask_std_step=0.1, mask_initial=11, mask_center='random')
+    ident = Partial(lambda x, tt: x)  # R = the identity: the loss is mean |D(x_0, s) - x_0|
+    key = jax.random.key(7)
+    out = d.loss(ident, x0, key)
+    k_levels, k_center = jax.random.split(key)
+    k_y, k_x = jax.random.split(k_center)
+    c = np.stack([np.asarray(jax.random.randint(k_y, (SHAPE[0],), 0, H)),
+                  np.asarray(jax.random.randint(k_x, (SHAPE[0],), 0, W))], axis=1)
+    t = np.asarray(jax.random.randint(k_levels, (SHAPE[0],), 1, T + 1))
+    np.testing.assert_array_equal(out['t'], t)
+    expect = [np.mean(np.abs((_formula_mask(c[b], t[b], 0.1, 11)[:, :, None] - 1.0)
+                             * np.asarray(x0[b]))) for b in range(SHAPE[0])]
+    np.testing.assert_allclose(out['loss'], expect, rtol=1e-5)
+    with pytest.raises(ValueError, match="mask_center='random' draws the mask centres"):
+        d.training_losses(ident, x0, jnp.zeros((SHAPE[0],), jnp.int32))
+    # Uniform over the 64 pixels: counts of 64·400 draws within 5 binomial standard errors.
+    n = 64 * 400
+    cs = np.asarray(d.draw_center(jax.random.key(1), n))
+    counts = np.bincount(cs[:, 0] * W + cs[:, 1], minlength=H * W)
+    p = 1.0 / (H * W)
+    assert counts.shape == (H * W,)
+    assert np.all(np.abs(counts - n * p) < 5 * math.sqrt(n * p * (1 - p)))
+
+
+@pytest.mark.parametrize('degradation,center,match', [
+    ('mask', 'corner', "diffusion.mask_center='corner' is not one of center, random."),
+    ('blur', 'random', "diffusion.mask_center='random' applies to diffusion.degradation='mask'"),
+])
+def test_bad_mask_centre_is_one_line(degradation, center, match):
+    with pytest.raises(ValueError, match=match):
+        make(degradation, mask_center=center)

@@ -12,8 +12,8 @@ from diffusion_jax import convert, models
 from diffusion_jax.convert import tables
 from diffusion_jax.models import layers
 
-torch = pytest.importorskip('torch')
-diffusers = pytest.importorskip('diffusers')
+import torch  # noqa: E402  (the test extra installs it)
+import diffusers  # noqa: E402  (the test extra installs it)
 
 C, HEADS, DEPTH, GROUPS, CTX_DIM, CTX_LEN = 16, 2, 2, 4, 12, 5
 RTOL = 1e-4

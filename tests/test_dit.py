@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip('torch')
+import torch  # noqa: E402  (the test extra installs it)
 
 from diffusion_jax import models  # noqa: E402
 from diffusion_jax.models import dit  # noqa: E402

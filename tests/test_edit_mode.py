@@ -7,6 +7,7 @@ import pathlib
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -106,3 +107,38 @@ def test_images_and_masks_of_another_shape_are_refused(run_dir, tmp_path):
         edit.read_masks(edit_config(workdir, images=path, mask=masks), (8, 8, 8, 1))
     with pytest.raises(ValueError, match="edit.images='' is empty"):
         edit.read_images(edit_config(workdir))
+
+
+def test_target_label_with_a_classifier_is_the_guided_ddim_edit(run_dir, tmp_path):
+    """edit.target_label on the unconditional run with sampling.classifier_scale and a noisy
+    classifier run: the written edit is the library's ddim_edit decoded with that classifier's
+    guidance towards the target (the guided sampler's path), and differs from the unguided
+    reconstruction."""
+    from configs import digits_classifier  # pylint: disable=import-outside-toplevel
+    workdir, path, images = run_dir
+    clf_config = digits_classifier.get_config()
+    clf_model = models.get_model(clf_config.model)
+    params = models.init_params(clf_model, jax.random.key(5))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(6), len(leaves))
+    params = jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape, p.dtype)
+                                       for p, k in zip(leaves, keys)])
+    clf_dir = str(tmp_path / 'clf')
+    run_lib.create(clf_dir, clf_config, params)
+    config = edit_config(workdir, images=path, method='ddim_edit', target_label=3)
+    config.sampling.update(classifier_scale=30.0, classifier_workdir=clf_dir)
+    folder = main_lib.run(config, workdir, 'edit')
+    with np.load(os.path.join(folder, 'edited.npz')) as f:
+        out = dict(f)
+    np.testing.assert_array_equal(out['target_labels'], np.full(8, 3))
+    from diffusion_jax import guidance, samplers  # pylint: disable=import-outside-toplevel
+    loaded, clf = run_lib.load(workdir), run_lib.load(clf_dir)
+    fn = guidance.bind_model(loaded.model.apply, loaded.variables)
+    g = guidance.classifier_guidance(guidance.classifier_grad_fn(clf.model, clf.variables),
+                                     jnp.full((8,), 3), 30.0)
+    x = jnp.asarray(image_utils.from_uint8(images))
+    lib = samplers.ddim_edit(loaded.diffusion, fn, x, edit_guidance=g)
+    want = image_utils.to_uint8(np.asarray(lib['edited']))
+    assert np.max(np.abs(out['images'].astype(int) - want.astype(int))) <= 1
+    recon = image_utils.to_uint8(np.asarray(lib['reconstruction']))
+    assert np.mean(np.abs(out['images'].astype(int) - recon.astype(int))) > 2

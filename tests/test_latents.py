@@ -65,7 +65,7 @@ def images():
 def test_autoencoder_loss_is_l1_plus_beta_kl_of_torch():
     """train._autoencoder_loss = Σ|x - decode(μ + σε)| + β Σ KL(N(μ, σ²) || N(0, 1)), the KL
     from torch.distributions."""
-    torch = pytest.importorskip('torch')
+    import torch  # pylint: disable=import-outside-toplevel
     config = _vae_config()
     from diffusion_jax import models
     model = models.get_model(config.model)

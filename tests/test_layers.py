@@ -33,7 +33,7 @@ LAYERS = (
                   'diffusion_jax.evaluation.likelihood')),
     ('run', ('diffusion_jax.run', 'diffusion_jax.checkpointing', 'diffusion_jax.config_validation',
              'diffusion_jax.defaults', 'diffusion_jax.train_state',
-             'diffusion_jax.latents')),
+             'diffusion_jax.latents', 'diffusion_jax.text')),
     ('modes', ('diffusion_jax.train', 'diffusion_jax.generate', 'diffusion_jax.evaluation',
                'diffusion_jax.edit', 'diffusion_jax.distill')),
     ('faces', ('diffusion_jax.main', 'diffusion_jax.convert', 'diffusion_jax.encode',

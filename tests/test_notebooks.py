@@ -1,6 +1,8 @@
-"""The notebooks run top to bottom (papermill, `-p smoke True`) and stay reviewable: each .ipynb
-is stored without outputs and in sync with its jupytext py:percent twin; and the state that
-`train_and_evaluate` hands its on_step hook (how the notebooks show progress) is safe to keep.
+"""The notebooks run top to bottom (papermill, `-p smoke True`), their key results exist in the
+kernel and are finite (read by one cell appended to the executed notebook), and they stay
+reviewable: each .ipynb is stored without outputs and in sync with its jupytext py:percent twin;
+and the state that `train_and_evaluate` hands its on_step hook (how the notebooks show progress)
+is safe to keep.
 """
 from __future__ import annotations
 
@@ -58,8 +60,51 @@ def compilation_cache(tmp_path_factory):
     return tmp_path_factory.mktemp('xla_cache')
 
 
+# Each notebook's key results: name -> an expression evaluated in the executed notebook's kernel
+# by one cell appended after the last (no extra work: the values are already computed).
+KEY_OUTPUTS = {
+    '01_quickstart': {
+        'steps': 'int(state.step)', 'loss': "metrics['loss']", 'samples': 'out',
+        'nll': "nll['total_bpd']", 'nll_images': "nll['num_images']"},
+    '02_mathematics': {
+        'bound': "terms['total']", 'vb': "terms['vb']",
+        'bound_minus_parts': "np.asarray(terms['total']) - (np.asarray(terms['prior']) + "
+                             "np.asarray(terms['kl_sum']) + np.asarray(terms['decoder']))",
+        'reverse_2d': 'frames[-1]', 'progressive': 'prog', 'interp_ddpm': 'ddpm',
+        'interp_ddim': 'ddim', 'score': 'score', 'langevin': 'moved'},
+    '03_guidance': {'classifier_guided': 'out', 'agreement': 'class_accuracy(out)'},
+    '04_pretrained': {
+        'ours': 'ours', 'theirs': 'theirs', 'images': 'images',
+        'relative_difference': 'np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)'},
+}
+PROBE_MARK = 'KEY_OUTPUTS '
+PROBE = '''import json as _json
+import numpy as _np
+def _summary(value):
+    a = _np.asarray(value, dtype=_np.float64)
+    return {'shape': list(a.shape), 'finite': bool(_np.isfinite(a).all()),
+            'min': float(a.min()), 'max': float(a.max())}
+print(%r + _json.dumps({name: _summary(eval(expr)) for name, expr in %r.items()}))
+'''
+
+
+def _key_outputs(executed) -> dict:
+    import json  # pylint: disable=import-outside-toplevel
+    text = ''.join(o.get('text', '') for o in executed.cells[-1].outputs)
+    line = next(line for line in text.splitlines() if line.startswith(PROBE_MARK))
+    return json.loads(line[len(PROBE_MARK):])
+
+
+def test_key_outputs_cover_every_notebook():
+    assert sorted(KEY_OUTPUTS) == sorted(p.stem for p in NOTEBOOKS)
+
+
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_in_smoke_mode(path, tmp_path, monkeypatch, compilation_cache):
+    """Runs top to bottom; then every key result exists in the kernel, is finite, and holds what
+    the notebook says: its run's steps, the bound equal to the sum of its terms, the converted
+    network equal to the PyTorch one."""
+    import nbformat  # pylint: disable=import-outside-toplevel
     import papermill  # pylint: disable=import-outside-toplevel
     # The kernel is a fresh process of this interpreter (jupyter_client maps the 'python3'
     # kernelspec's `python` to sys.executable) on one CPU device, as a laptop sees it. XLA's
@@ -69,11 +114,33 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path, monkeypatch, compilation_ca
         '--xla_force_host_platform_device_count=8', ''))
     monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
     monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(compilation_cache))
-    papermill.execute_notebook(str(path), str(tmp_path / path.name), parameters={'smoke': True},
-                               kernel_name='python3', cwd=str(tmp_path), progress_bar=False,
-                               execution_timeout=600)
+    probed = nbformat.read(path, as_version=4)
+    probed.cells.append(nbformat.v4.new_code_cell(PROBE % (PROBE_MARK, KEY_OUTPUTS[path.stem])))
+    source = tmp_path / 'probed' / path.name
+    source.parent.mkdir()
+    nbformat.write(probed, source)
+    executed = papermill.execute_notebook(
+        str(source), str(tmp_path / path.name), parameters={'smoke': True}, kernel_name='python3',
+        cwd=str(tmp_path), progress_bar=False, execution_timeout=600)
     # The run landed in the temporary directory, not in the repository.
     assert any((tmp_path / 'runs').iterdir())
+    out = _key_outputs(executed)
+    assert sorted(out) == sorted(KEY_OUTPUTS[path.stem])
+    assert all(v['finite'] for v in out.values()), {k: v for k, v in out.items() if not v['finite']}
+    if path.stem == '01_quickstart':  # smoke sizes: 6 steps, 4 samples, one batch of 8 for the NLL
+        assert out['steps']['min'] == 6 and out['samples']['shape'] == [4, 8, 8, 1]
+        assert out['nll_images']['min'] == 8 and out['nll']['min'] > 0
+    elif path.stem == '02_mathematics':
+        assert out['bound']['shape'] == [8] and out['bound']['min'] > 0
+        assert max(abs(out['bound_minus_parts']['min']), abs(out['bound_minus_parts']['max'])) \
+            < 1e-4
+    elif path.stem == '03_guidance':  # one sample per class
+        assert out['classifier_guided']['shape'] == [10, 8, 8, 1]
+        assert 0.0 <= out['agreement']['min'] <= 1.0
+    elif path.stem == '04_pretrained':
+        assert out['relative_difference']['max'] < 1e-4
+        assert out['images']['shape'] == [8, 32, 32, 3]
+        assert 0 <= out['images']['min'] and out['images']['max'] <= 255
 
 
 def _tiny_mlp_config():

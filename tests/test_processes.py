@@ -444,6 +444,20 @@ def test_config_refuses_what_a_process_cannot_do():
          r'sampling.progressive=True draws its figures along the discrete chain'),
         (digits_edm.get_config, {'diffusion.edm.sigma_min': 100.0},
          r'diffusion.edm.sigma_min=100.0, sigma_max=80.0'),
+        # The gaussian chain's own options are refused, not silently ignored.
+        (digits_flow.get_config, {'sampling.dynamic_threshold': 0.995},
+         r"^sampling.dynamic_threshold=0.995: dynamic thresholding of x̂_0 \(Imagen's\) applies "
+         r"to the gaussian chain only, not to diffusion.process='flow'; set "
+         r"sampling.dynamic_threshold=0.0.$"),
+        (digits_edm.get_config, {'sampling.dynamic_threshold': 0.9},
+         r"^sampling.dynamic_threshold=0.9: .* not to diffusion.process='edm'"),
+        (digits_edm.get_config, {'sampling.eta': 1.0},
+         r"^sampling.eta=1.0: DDIM's η applies to the gaussian chain only, not to "
+         r"diffusion.process='edm'; set sampling.eta=0.0.$"),
+        (digits_flow.get_config, {'sampling.ddim_guidance': 'eps_shift'},
+         r"^sampling.ddim_guidance='eps_shift': the order of classifier guidance and clipping "
+         r"applies to the gaussian chain only, not to diffusion.process='flow'; set "
+         r"sampling.ddim_guidance='auto'.$"),
     ]
     for make, edits, match in cases:
         config = make()
@@ -460,6 +474,21 @@ def test_config_refuses_what_a_process_cannot_do():
     config = digits.get_config()
     config.diffusion.loss_weighting = 'min_snr'
     config_validation.resolve(config, 'train')
+
+
+def test_library_refuses_gaussian_chain_options_on_a_process():
+    """samplers.sample over flow/EDM refuses the options only the gaussian chain reads (they
+    were silently dropped before), in one line naming the argument."""
+    for process, kwargs, match in [
+            (FLOW, dict(dynamic_threshold=0.995), r"^dynamic_threshold=0.995 applies to the "
+             r"gaussian chain only, not to the 'flow' process; leave it at 0.0.$"),
+            (EDM, dict(eta=1.0),
+             r"^eta=1.0 applies to the gaussian chain only, not to the 'edm'"),
+            (EDM, dict(ddim_guidance='eps_shift'), r"^ddim_guidance='eps_shift' applies"),
+            (FLOW, dict(progress_steps='all'), r"^progress_steps='all' applies")]:
+        with pytest.raises(ValueError, match=match):
+            samplers.sample(process, MODELS[process.name], jax.random.key(0), SHAPE,
+                            method='euler', num_steps=2, **kwargs)
 
 
 def _labelled_apply(variables, x, t, y=None):

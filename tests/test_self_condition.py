@@ -218,3 +218,129 @@ def test_bad_self_condition_configs_are_one_line():
         with pytest.raises(ValueError, match=match) as err:
             config_validation.resolve(config, 'train')
         assert '\n' not in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Editing and the figures' chains (samplers/edit.py, samplers/editing.py)
+# ----------------------------------------------------------------------------------------------
+def _recorder():
+    """(the recording ε-model of _calls as a pytree, its call list)."""
+    calls = []
+
+    def recording_model(x, t, self_cond=None):
+        jax.debug.callback(lambda *a: calls.append(tuple(np.asarray(v, np.float64) for v in a)),
+                           x, t, self_cond, ordered=True)
+        return 0.3 * x + 0.5 * self_cond - 0.01 * jnp.reshape(t, (-1, 1, 1, 1)).astype(x.dtype)
+
+    return Partial(recording_model), calls
+
+
+def _assert_fed_previous(diffusion, calls, clip, atol=2e-5):
+    np.testing.assert_array_equal(calls[0][2], 0.0)
+    for prev, call in zip(calls, calls[1:]):
+        np.testing.assert_allclose(call[2], _x0_of(diffusion, *prev, clip=clip), atol=atol)
+
+
+def _images(seed=7):
+    return jnp.clip(0.5 * jax.random.normal(jax.random.key(seed), SHAPE), -1, 1)
+
+
+def test_repaint_feeds_the_previous_reverse_steps_x0():
+    """RePaint with jumps (K = 5, j = 2, r = 2) on a respaced chain: 9 reverse steps at the
+    original timesteps [16, 12, 16, 12, 8, 4, 8, 4, 0] (levels 4 3 | 4 3 2 1 | 2 1 0 between the
+    forward jumps), each fed the x̂_0 of the reverse step before it, zeros at the first."""
+    diffusion = dl.create_diffusion(_gaussian_config())
+    target = diffusion.respace(range(0, 20, 4))
+    model_fn, calls = _recorder()
+    mask = np.ones(SHAPE, np.float32)
+    mask[:, :, 1:] = 0
+    samplers.repaint(target, model_fn, jax.random.key(1), _images(), mask, jump_length=2,
+                     jump_n_sample=2, self_condition=True)
+    jax.effects_barrier()
+    assert [int(c[1][0]) for c in calls] == [16, 12, 16, 12, 8, 4, 8, 4, 0]
+    _assert_fed_previous(diffusion, calls, clip=True)
+
+
+def test_sdedit_feeds_the_previous_steps_x0_from_zeros_at_t0():
+    diffusion = dl.create_diffusion(_gaussian_config())
+    target = diffusion.respace(range(0, 20, 4))
+    for method in ('ancestral', 'ddim'):
+        model_fn, calls = _recorder()
+        samplers.sdedit(target, model_fn, jax.random.key(2), _images(), 0.6, method=method,
+                        self_condition=True)
+        jax.effects_barrier()
+        assert [int(c[1][0]) for c in calls] == [8, 4, 0]  # t0 = ceil(0.6 · 5) - 1 = 2
+        _assert_fed_previous(diffusion, calls, clip=True)
+
+
+@pytest.mark.parametrize('inversion', ['reference', 'target_level'])
+def test_ddim_edit_inversion_and_decoder_feed_the_previous_steps_x0(inversion):
+    """ddim_edit: the inversion's steps (t = 0, 4, … up), then the decoder's (down), each chain
+    fed its previous step's x̂_0 (the inversion's: the x̂_0 it encodes with), zeros at its first."""
+    diffusion = dl.create_diffusion(_gaussian_config())
+    target = diffusion.respace(range(0, 20, 4))
+    model_fn, calls = _recorder()
+    samplers.ddim_edit(target, model_fn, _images(), inversion=inversion, self_condition=True)
+    jax.effects_barrier()
+    up = [0, 4, 8, 12] if inversion == 'reference' else [0, 4, 8, 12, 16]
+    assert [int(c[1][0]) for c in calls] == up + [16, 12, 8, 4, 0]
+    encode, decode = calls[:len(up)], calls[len(up):]
+    _assert_fed_previous(diffusion, decode, clip=False)
+    np.testing.assert_array_equal(encode[0][2], 0.0)
+    abar = np.asarray(diffusion.alphas_cumprod, np.float64)
+    for prev, call in zip(encode, encode[1:]):
+        want = _x0_of(diffusion, *prev, clip=False)
+        if inversion == 'target_level':  # x̂_0 at level ᾱ_{t-1}: (x - √(1-a) ε̂)/√a
+            t = int(prev[1][0])
+            a = abar[t - 4] if t else 1.0
+            eps = 0.3 * prev[0] + 0.5 * prev[2] - 0.01 * t
+            want = (prev[0] - np.sqrt(1 - a) * eps) / np.sqrt(a)
+        np.testing.assert_allclose(call[2], want, atol=2e-5)
+
+
+def test_figure_chains_feed_the_previous_steps_x0():
+    """The figures' library calls (sampling.progressive / interpolation): samples of p(x_0|x_t)
+    from one x_t and the DDPM and DDIM interpolation strips."""
+    diffusion = dl.create_diffusion(_gaussian_config())
+    target = diffusion.respace(range(0, 20, 4))
+    x = _images()
+    model_fn, calls = _recorder()
+    samplers.same_xt_samples(target, model_fn, jax.random.key(3), x[:2], 3, 2,
+                             self_condition=True)
+    jax.effects_barrier()
+    assert [int(c[1][0]) for c in calls] == [12, 8, 4, 0]
+    _assert_fed_previous(diffusion, calls, clip=True)
+    model_fn, calls = _recorder()
+    samplers.interpolate_ddpm(target, model_fn, jax.random.key(4), x[:2], x[2:], 2,
+                              jnp.asarray([0.0, 1.0]), self_condition=True)
+    jax.effects_barrier()
+    assert [int(c[1][0]) for c in calls] == [8, 4, 0]
+    _assert_fed_previous(diffusion, calls, clip=True)
+    model_fn, calls = _recorder()
+    samplers.interpolate_ddim(target, model_fn, x[:2], x[2:], jnp.asarray([0.0, 1.0]),
+                              self_condition=True)
+    jax.effects_barrier()
+    assert [int(c[1][0]) for c in calls] == [0, 4, 8, 12, 16, 12, 8, 4, 0]
+    _assert_fed_previous(diffusion, calls[:4], clip=False)
+    _assert_fed_previous(diffusion, calls[4:], clip=False)
+
+
+def test_edits_without_self_conditioning_are_unchanged():
+    """A model that ignores x̂_0 edits to the same bits with the option on or off (so the off
+    path is the old program), for repaint, sdedit and ddim_edit."""
+    diffusion = dl.create_diffusion(_gaussian_config()).respace(range(0, 20, 4))
+    ignore = Partial(lambda x, t, self_cond=None: 0.3 * x - 0.001 * jnp.reshape(
+        t, (-1, 1, 1, 1)).astype(x.dtype))
+    x, mask = _images(), np.tile(np.array([[[1.0], [0.0]]], np.float32), (4, 2, 1, 1))
+    runs = {
+        'repaint': lambda sc: samplers.repaint(diffusion, ignore, jax.random.key(5), x, mask,
+                                               jump_length=2, jump_n_sample=2,
+                                               self_condition=sc),
+        'sdedit': lambda sc: samplers.sdedit(diffusion, ignore, jax.random.key(5), x, 0.6,
+                                             self_condition=sc),
+        'ddim_edit': lambda sc: samplers.ddim_edit(diffusion, ignore, x,
+                                                   self_condition=sc)['edited'],
+    }
+    for name, edit in runs.items():
+        np.testing.assert_array_equal(np.asarray(edit(False)), np.asarray(edit(True)),
+                                      err_msg=name)

@@ -13,8 +13,8 @@ import pytest
 from diffusion_jax import models
 from diffusion_jax.models import text_encoder as te
 
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
+import torch  # noqa: E402  (the test extra installs it)
+import transformers  # noqa: E402  (the test extra installs it)
 
 TINY = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=16)

@@ -294,9 +294,44 @@ def load_text_encoder(folder):
     return module, text_encoder.convert_transformers_state_dict(state, module)
 
 
-def convert(src, source: str, preset: str, workdir, *, overrides=None):
+def convert(src, source: str, preset: str, workdir, *, overrides=None, latents=None):
     """Converts the checkpoint at `src` and writes `workdir` as a run (config.json and a step-0
-    checkpoint; EMA = the converted weights), which --mode=sample / --mode=eval then load."""
+    checkpoint; EMA = the converted weights), which --mode=sample / --mode=eval then load.
+
+    latents: the workdir of an autoencoder run (e.g. the SD VAE converted with --from=diffusers
+    --preset=sd_vae) that a latent-space network (DiT) was trained in. The run's data section
+    then describes the autoencoder's pixels (data.latents; image size and channels from its
+    config), so sampling decodes to images; without it, the data section describes the latent
+    tensors themselves.
+    """
     from diffusion_jax import run  # pylint: disable=import-outside-toplevel
+    if latents:  # a wrong --latents is found before the (large) checkpoint is read
+        _attach_latents(preset_config(preset, overrides), str(latents))
     config, params = load_torch_checkpoint(src, source, preset, overrides=overrides)
+    if latents:
+        _attach_latents(config, str(latents))
     return run.create(str(workdir), config, {'params': params})
+
+
+def _attach_latents(config, latents: str) -> None:
+    """Points config (a latent network's preset) at the autoencoder run `latents`: the data are
+    its pixels, the latent fields are derived from it (run.derive_latents, which also checks
+    that the network's input is the autoencoder's latent grid)."""
+    from diffusion_jax import run  # pylint: disable=import-outside-toplevel
+    if config.model.name != 'dit':
+        raise ValueError(f'--latents={latents}: only a latent-space network (--from=dit) is '
+                         f'trained on an autoencoder\'s latents; this preset is a pixel '
+                         f'{config.model.name}: leave --latents out.')
+    ae = run.autoencoder_config(latents, field='--latents').model
+    with config.unlocked():
+        config.data.latents = latents
+        config.data.image_size = int(ae.image_size)
+        config.data.channels = int(ae.in_channels)
+        config.data.latent_scale = 0.0  # the autoencoder's model.scaling_factor
+        run.derive_latents(config)
+    sizes = (config.data.latent_size, config.data.latent_channels)
+    if sizes != (config.model.image_size, config.model.in_channels):
+        raise ValueError(f'--latents={latents} encodes to {sizes[0]}x{sizes[0]}x{sizes[1]} '
+                         f'latents, but the network takes {config.model.image_size}x'
+                         f'{config.model.image_size}x{config.model.in_channels}: use the '
+                         'autoencoder it was trained with (DiT: the SD VAE at 8x downsampling).')

@@ -23,13 +23,18 @@ def parse_args(argv):
                         help='published model (configs/pretrained.py)')
     parser.add_argument('--src', required=True, help='.pt / .safetensors file or diffusers folder')
     parser.add_argument('--workdir', required=True, help='new run directory to write')
+    parser.add_argument('--latents', default='',
+                        help='autoencoder run a latent network (--from=dit) was trained in, '
+                             'e.g. the SD VAE converted with --preset=sd_vae: samples decode '
+                             'to pixels')
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        on_disk = convert.convert(args.src, args.source, args.preset, args.workdir)
+        on_disk = convert.convert(args.src, args.source, args.preset, args.workdir,
+                                  latents=args.latents or None)
     except (ValueError, ImportError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2

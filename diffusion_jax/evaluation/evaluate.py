@@ -204,11 +204,28 @@ def evaluate_nll(config, workdir: str, variables, step: int, mesh) -> dict:
     return _write_nll(config, workdir, step, diffusion, nll.summary())
 
 
+# What each eval.nll_estimator computes, for the report (JSON 'estimator_description' and the log).
+ESTIMATOR_DESCRIPTIONS = {
+    'full': 'variational bound, all T terms (L_T + sum L_t + L_0)',
+    'sampled': 'variational bound, unbiased estimate from uniformly sampled timesteps',
+    'importance': 'variational bound, unbiased estimate from importance-sampled timesteps',
+    'ode': 'probability-flow ODE likelihood (not the bound)',
+}
+# The bound's L_0 is the discretised Gaussian decoder over the 256 pixel bins (Ho et al. 2020,
+# eq. 13): a discrete likelihood, no dequantisation noise.
+BOUND_DEQUANTIZATION = 'discretized_decoder'
+
+
 def _write_nll(config, workdir: str, step: int, diffusion, summary: dict) -> dict:
-    """The result of evaluate_nll with what it ran on, written to eval/nll_<step>.json."""
+    """The result of evaluate_nll with what it ran on, written to eval/nll_<step>.json: the
+    estimator (and what it is), the dequantisation ('discretized_decoder' for the bound, the
+    ODE's eval.ode_dequantization), EMA or not, split and timesteps."""
     e = config.eval
     result = dict(summary, step=step, split=e.split, dataset=config.data.dataset,
-                  num_timesteps=diffusion.num_timesteps)
+                  num_timesteps=diffusion.num_timesteps,
+                  estimator_description=ESTIMATOR_DESCRIPTIONS[summary['estimator']],
+                  use_ema=bool(e.get('use_ema', True)))
+    result.setdefault('dequantization', BOUND_DEQUANTIZATION)
     if summary['estimator'] in ('sampled', 'importance'):
         result['timesteps_per_image'] = int(e.get('nll_timesteps_per_image', 32))
     space = 'latent' if latents.is_latent(config) else 'image'
@@ -218,10 +235,13 @@ def _write_nll(config, workdir: str, step: int, diffusion, summary: dict) -> dic
                           f'{config.data.latents}, not image bits/dim')
     if jax.process_index() == 0:
         image_utils.write_json(os.path.join(workdir, 'eval', f'nll_{step}.json'), result)
-    logging.info('eval nll at step %d: %.4f ± %.4f %s over %d images', step,
+    logging.info('eval nll at step %d: %.4f ± %.4f %s over %d images of %s/%s; estimator %s '
+                 '(%s), dequantization %s, %s parameters', step,
                  result['total_bpd'], result['total_bpd_stderr'],
                  'latent bits/dim (not image bits/dim)' if space == 'latent' else 'bits/dim',
-                 result['num_images'])
+                 result['num_images'], result['dataset'], result['split'], result['estimator'],
+                 result['estimator_description'], result['dequantization'],
+                 'EMA' if result['use_ema'] else 'raw')
     return result
 
 

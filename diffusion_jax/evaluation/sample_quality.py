@@ -17,6 +17,12 @@ The reference statistics of (dataset, split, feature space) are computed once an
 config.eval.reference_dir (default workdir/eval) as .npz, with up to num_samples real features kept
 for precision/recall.
 
+The report (eval/samples_<step>.json and one log line) states what the numbers were computed
+from: the sample count, the reference set and its size, the feature space and its weights' hash,
+the sampler with its steps and η, the guidance settings and EMA or not (sampler_fields,
+reference_fields); fewer than PROTOCOL_SAMPLES = 50,000 samples in Inception space add a warning
+to the log and to the JSON's 'warnings'.
+
 Streaming: samples arrive as uint8 batches (samplers.batches.sample_batches, or batches read from an
 .npz), each batch's features go into float64 running statistics (fid.RunningStats) and only
 the features themselves are kept (for precision/recall and IS), so host memory is O(N·D) for
@@ -186,6 +192,85 @@ def sample_metrics(fake_features: dict, ref: dict, k: int = 3, is_splits: int = 
                 num_reference_for_pr=int(len(real)))
 
 
+# Heusel et al. 2017 (FID), Ho et al. 2020 Sec. 4 and Dhariwal & Nichol 2021 score 50,000 samples
+# against Inception: FID is biased upward at fewer samples (Chong & Forsyth 2020), so a number
+# from fewer is not comparable with published ones.
+PROTOCOL_SAMPLES = 50_000
+
+
+def protocol_warnings(feature_space: str, num_samples: int) -> list[str]:
+    """The warnings a sample-quality report carries: fewer than PROTOCOL_SAMPLES samples scored
+    in Inception space (the published protocol's feature space)."""
+    if feature_space == 'inception' and num_samples < PROTOCOL_SAMPLES:
+        return [f'FID/IS/precision-recall of {num_samples:,} samples against Inception: the '
+                f'published protocol scores {PROTOCOL_SAMPLES:,}, and FID is biased upward at '
+                'fewer samples, so these numbers are not comparable with published ones']
+    return []
+
+
+def chain_steps(config) -> int:
+    """K, the number of steps of the chain config.sampling runs (the respaced diffusion's steps
+    for gaussian; num_steps for flow/edm; all T levels for cold)."""
+    process = config.diffusion.get('process', 'gaussian')
+    if process == 'gaussian':
+        from diffusion_jax.diffusion import create_diffusion  # pylint: disable=import-outside-toplevel
+        from diffusion_jax.respace import respaced  # pylint: disable=import-outside-toplevel
+        return int(respaced(create_diffusion(config.diffusion),
+                            config.sampling.get('num_steps', '')).num_timesteps)
+    if process == 'cold':
+        return int(config.diffusion.num_timesteps)
+    return int(config.sampling.num_steps)
+
+
+def sampler_fields(config) -> dict:
+    """What drew the samples: the sampler, its steps and η, the guidance settings and whether
+    the EMA parameters were used (eval.use_ema), as the report's fields."""
+    s = config.sampling
+    out = dict(sampler=s.method, num_steps=str(s.num_steps), sampler_steps=chain_steps(config),
+               eta=float(s.eta), clip_denoised=bool(s.clip_denoised),
+               dynamic_threshold=float(s.get('dynamic_threshold', 0.0)),
+               guidance_scale=float(s.get('guidance_scale', 0.0)),
+               guidance_rescale=float(s.get('guidance_rescale', 0.0)),
+               guidance_interval=str(s.get('guidance_interval', '')),
+               guidance_model_workdir=str(s.get('guidance_model_workdir', '')),
+               classifier_scale=float(s.get('classifier_scale', 0.0)),
+               classifier_workdir=str(s.get('classifier_workdir', '')),
+               ddim_guidance=str(s.get('ddim_guidance', 'auto')),
+               use_ema=bool(config.eval.get('use_ema', True)))
+    if out['guidance_model_workdir']:
+        out['guidance_model_step'] = int(s.get('guidance_model_step', -1))
+    return out
+
+
+def reference_fields(config, space: 'FeatureSpace', ref: dict) -> dict:
+    """The reference set (dataset, split, number of real images in its statistics) and the
+    feature space (its name and the sha256 of its weights)."""
+    return dict(reference_dataset=config.data.dataset,
+                reference_split=config.eval.get('reference_split', 'train'),
+                reference_size=int(np.asarray(ref['n'])), feature_space=space.name,
+                feature_weights=getattr(space, 'identity', ''))
+
+
+def report_line(result: dict) -> str:
+    """The one log line of a sample-quality report: the metrics and everything they depend on."""
+    if result.get('sampler'):
+        guidance = [f'{k}={result[k]:g}' for k in ('guidance_scale', 'classifier_scale')
+                    if result.get(k)]
+        if result.get('guidance_model_workdir'):
+            guidance.append(f"autoguidance by {result['guidance_model_workdir']}")
+        drawn = (f"sampler {result['sampler']} num_steps={result['num_steps']!r} "
+                 f"({result['sampler_steps']} steps), eta={result['eta']:g}, guidance: "
+                 f"{', '.join(guidance) or 'none'}, {'EMA' if result['use_ema'] else 'raw'} "
+                 'parameters')
+    else:
+        drawn = f"samples from {result['samples_path']}"
+    return (f"FID {result['fid']:.3f}, IS {result['inception_score']:.3f} ± "
+            f"{result['inception_score_std']:.3f}, precision {result['precision']:.3f}, recall "
+            f"{result['recall']:.3f} of {result['num_samples']:,} samples against "
+            f"{result['reference_dataset']}/{result['reference_split']} "
+            f"({result['reference_size']:,} images) in {result['feature_space']} space; {drawn}")
+
+
 def _reference_folder(config, workdir: str) -> str:
     return config.eval.get('reference_dir', '') or os.path.join(workdir, 'eval')
 
@@ -208,16 +293,22 @@ def evaluate_samples(config, workdir: str, variables, step: int, mesh) -> dict:
                                             decoder=decoder))
     stream = stream_features(space, batches, max_keep=num)
     ref = reference_features(config, space, max_keep=num, folder=_reference_folder(config, workdir))
-    result = dict(sample_metrics(stream.features(), ref, fake_stats=stream.stats), step=step,
-                  feature_space=space.name, sampler=config.sampling.method,
-                  num_steps=str(config.sampling.num_steps), eta=float(config.sampling.eta),
-                  dataset=config.data.dataset)
+    metrics = sample_metrics(stream.features(), ref, fake_stats=stream.stats)
+    result = dict(metrics, step=step, dataset=config.data.dataset,
+                  **reference_fields(config, space, ref), **sampler_fields(config),
+                  warnings=protocol_warnings(space.name, metrics['num_samples']))
+    _log_report(f'sample quality at step {step}', result)
     if jax.process_index() == 0:
         folder = os.path.join(workdir, 'eval')
         image_utils.write_json(os.path.join(folder, f'samples_{step}.json'), result)
         image_utils.save_grid(os.path.join(folder, f'samples_{step}.png'), stream.images())
-    logging.info('sample quality at step %d: %s', step, result)
     return result
+
+
+def _log_report(what: str, result: dict) -> None:
+    logging.info('%s: %s', what, report_line(result))
+    for warning in result['warnings']:
+        logging.warning('%s: %s', what, warning)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,11 +429,14 @@ def evaluate_samples_file(config, workdir: str) -> dict:
     num = samples.num_samples
     stream = stream_features(space, samples.batches(int(e.batch_size)), max_keep=num)
     ref = reference_features(config, space, max_keep=num, folder=_reference_folder(config, workdir))
-    result = dict(sample_metrics(stream.features(), ref, fake_stats=stream.stats),
-                  samples_path=path, array=samples.key, feature_space=space.name,
-                  dataset=d.dataset)
+    metrics = sample_metrics(stream.features(), ref, fake_stats=stream.stats)
+    # The sampler that made the file is not known here: the report says so instead of naming one.
+    result = dict(metrics, samples_path=path, array=samples.key, dataset=d.dataset,
+                  **reference_fields(config, space, ref), sampler=None,
+                  sampler_note='samples read from eval.samples_path; their sampler is not recorded',
+                  warnings=protocol_warnings(space.name, metrics['num_samples']))
+    _log_report(f'sample quality of {path}', result)
     if jax.process_index() == 0:
         stem = os.path.splitext(os.path.basename(path))[0]
         image_utils.write_json(os.path.join(workdir, 'eval', f'samples_file_{stem}.json'), result)
-    logging.info('sample quality of %s: %s', path, result)
     return result

@@ -25,14 +25,15 @@ from diffusion_jax.models.classifier import Classifier, classifier_log_prob_grad
 from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.layers import timestep_embedding
 from diffusion_jax.models.mlp import MLP
-from diffusion_jax.models.text_encoder import CLIPTextEncoder
+from diffusion_jax.models.text_encoder import (CLIPTextEncoder, SmallTextEncoder, TextConditioned,
+                                               make_text_encoder)
 from diffusion_jax.models.unet import UNet
 
 MODELS = {'unet': UNet, 'classifier': Classifier, 'mlp': MLP, 'dit': DiT,
           'autoencoder': AutoencoderKL}
 
 __all__ = ['MODELS', 'UNet', 'Classifier', 'MLP', 'DiT', 'AutoencoderKL', 'get_model',
-           'CLIPTextEncoder', 'init_params', 'param_shapes', 'count_params', 'example_shape',
+           'CLIPTextEncoder', 'SmallTextEncoder', 'TextConditioned', 'init_params', 'param_shapes', 'count_params', 'example_shape',
            'data_shape', 'to_nnx', 'classifier_log_prob_grad', 'timestep_embedding']
 
 
@@ -48,6 +49,19 @@ def get_model(model_config):
     """
     fields = _as_dict(model_config)
     name = fields.pop('name', None)
+    text_encoder = fields.pop('text_encoder', '') or ''
+    text_fields = fields.pop('text', None) or {}
+    if text_encoder:  # a UNet with its own text encoder, trained together (TextConditioned)
+        if name != 'unet':
+            raise ValueError(f'model.text_encoder={text_encoder!r} conditions a UNet; '
+                             f"model.name={name!r}: set model.name='unet' or text_encoder=''.")
+        encoder = make_text_encoder(text_encoder, _as_dict(text_fields))
+        denoiser = get_model(dict(fields, name=name))
+        if denoiser.context_dim != encoder.hidden_size:
+            raise ValueError(f'model.context_dim={denoiser.context_dim} does not fit '
+                             f'model.text.hidden_size={encoder.hidden_size}: the cross-attention '
+                             'reads the encoder\'s states; leave context_dim unset to derive it.')
+        return TextConditioned(denoiser, encoder, text_encoder)
     if name not in MODELS:
         raise ValueError(f'model_config.name={name!r} is not a known network: '
                          f'set it to one of {sorted(MODELS)}.')
@@ -65,7 +79,8 @@ def example_shape(model) -> tuple[int, ...]:
     """Shape of one input example (no batch axis) that `model` expects."""
     if hasattr(model, 'data_dim'):
         return (model.in_dim or model.data_dim,)
-    return (model.image_size, model.image_size, model.in_channels)
+    width = getattr(model, 'image_width', 0) or model.image_size  # 0: square
+    return (model.image_size, width, model.in_channels)
 
 
 def data_shape(model, self_condition: bool = False) -> tuple[int, ...]:

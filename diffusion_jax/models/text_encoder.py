@@ -283,3 +283,123 @@ def prompt_condition(module: CLIPTextEncoder, params, tokenizer, prompts) -> dic
     out = module.apply({'params': params}, jnp.asarray(ids))
     return {'context': out['last_hidden_state']}
 
+
+
+# -- text encoders trained jointly with the diffusion model --------------------------------------
+TEXT_ENCODERS = ('small', 'clip')
+
+
+def padding_bias(attention_mask):
+    """Additive mask [B, 1, 1, L]: keys with attention_mask == 0 excluded (no causal mask)."""
+    keep = jnp.asarray(attention_mask)[:, None, None, :] > 0
+    return jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min)
+
+
+class SmallTextEncoder(nn.Module):
+    """A small bidirectional text transformer, trained jointly with the diffusion model
+    (model.text_encoder='small'): the blocks of CLIPTextEncoder without the causal mask, the
+    padding tokens excluded as keys. It is torch.nn.TransformerEncoder(norm_first=True,
+    batch_first=True) with a final LayerNorm and src_key_padding_mask = (attention_mask == 0):
+
+        h_0 = token_embedding[input_ids] + position_embedding[0:L]
+        h_i = h' + fc2(act(fc1(LN2(h')))),  h' = h_{i-1} + out_proj(MHA(LN1(h_{i-1}), pad mask))
+        last_hidden_state = LN(h_n)   [B, L, D]
+
+    input_ids [B, L] int, attention_mask [B, L] 1/0 (None: every token kept)."""
+    vocab_size: int = 32
+    hidden_size: int = 64
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    max_length: int = 8
+    hidden_act: str = 'gelu'
+    layer_norm_eps: float = 1e-5
+    dtype: str = 'float32'
+
+    def __post_init__(self):
+        validate_text_fields(self)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None):
+        b, length = input_ids.shape
+        if length > self.max_length:
+            raise ValueError(f'input_ids of length {length} exceed model_config.text.max_length='
+                             f'{self.max_length}: raise it or shorten the captions.')
+        dtype = layers.compute_dtype(self.dtype)
+        tokens = nn.Embed(self.vocab_size, self.hidden_size, name='token_embedding')(input_ids)
+        positions = self.param('position_embedding', nn.initializers.normal(0.01),
+                               (self.max_length, self.hidden_size))
+        h = tokens + positions[None, :length]
+        mask = jnp.ones((b, length), jnp.int32) if attention_mask is None else attention_mask
+        bias = padding_bias(mask)
+        for i in range(self.num_layers):
+            h = CLIPEncoderLayer(self.num_heads, self.intermediate_size, self.hidden_act,
+                                 self.layer_norm_eps, dtype, name=f'layers_{i}')(h, bias)
+        last = nn.LayerNorm(self.layer_norm_eps, dtype=jnp.float32, name='final_layer_norm')(h)
+        return {'last_hidden_state': last.astype(jnp.float32)}
+
+
+def make_text_encoder(kind: str, fields: Mapping[str, Any]):
+    """The jointly trained encoder of model.text_encoder=kind from the model.text fields."""
+    if kind not in TEXT_ENCODERS:
+        raise ValueError(f'model.text_encoder={kind!r} is not a trained text encoder: use one of '
+                         f"{list(TEXT_ENCODERS)} ('' for none).")
+    cls = SmallTextEncoder if kind == 'small' else CLIPTextEncoder
+    accepted = {f for f in cls.__dataclass_fields__} - {'parent', 'name'}
+    unknown = sorted(set(fields) - accepted)
+    if unknown:
+        raise ValueError(f'model.text fields {unknown} are not used by the {kind!r} text encoder: '
+                         f'remove them (it takes {sorted(accepted)}).')
+    return cls(**dict(fields))
+
+
+class TextConditioned(nn.Module):
+    """A denoising network with its own text encoder, both trained together
+    (model.text_encoder = 'small' | 'clip'): one parameter tree {'denoiser': ..., 'encoder': ...}.
+
+        apply(v, x_t, t, cond, train=...)              the denoiser (a UNet with context_dim),
+                                                       cond = {'context': [B, L, D], 'mask': [B, L]}
+        apply(v, input_ids, attention_mask, method='encode') -> cond
+
+    'small' passes the padding mask to the encoder and the cross-attention; 'clip' follows the
+    Stable Diffusion pipelines (no padding mask anywhere: the causal encoder's padding states are
+    part of the context), the path a pretrained CLIP encoder takes. The condition is encoded once
+    per prompt (sampling) or per batch (training, with caption dropout on the encoded context)
+    and then flows through guidance and every sampler like any context."""
+    denoiser: nn.Module
+    encoder: nn.Module
+    text_encoder: str = 'small'
+
+    @property
+    def image_size(self):
+        return self.denoiser.image_size
+
+    @property
+    def image_width(self):
+        return getattr(self.denoiser, 'image_width', 0)
+
+    @property
+    def in_channels(self):
+        return self.denoiser.in_channels
+
+    @property
+    def context_dim(self):
+        return self.denoiser.context_dim
+
+    @property
+    def max_length(self):
+        return self.encoder.max_length
+
+    def encode(self, input_ids, attention_mask=None):
+        """input_ids [B, L], attention_mask [B, L] -> {'context': [B, L, D](, 'mask': [B, L])}."""
+        if self.text_encoder == 'clip':  # as the SD pipelines: no padding mask
+            return {'context': self.encoder(input_ids)['last_hidden_state']}
+        mask = (jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None
+                else jnp.asarray(attention_mask, jnp.int32))
+        return {'context': self.encoder(input_ids, mask)['last_hidden_state'], 'mask': mask}
+
+    def __call__(self, x, t, y=None, train: bool = False):
+        if self.is_initializing():  # the encoder's parameters are made with the denoiser's
+            self.encode(jnp.zeros((1, self.encoder.max_length), jnp.int32))
+        return self.denoiser(x, t, y, train=train)

@@ -67,6 +67,10 @@ def validate_unet_fields(m) -> None:
         raise ValueError(f'model_config.num_heads_upsample={m.num_heads_upsample} must be >= 0 '
                          '(0: the same as num_heads).')
     factor = 2 ** (len(m.ch_mult) - 1)
+    width = getattr(m, 'image_width', 0)
+    if width < 0 or width % factor:
+        raise ValueError(f'model_config.image_width={width} must be 0 (square) or a multiple of '
+                         f'2**(len(ch_mult)-1)={factor}.')
     if m.image_size % factor:
         raise ValueError(
             f'model_config.image_size={m.image_size} is not divisible by 2**(len(ch_mult)-1)='
@@ -243,7 +247,8 @@ class UNet(nn.Module):
     """Noise-prediction UNet; fields are those of configs/model_configs.py (see there).
 
     num_heads / num_head_channels: exactly one > 0 (0 means unset).
-    attn_resolutions: spatial sizes (pixels, e.g. 16 for 16x16) that get attention.
+    attn_resolutions: spatial sizes (pixels, e.g. 16 for 16x16) that get attention; for
+      non-square images (image_width > 0) the height of the level.
     num_heads / num_heads_upsample: one count, or a tuple of one per level.
     context_dim > 0: spatial transformers (transformer_depth blocks) with cross-attention to
     y = {'context': [B, L, context_dim], 'mask': [B, L]} at attn_resolutions and the middle.
@@ -274,6 +279,7 @@ class UNet(nn.Module):
     context_dim: int = 0
     transformer_depth: int = 1
     use_linear_projection: bool = False
+    image_width: int = 0  # 0: square images; else W of H x W images (H = image_size)
 
     def __post_init__(self):
         validate_unet_fields(self)

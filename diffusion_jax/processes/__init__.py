@@ -9,6 +9,9 @@ interface (base.py's docstring lists it).
   'gaussian'  GaussianProcess(GaussianDiffusion)  DDPM family, discrete steps (the default)
   'flow'      FlowMatching()                       rectified flow, SD3 convention
   'edm'       EDM()                                Karras et al. 2022 preconditioning
+  'cold'      cold.ColdDiffusion                   Bansal et al. 2022's deterministic degradations
+              (built at diffusion.image_shape, which config_validation.resolve derives; not a
+              Gaussian-marginal Process: degrade/restore/loss and the 'cold' samplers)
 min_snr_weight: min-SNR-γ (Hang et al. 2023). Adding a process: a module here with a Process
 subclass and a `@register_process(name)` builder, imported below.
 """
@@ -17,6 +20,7 @@ from diffusion_jax.processes.base import (Process, check_name, get_process, name
 from diffusion_jax.processes.gaussian import GaussianProcess, check_weighting
 from diffusion_jax.processes.flow import FlowMatching, shift_time
 from diffusion_jax.processes.edm import EDM
+from diffusion_jax.processes import cold as _cold  # noqa: F401  (registers 'cold')
 from diffusion_jax.processes.weighting import WEIGHTINGS, min_snr_weight
 
 PROCESSES = names()

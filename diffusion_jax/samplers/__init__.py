@@ -18,6 +18,8 @@ Layout (one sampler = one registered unit in one module, with its equation in th
   cold.py        'cold', 'cold_naive'  Bansal et al. 2022 Algorithms 2 and 1 over a
                  diffusion_jax.cold.ColdDiffusion; cold_restore, cold_generate     NFE T
   chain.py       sample, reverse_from, langevin_correct: one jit per (method, options, K, shape)
+  options.py     which method-specific sampling.* fields each method reads (refused otherwise,
+                 config_validation) and the spacing warning of the multistep solvers
   process_solvers.py  the samplers over a continuous process (diffusion_jax.processes 'flow',
                  'edm'): 'euler', 'heun' (EDM Alg. 2 with churn), 'ddim', 'dpmpp_2m', 'dpmpp_3m',
                  'unipc' through the process's x̂_0 and λ (the dpm_solver/unipc updates);
@@ -26,6 +28,8 @@ Layout (one sampler = one registered unit in one module, with its equation in th
                  interpolate_ddpm, same_xt_samples, slerp
   edit.py        repaint (Lugmayr et al. 2022, with resampling), sdedit (Meng et al. 2022),
                  ddim_edit (invert, decode with another label/scale), make_mask
+  process_edit.py  the three edits on a continuous process's grid and marginals (edit.py
+                 dispatches there when given a 'flow' or 'edm' process)
   batches.py     a run's samples in batches over the mesh: draw_samples, sample_batches
                  (imported as diffusion_jax.samplers.batches; --mode=sample and FID use it)
 Samplers call the network as ctx.model_fn(x, t) with their own step indices t: common.context
@@ -54,6 +58,8 @@ from diffusion_jax.samplers.editing import (INVERSIONS, ddim_encode, ddim_encode
 from diffusion_jax.samplers.langevin import annealed_step_size, langevin_step, snr_step_size
 from diffusion_jax.samplers.registry import get_sampler, names, nfe, register_sampler
 from diffusion_jax.samplers import process_solvers  # noqa: E402  (after the chain's modules)
+from diffusion_jax.samplers import options  # noqa: E402,F401
+from diffusion_jax.samplers import process_edit  # noqa: E402
 from diffusion_jax.guidance import (ClassifierGuidance, bind_model, classifier_free_model_fn,
                                     classifier_grad_fn, classifier_guidance)
 
@@ -66,5 +72,6 @@ __all__ = ['METHODS', 'INVERSIONS', 'DDIM_GUIDANCE', 'DEFAULT_SNR', 'DEFAULT_LAN
            'same_xt_samples', 'slerp', 'langevin_correct', 'ancestral_step', 'ddim_step',
            'ddim_encode_step', 'ddim_reverse_step', 'langevin_step', 'snr_step_size',
            'annealed_step_size', 'guided_model_output', 'condition_score', 'dynamic_threshold',
-           'register_sampler', 'get_sampler', 'names', 'nfe', 'process_solvers', 'ClassifierGuidance',
+           'register_sampler', 'get_sampler', 'names', 'nfe', 'process_solvers', 'process_edit',
+           'ClassifierGuidance',
            'classifier_guidance', 'classifier_grad_fn', 'classifier_free_model_fn', 'bind_model']

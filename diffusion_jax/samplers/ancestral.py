@@ -41,5 +41,5 @@ def chain_step(ctx, state, t, key):
     return {'x': out['sample']}, out['pred_x0']
 
 
-register_sampler('ancestral', stochastic=True,
+register_sampler('ancestral', stochastic=True, reads=('dynamic_threshold',),
                  summary='DDPM Algorithm 2 (Ho et al. 2020)')(chain_step)

@@ -47,11 +47,18 @@ class Sampler:
     (run.load_classifier), needed when sampling.classifier_scale > 0. guide: the weak model of
     autoguidance (run.load_guide: .model, .variables, .config), needed when
     sampling.guidance_model_workdir is set and sampling.guidance_scale > 0; the scale then
-    guides towards the main model and away from the guide instead of the unconditional model."""
+    guides towards the main model and away from the guide instead of the unconditional model.
+    text: a text run's encoded prompts (diffusion_jax.text.PromptTable: .condition(indices)
+    and .uncond, the negative prompt's); y is then a prompt index per sample, and
+    classifier-free guidance's ∅ is text.uncond."""
 
     def __init__(self, config, model, variables, diffusion, mesh, classifier=None, guide=None,
-                 decoder=None):
+                 decoder=None, text=None):
         s = config.sampling
+        self.text = text
+        if getattr(model, 'text_encoder', '') and text is None:
+            raise ValueError('a text run samples from prompts: pass text=diffusion_jax.text.'
+                             'prompt_table(...) (sampling.prompt or sampling.prompts_file).')
         # A latent run's decoder (latents.make_decoder, loaded by the caller): 'samples' are
         # then decoded pixels and 'latents' what the chain produced.
         self.decoder = decoder
@@ -75,8 +82,10 @@ class Sampler:
                                  'guiding classifier: pass classifier=run.load_classifier(config) '
                                  '(or set sampling.classifier_scale=0).')
             self.grad_fn, classifier_classes = classifier
-        # Labels are drawn for a conditional model or for a classifier to guide towards.
-        self.label_classes = self.num_classes or classifier_classes
+        # Labels are drawn for a conditional model or for a classifier to guide towards; a
+        # text run's "labels" index its prompts.
+        self.label_classes = (len(text.prompts) if text is not None
+                              else self.num_classes or classifier_classes)
         self.options = dict(method=s.method, eta=s.eta, clip_denoised=s.clip_denoised,
                             langevin_snr=s.langevin_snr, langevin_steps=s.langevin_steps,
                             ddim_guidance=s.get('ddim_guidance', 'auto'),
@@ -85,6 +94,15 @@ class Sampler:
 
     def model_fn(self, y):
         w = self.config.sampling.guidance_scale
+        if self.text is not None:  # prompt indices -> their context (all the first: y None)
+            cond = self.text.condition(jnp.zeros((1,), jnp.int32) if y is None else y)
+            if w:
+                return guidance_lib.classifier_free_model_fn(
+                    self.model.apply, self.variables, cond, w, uncond=self.text.uncond,
+                    guidance_rescale=self.config.sampling.get('guidance_rescale', 0.0),
+                    interval=guidance_interval(self.config),
+                    channels=self.config.sampling.get('guidance_channels', 0))
+            return guidance_lib.bind_model(self.model.apply, self.variables, cond)
         if self.guide is not None:
             guide_classes = int(self.guide.config.model.get('num_classes', 0) or 0)
             return guidance_lib.autoguidance_model_fn(
@@ -179,14 +197,14 @@ def guidance_interval(config):
     return (*bounds, processes.get_process(config.diffusion).network_sigma())
 
 
-def build_sampler(config, variables, mesh, classifier=None, guide=None, decoder=None):
+def build_sampler(config, variables, mesh, classifier=None, guide=None, decoder=None, text=None):
     """(Sampler over config.sampling's respaced diffusion or the run's process, the model's
-    example shape). classifier, guide, decoder: see Sampler (with a decoder the example shape
-    is still the latent one)."""
+    example shape). classifier, guide, decoder, text: see Sampler (with a decoder the example
+    shape is still the latent one)."""
     model = models.get_model(config.model)
     base = None if cold.is_cold(config.diffusion) else create_diffusion(config.diffusion)
     target, extra = sampling_target(config, base)
-    sampler = Sampler(config, model, variables, target, mesh, classifier, guide, decoder)
+    sampler = Sampler(config, model, variables, target, mesh, classifier, guide, decoder, text)
     sampler.options.update(extra)
     return sampler, models.data_shape(model, self_conditioned(config))
 
@@ -195,23 +213,27 @@ def labels_for(sampler, count: int):
     """Labels for a conditional model or a guiding classifier (sampling.labels), else None."""
     if not sampler.label_classes:
         return None
+    if sampler.text is not None:  # the prompts, cycled (sampling.prompts_file: one per line)
+        return np.arange(count, dtype=np.int32) % sampler.label_classes
     s = sampler.config.sampling
     return parse_labels(s.labels, sampler.label_classes, count, np.random.default_rng(s.seed))
 
 
 def draw_samples(config, variables, mesh, num_samples: int, *, classifier=None, guide=None,
-                 decoder=None):
+                 decoder=None, text=None):
     """num_samples samples of the run's model with config.sampling's sampler, in memory.
 
     config: the run's config (run.load(...).config: the trained model/diffusion sections);
     variables: the model's {'params': ...} (replicated on the mesh). Returns (float32 numpy
     [num_samples, ...] in [-1, 1], labels [num_samples] int32 or None). Used by the evaluation
-    (FID/IS) and by experiments that sweep sampler settings. classifier, guide, decoder: see Sampler
-    (a latent run's samples are the decoded pixels).
+    (FID/IS) and by experiments that sweep sampler settings. classifier, guide, decoder, text:
+    see Sampler (a latent run's samples are the decoded pixels; a text run's labels are prompt
+    indices).
     """
     s = config.sampling
     sharding.check_global_batch(s.batch_size, mesh, 'sampling.batch_size')
-    sampler, example_shape = build_sampler(config, variables, mesh, classifier, guide, decoder)
+    sampler, example_shape = build_sampler(config, variables, mesh, classifier, guide, decoder,
+                                           text)
     labels = labels_for(sampler, num_samples)
     samples = draw(sampler, jax.random.key(s.seed), (s.batch_size, *example_shape),
                     num_samples, labels)
@@ -219,7 +241,7 @@ def draw_samples(config, variables, mesh, num_samples: int, *, classifier=None, 
 
 
 def sample_batches(config, variables, mesh, num_samples: int, *, uint8: bool = False,
-                   classifier=None, guide=None, decoder=None):
+                   classifier=None, guide=None, decoder=None, text=None):
     """Yields (samples, labels) batch by batch: draw_samples without holding all of them.
 
     samples: numpy [b, ...] float32 in [-1, 1], or with uint8=True the pixels
@@ -230,7 +252,8 @@ def sample_batches(config, variables, mesh, num_samples: int, *, uint8: bool = F
     """
     s = config.sampling
     sharding.check_global_batch(s.batch_size, mesh, 'sampling.batch_size')
-    sampler, example_shape = build_sampler(config, variables, mesh, classifier, guide, decoder)
+    sampler, example_shape = build_sampler(config, variables, mesh, classifier, guide, decoder,
+                                           text)
     labels = labels_for(sampler, num_samples)
     batch = s.batch_size
     for i, x in enumerate(draw_batches(sampler, jax.random.key(s.seed),

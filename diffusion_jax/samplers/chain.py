@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from diffusion_jax import guidance as guidance_lib
 from diffusion_jax import respace as respace_lib
 from diffusion_jax.cold import ColdDiffusion
 from diffusion_jax.diffusion import GaussianDiffusion
@@ -82,7 +83,8 @@ def run_chain(ctx: Context, x, rng, start, stop):
 
 def make_options(diffusion, method, clip_denoised, langevin_steps, mesh, progress_steps=None,
                  noise_repeat=1, ddim_guidance='auto',
-                 dynamic_threshold=0.0, consistency=None, self_condition=False) -> Options:
+                 dynamic_threshold=0.0, consistency=None, self_condition=False,
+                 step_interval=False) -> Options:
     """The static Options of a call, validated (ValueError naming the sampling.* field)."""
     get_sampler(method)  # raises with the registered names
     from diffusion_jax.samplers import consistency as consistency_lib  # pylint: disable=import-outside-toplevel
@@ -98,7 +100,7 @@ def make_options(diffusion, method, clip_denoised, langevin_steps, mesh, progres
     return Options(method, bool(clip_denoised), int(langevin_steps), int(noise_repeat), mesh,
                    _progress_tuple(progress_steps, diffusion.num_timesteps), str(ddim_guidance),
                    float(dynamic_threshold), consistency_lib.check_options(method, consistency),
-                   bool(self_condition))
+                   bool(self_condition), bool(step_interval))
 
 
 def _progress_tuple(progress_steps, num_timesteps: int) -> tuple[int, ...]:
@@ -181,6 +183,13 @@ def sample(diffusion, model_fn, rng, shape: Sequence[int], *, method: str = 'anc
             if guidance is not None:
                 raise ValueError('classifier guidance runs on the gaussian process only; '
                                  'set sampling.classifier_scale=0.')
+            chain_only = dict(eta=(eta, 0.0), dynamic_threshold=(dynamic_threshold, 0.0),
+                              ddim_guidance=(ddim_guidance, 'auto'),
+                              progress_steps=(progress_steps, None))
+            for field, (value, off) in chain_only.items():
+                if value != off:
+                    raise ValueError(f'{field}={value!r} applies to the gaussian chain only, not '
+                                     f'to the {diffusion.name!r} process; leave it at {off!r}.')
             return process_solvers.sample(
                 diffusion, model_fn, rng, shape, method=method,
                 num_steps=18 if num_steps is None else num_steps, x_T=x_T,
@@ -193,7 +202,8 @@ def sample(diffusion, model_fn, rng, shape: Sequence[int], *, method: str = 'anc
     check_batch(shape[0], mesh, 'sample')
     opts = make_options(diffusion, method, clip_denoised, langevin_steps, mesh, progress_steps,
                         ddim_guidance=ddim_guidance, dynamic_threshold=dynamic_threshold,
-                        consistency=consistency, self_condition=self_condition)
+                        consistency=consistency, self_condition=self_condition,
+                        step_interval=guidance_lib.has_interval(model_fn))
     dynamic, static = partition((diffusion, model_fn, guidance))
     return _sample_jit(dynamic, rng, x_T, jnp.float32(eta), jnp.float32(langevin_snr),
                        static=static, opts=opts, shape=shape)
@@ -222,20 +232,23 @@ def reverse_from(diffusion, model_fn, rng, x_t, start, *, stop=0, method: str = 
                  eta: float = 0.0, clip_denoised: bool = True, guidance=None,
                  langevin_snr: float = DEFAULT_SNR, langevin_steps: int = DEFAULT_LANGEVIN_STEPS,
                  mesh: Mesh | None = None, noise_repeat: int = 1,
-                 ddim_guidance: str = 'auto', dynamic_threshold: float = 0.0):
+                 ddim_guidance: str = 'auto', dynamic_threshold: float = 0.0,
+                 self_condition: bool = False):
     """Runs the reverse chain's steps start, start-1, …, stop from x_t [B, ...] (at level start).
 
     stop = 0 gives x_0; stop = s + 1 gives x_s. start and stop are traced: one compile serves
     every start (a multistep solver starts its history afresh at `start`). noise_repeat > 1 shares
     each step's noise among the noise_repeat equal groups of the batch (rows b, b + B/repeat, …).
-    Returns [B, ...].
+    self_condition: as `sample`: step `start` is fed zeros, every later step the x̂_0 of the
+    step before. Returns [B, ...].
     """
     check_batch(x_t.shape[0], mesh, 'reverse_from')
     if x_t.shape[0] % noise_repeat:
         raise ValueError(f'noise_repeat={noise_repeat} must divide the batch {x_t.shape[0]}.')
     opts = make_options(diffusion, method, clip_denoised, langevin_steps, mesh,
                         noise_repeat=noise_repeat, ddim_guidance=ddim_guidance,
-                        dynamic_threshold=dynamic_threshold)
+                        dynamic_threshold=dynamic_threshold, self_condition=self_condition,
+                        step_interval=guidance_lib.has_interval(model_fn))
     dynamic, static = partition((diffusion, model_fn, guidance))
     return _reverse_jit(dynamic, rng, jnp.asarray(x_t, jnp.float32), jnp.int32(start),
                         jnp.int32(stop), jnp.float32(eta), jnp.float32(langevin_snr),

@@ -48,6 +48,9 @@ class Options(NamedTuple):
     # Self-conditioning (Chen et al. 2022): every network call of a step gets the previous
     # step's x̂_0 as model_fn(x, t, self_cond=x̂_0), zeros at the first step (feed_previous_x0).
     self_condition: bool = False
+    # A guided model_fn with a guidance interval (guidance.has_interval): the Heun step decides
+    # the interval once, at its first evaluation's time, for both evaluations (interval_at).
+    step_interval: bool = False
 
 
 class Context(NamedTuple):
@@ -71,7 +74,14 @@ def context(diffusion, model_fn, guidance, opts: Options, eta, snr) -> Context:
 def with_previous_x0(model_fn, previous_x0):
     """model_fn(x, t) = model_fn(x, t, self_cond=previous_x0): a step's network calls, fed the
     x̂_0 [B, ...] of the step before (self-conditioning, Chen et al. 2022, Algorithm 2)."""
-    return lambda x, t: model_fn(x, t, self_cond=previous_x0)
+    return lambda x, t, **inputs: model_fn(x, t, self_cond=previous_x0, **inputs)
+
+
+def interval_at(model_fn, t_in):
+    """model_fn(x, t) = model_fn(x, t, interval_t=t_in): every call decides the guidance
+    interval (Kynkäänniemi et al. 2024) at σ of the network time input t_in [B] rather than at
+    its own t, as a Heun step's two evaluations do (guidance.classifier_free_model_fn)."""
+    return lambda x, t, **inputs: model_fn(x, t, interval_t=t_in, **inputs)
 
 
 def coef(diffusion, name: str, t, x):

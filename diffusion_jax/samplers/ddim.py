@@ -40,7 +40,8 @@ def ddim_step(diffusion, model_output, x_t, t, noise, *, eta=0.0, clip_denoised:
     return dict(sample=mean + nonzero * jnp.sqrt(sigma_sq) * noise, pred_x0=pred_x0)
 
 
-@register_sampler('ddim', summary='DDIM (Song et al. 2021, eq. 12), σ_t = η √β̃_t')
+@register_sampler('ddim', reads=('eta', 'ddim_guidance', 'dynamic_threshold'),
+                  summary='DDIM (Song et al. 2021, eq. 12), σ_t = η √β̃_t')
 def chain_step(ctx, state, t, key):
     d, x = ctx.diffusion, state['x']
     out = ddim_step(d, ctx.model_fn(x, t), x, t,

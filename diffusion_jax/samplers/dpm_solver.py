@@ -12,9 +12,11 @@ before it, h_0 = λ_s - λ_{s1}, h_1 = λ_{s1} - λ_{s2}, r_0 = h_0/h, r_1 = h_1
                               D1' = D1 + r_0/(r_0+r_1) (D1 - D1_1), D2 = (D1 - D1_1)/(r_0+r_1),
                               D1_1 = (m1 - m2)/r_1
 (φ_n the exponential-integrator functions, `common.phi`). Lower orders where the history is
-short (the first steps) and near the end (order ≤ k + 1 at step k, as DPM-Solver's
-lower_order_final); the last step, to ᾱ = 1 (λ = ∞), returns x̂_0 itself. One network call per
-step: NFE = K. Clipping/thresholding applies to x̂_0 (the paper's thresholding), guidance through
+short (the first steps: order ≤ n + 1 at the n-th step) and near the end as diffusers'
+DPMSolverMultistepScheduler (lower_order_final=True, final_sigmas_type='zero'): below
+LOWER_ORDER_FINAL_BELOW = 15 steps the order is ≤ the number of steps left (the penultimate step
+order ≤ 2); from 15 steps on only the last step is lowered. The last step, to ᾱ = 1 (λ = ∞), is
+first order for every K, which returns x̂_0 itself. One network call per step: NFE = K. Clipping/thresholding applies to x̂_0 (the paper's thresholding), guidance through
 `common.predict_x0`.
 """
 from __future__ import annotations
@@ -23,6 +25,23 @@ import jax.numpy as jnp
 
 from diffusion_jax.samplers import common
 from diffusion_jax.samplers.registry import register_sampler
+
+
+# diffusers' DPMSolverMultistepScheduler applies lower_order_final "only for < 15 inference
+# steps" (its docstring and step()); at 15 and more the penultimate step keeps the full order.
+LOWER_ORDER_FINAL_BELOW = 15
+
+
+def multistep_order(order: int, steps_taken, steps_left, num_steps: int):
+    """The order of a multistep step (a traced int32 scalar): at most `order`, at most
+    steps_taken + 1 (the history there is), and near the end as diffusers'
+    DPMSolverMultistepScheduler with lower_order_final=True and final_sigmas_type='zero': with
+    num_steps < 15 (static) at most steps_left (the penultimate step ≤ 2, the last 1); with 15
+    or more only the last step (steps_left = 1) is first order."""
+    warm = jnp.minimum(order, steps_taken + 1)
+    if num_steps < LOWER_ORDER_FINAL_BELOW:
+        return jnp.minimum(warm, steps_left)
+    return jnp.where(steps_left <= 1, 1, warm)
 
 
 def multistep_init(ctx, x):  # pylint: disable=unused-argument
@@ -69,13 +88,16 @@ def _multistep(order: int):
         k = t[0]
         x = state['x']
         m0 = common.predict_x0(ctx, x, t)
-        step_order = jnp.minimum(jnp.minimum(order, state['n'] + 1), k + 1)
+        # k + 1 steps are left at respaced index k (k = 0: the step to ᾱ = 1).
+        step_order = multistep_order(order, state['n'], k + 1, ctx.diffusion.num_timesteps)
         x = dpmpp_update(ctx.diffusion, x, k, m0, state['m1'], state['m2'], step_order)
         return {'x': x, 'm1': m0, 'm2': state['m1'], 'n': state['n'] + 1}, m0
     return step
 
 
 register_sampler('dpmpp_2m', init=multistep_init,
+                 reads=('ddim_guidance', 'dynamic_threshold'), recommended_spacing='logsnr',
                  summary='DPM-Solver++(2M) (Lu et al. 2022)')(_multistep(2))
 register_sampler('dpmpp_3m', init=multistep_init,
+                 reads=('ddim_guidance', 'dynamic_threshold'), recommended_spacing='logsnr',
                  summary='DPM-Solver++(3M) (Lu et al. 2022)')(_multistep(3))

@@ -18,22 +18,66 @@ classifier-free guidance via model_fn / guidance) carries over.
              conditional), another guidance scale. The unchanged decode (reconstruction) and its
              error, the inversion's own, come with it.
 
+On a continuous process (diffusion_jax.processes 'flow', 'edm'; given as `diffusion` with
+num_steps = K) each function runs its process form, samplers/process_edit.py: the same
+constructions on the process's grid, marginals and x̂_0. A GaussianProcess runs its diffusion
+(respaced by num_steps when given).
+
+Conditions (class labels, a text context {'context': [B, L, D], 'mask': [B, L]}, classifier-free
+guidance) are bound into model_fn as for the samplers (guidance.bind_model,
+guidance.classifier_free_model_fn); classifier guidance is `guidance` (the Gaussian chain only).
+
 Masks: 1 = keep (known), 0 = generate. The named masks name the region that is generated:
 'right_half' inpaints the right half.
 """
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from diffusion_jax.samplers import ancestral, chain, common, editing
+from diffusion_jax.diffusion import GaussianDiffusion
+from diffusion_jax.samplers import ancestral, chain, common, editing, process_edit
+from diffusion_jax.samplers.edit_schedule import repaint_schedule, sdedit_start
 
 MASKS = ('right_half', 'left_half', 'top_half', 'center')
+
+
+def _target(diffusion, num_steps, guidance=None):
+    """(GaussianDiffusion or None, continuous process or None) of an edit's `diffusion`."""
+    if isinstance(diffusion, GaussianDiffusion):
+        if num_steps is not None:
+            raise ValueError('num_steps applies to a process; respace a GaussianDiffusion with '
+                             'diffusion.respace instead.')
+        return diffusion, None
+    inner = chain._from_process(diffusion, num_steps)  # pylint: disable=protected-access
+    if isinstance(inner, GaussianDiffusion):
+        return inner, None
+    if guidance is not None:
+        raise ValueError('classifier guidance runs on the gaussian process only; set '
+                         'sampling.classifier_scale=0.')
+    return None, inner
+
+
+def _refuse_self_condition(process, self_condition: bool) -> None:
+    """The flow/EDM edit chains (process_edit) do not feed x̂_0 back: a self-conditioned network
+    would be run without its second input's meaning, so it is refused."""
+    if self_condition:
+        raise ValueError(f'training.self_condition=True: editing a self-conditioned '
+                         f'{process.name} run is not supported (the flow/EDM edit chains do not '
+                         'feed x̂_0 back); edit a gaussian run, or one trained without it.')
+
+
+def _as_mask(mask, x0):
+    mask = jnp.asarray(mask, jnp.float32)
+    try:
+        return jnp.broadcast_to(mask, x0.shape)
+    except ValueError as err:
+        raise ValueError(f'edit.mask of shape {tuple(mask.shape)} does not fit the images '
+                         f'{tuple(x0.shape)}: give [N, H, W, 1] or [N, H, W, C].') from err
 
 
 def make_mask(spec: str, shape, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -73,30 +117,11 @@ def make_mask(spec: str, shape, rng: np.random.Generator | None = None) -> np.nd
 # ----------------------------------------------------------------------------------------------
 # RePaint
 # ----------------------------------------------------------------------------------------------
-def repaint_schedule(num_steps: int, jump_length: int, jump_n_sample: int) -> np.ndarray:
-    """The levels RePaint's chain visits, from K - 1 (noise) to -1 (data), one step at a time:
-    after reaching a level t that is a multiple of jump_length (t < K - jump_length), the chain
-    goes back up jump_length levels, jump_n_sample - 1 times in all (Lugmayr et al. 2022, Sec.
-    4.2; jump_n_sample = 1 is the plain chain). Returns int32 [n + 1]."""
-    if jump_length < 1 or jump_n_sample < 1:
-        raise ValueError(f'edit.jump_length={jump_length} and edit.jump_n_sample={jump_n_sample} '
-                         'must be >= 1 (1 and 1: no resampling).')
-    jumps = {j: jump_n_sample - 1 for j in range(0, num_steps - jump_length, jump_length)}
-    t, path = num_steps - 1, [num_steps - 1]
-    while t >= 0:
-        t -= 1
-        path.append(t)
-        if jumps.get(t, 0) > 0:
-            jumps[t] -= 1
-            for _ in range(jump_length):
-                t += 1
-                path.append(t)
-    return np.asarray(path, np.int32)
-
-
-def _repaint_step(ctx, x, x0, mask, level, up, key):
+def _repaint_step(ctx, x, x0, mask, level, up, key, previous_x0):
     """One move of the RePaint chain from `level` (x at level ᾱ_level; -1 = data): up to level+1
-    by forward noising, or down by the reverse step at `level` with the known region pasted."""
+    by forward noising, or down by the reverse step at `level` with the known region pasted.
+    Returns (x, the x̂_0 to feed the next reverse step): a reverse step's own x̂_0, unchanged by
+    a forward move (self-conditioning; previous_x0 is None without it)."""
     d = ctx.diffusion
     k_step, k_known = jax.random.split(key)
     t = jnp.full((x.shape[0],), level, jnp.int32)
@@ -105,10 +130,13 @@ def _repaint_step(ctx, x, x0, mask, level, up, key):
         t_up = t + 1
         noise = jax.random.normal(k_step, x.shape, x.dtype)
         beta = common.coef(d, 'betas', t_up, x)
-        return jnp.sqrt(1.0 - beta) * x + jnp.sqrt(beta) * noise
+        return jnp.sqrt(1.0 - beta) * x + jnp.sqrt(beta) * noise, previous_x0
 
     def reverse(_):
-        out = ancestral.ancestral_step(d, ctx.model_fn(x, t), x, t,
+        model_fn = ctx.model_fn
+        if previous_x0 is not None:
+            model_fn = common.with_previous_x0(model_fn, previous_x0)
+        out = ancestral.ancestral_step(d, model_fn(x, t), x, t,
                                        jax.random.normal(k_step, x.shape, x.dtype),
                                        clip_denoised=ctx.opts.clip_denoised,
                                        guidance=ctx.guidance)
@@ -116,7 +144,8 @@ def _repaint_step(ctx, x, x0, mask, level, up, key):
         known = (common.coef(d, 'sqrt_alphas_cumprod_prev', t, x) * x0
                  + jnp.sqrt(common.coef(d, 'one_minus_alphas_cumprod_prev', t, x))
                  * jax.random.normal(k_known, x.shape, x.dtype))
-        return mask * known + (1.0 - mask) * out['sample']
+        fed = None if previous_x0 is None else out['pred_x0'].astype(x.dtype)
+        return mask * known + (1.0 - mask) * out['sample'], fed
 
     return jax.lax.cond(up, forward, reverse, None)
 
@@ -124,41 +153,54 @@ def _repaint_step(ctx, x, x0, mask, level, up, key):
 @functools.partial(jax.jit, static_argnames=('static', 'opts'))
 def _repaint_jit(dynamic, rng, x0, mask, levels, *, static, opts):
     diffusion, model_fn, guidance = static.merge(dynamic)
-    ctx = common.Context(diffusion, model_fn, guidance, opts, jnp.float32(0.0), jnp.float32(0.0))
+    # common.context: the network sees the original timesteps of a respaced chain.
+    ctx = common.context(diffusion, model_fn, guidance, opts, jnp.float32(0.0), jnp.float32(0.0))
     k_init, k_chain = jax.random.split(rng)
     x = jax.random.normal(k_init, x0.shape, jnp.float32)
 
-    def body(i, x):
+    def body(i, carry):
+        x, previous_x0 = carry
         level, nxt = levels[i], levels[i + 1]
-        x = _repaint_step(ctx, x, x0, mask, level, nxt > level, jax.random.fold_in(k_chain, i))
-        return common.constrain(x, opts.mesh)
+        x, previous_x0 = _repaint_step(ctx, x, x0, mask, level, nxt > level,
+                                       jax.random.fold_in(k_chain, i), previous_x0)
+        keep = lambda a: common.constrain(a, opts.mesh)  # noqa: E731
+        return keep(x), (None if previous_x0 is None else keep(previous_x0))
 
-    x = jax.lax.fori_loop(0, levels.shape[0] - 1, body, common.constrain(x, opts.mesh))
+    # Self-conditioning feeds zeros to the first reverse step (Chen et al. 2022, Algorithm 2).
+    previous_x0 = jnp.zeros_like(x0) if opts.self_condition else None
+    x, _ = jax.lax.fori_loop(0, levels.shape[0] - 1, body,
+                             (common.constrain(x, opts.mesh), previous_x0))
     # Binary masks make this the identity; it also pins the known pixels for soft ones.
     return jnp.where(mask >= 1.0, x0, x)
 
 
 def repaint(diffusion, model_fn, rng, x0, mask, *, jump_length: int = 10,
             jump_n_sample: int = 10, clip_denoised: bool = True, guidance=None,
-            mesh: Mesh | None = None):
+            mesh: Mesh | None = None, num_steps=None, self_condition: bool = False):
     """RePaint inpainting (Lugmayr et al. 2022) of x0 [B, ...] where mask == 0.
 
     mask: broadcastable to x0 (e.g. [B, H, W, 1]), 1 = keep. jump_length, jump_n_sample: the
     resampling (their defaults, j = 10 and r = 10 over T = 250, are this function's; 1 and 1 is
     the plain chain with pasting). Network calls: K + (jump_n_sample - 1) · jump_length · ⌊(K -
-    1)/jump_length⌋ reverse steps. Returns [B, ...] with the kept pixels equal to x0 exactly.
+    1)/jump_length⌋ reverse steps. diffusion: a GaussianDiffusion, or a process with num_steps
+    = K (process_edit.repaint). self_condition: a self-conditioned network (Chen et al. 2022):
+    each reverse step is fed the x̂_0 of the reverse step before it (forward jumps keep it),
+    zeros at the first. Returns [B, ...] with the kept pixels equal to x0 exactly.
     """
     x0 = jnp.asarray(x0, jnp.float32)
-    mask = jnp.asarray(mask, jnp.float32)
-    try:
-        mask = jnp.broadcast_to(mask, x0.shape)
-    except ValueError as err:
-        raise ValueError(f'edit.mask of shape {tuple(mask.shape)} does not fit the images '
-                         f'{tuple(x0.shape)}: give [N, H, W, 1] or [N, H, W, C].') from err
+    mask = _as_mask(mask, x0)
+    diffusion, process = _target(diffusion, num_steps, guidance)
+    if process is not None:
+        _refuse_self_condition(process, self_condition)
+        return process_edit.repaint(process, model_fn, rng, x0, mask,
+                                    num_steps=18 if num_steps is None else num_steps,
+                                    jump_length=jump_length, jump_n_sample=jump_n_sample,
+                                    clip_denoised=clip_denoised, mesh=mesh)
     chain.check_batch(x0.shape[0], mesh, 'repaint')
     levels = jnp.asarray(repaint_schedule(diffusion.num_timesteps, int(jump_length),
                                           int(jump_n_sample)))
-    opts = chain.make_options(diffusion, 'ancestral', clip_denoised, 1, mesh)
+    opts = chain.make_options(diffusion, 'ancestral', clip_denoised, 1, mesh,
+                              self_condition=self_condition)
     dynamic, static = chain.partition((diffusion, model_fn, guidance))
     return _repaint_jit(dynamic, rng, x0, mask, levels, static=static, opts=opts)
 
@@ -166,27 +208,31 @@ def repaint(diffusion, model_fn, rng, x0, mask, *, jump_length: int = 10,
 # ----------------------------------------------------------------------------------------------
 # SDEdit
 # ----------------------------------------------------------------------------------------------
-def sdedit_start(num_steps: int, strength: float) -> int:
-    """t0 = ceil(strength · K) - 1: the chain index SDEdit noises the input to."""
-    strength = float(strength)
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f'edit.strength={strength} must be in (0, 1]: the fraction of the chain '
-                         'to re-run (Meng et al. use 0.3-0.6).')
-    return max(int(math.ceil(strength * num_steps)) - 1, 0)
-
-
 def sdedit(diffusion, model_fn, rng, x_input, strength: float, *, method: str = 'ancestral',
            eta: float = 0.0, clip_denoised: bool = True, guidance=None,
-           mesh: Mesh | None = None):
+           mesh: Mesh | None = None, num_steps=None, self_condition: bool = False,
+           **solver_options):
     """SDEdit (Meng et al. 2022): x_{t0} = √ᾱ_{t0} x_input + √(1-ᾱ_{t0}) ε, then the sampler
-    `method` from t0 = sdedit_start(K, strength) to 0. x_input [B, ...]; returns [B, ...]."""
+    `method` from t0 = sdedit_start(K, strength) to 0. x_input [B, ...]; returns [B, ...].
+    On a process (num_steps = K): process_edit.sdedit, method 'ancestral' or a process solver
+    (solver_options: its churn). self_condition: feed each step the previous step's x̂_0, zeros
+    at t0 (chain.reverse_from)."""
+    diffusion, process = _target(diffusion, num_steps, guidance)
+    if process is not None:
+        _refuse_self_condition(process, self_condition)
+        process_edit.check_sdedit_method(process, method)
+        return process_edit.sdedit(process, model_fn, rng, x_input, strength,
+                                   num_steps=18 if num_steps is None else num_steps,
+                                   method=method, clip_denoised=clip_denoised, mesh=mesh,
+                                   **solver_options)
     t0 = sdedit_start(diffusion.num_timesteps, strength)
     k_noise, k_chain = jax.random.split(rng)
     x_input = jnp.asarray(x_input, jnp.float32)
     t = jnp.full((x_input.shape[0],), t0, jnp.int32)
     x_t = diffusion.q_sample(x_input, t, jax.random.normal(k_noise, x_input.shape, jnp.float32))
     return chain.reverse_from(diffusion, model_fn, k_chain, x_t, t0, method=method, eta=eta,
-                              clip_denoised=clip_denoised, guidance=guidance, mesh=mesh)
+                              clip_denoised=clip_denoised, guidance=guidance, mesh=mesh,
+                              self_condition=self_condition)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,20 +240,34 @@ def sdedit(diffusion, model_fn, rng, x_input, strength: float, *, method: str = 
 # ----------------------------------------------------------------------------------------------
 def ddim_edit(diffusion, model_fn, x_input, *, edit_model_fn=None, edit_guidance=None,
               inversion: str = 'reference', clip_denoised: bool = False,
-              mesh: Mesh | None = None) -> dict:
+              mesh: Mesh | None = None, num_steps=None, self_condition: bool = False) -> dict:
     """Invert x_input [B, ...] with model_fn (DDIM, η = 0) and decode the code with
     edit_model_fn (another label or guidance scale; None: model_fn) and edit_guidance.
 
     Returns dict(edited [B, ...], reconstruction [B, ...] (decoded with model_fn: what the
     inversion alone gives back), codes [B, ...], reconstruction_error [B] (RMS of
     reconstruction - x_input per example)). With no change, edited == reconstruction.
+    On a process (num_steps = K): process_edit.ddim_edit (its 'reference'-convention inversion).
+    self_condition: a self-conditioned network: the inversion and the decoder each feed every
+    step the previous step's x̂_0, zeros at their first (editing.ddim_encode, chain.sample).
     """
+    diffusion, process = _target(diffusion, num_steps, edit_guidance)
+    if process is not None:
+        _refuse_self_condition(process, self_condition)
+        if inversion != 'reference':
+            raise ValueError(f'sampling.inversion={inversion!r}: a {process.name} process '
+                             "inverts with the 'reference' convention only; set it so.")
+        return process_edit.ddim_edit(process, model_fn, x_input,
+                                      num_steps=18 if num_steps is None else num_steps,
+                                      edit_model_fn=edit_model_fn, clip_denoised=clip_denoised,
+                                      mesh=mesh)
     x_input = jnp.asarray(x_input, jnp.float32)
     codes = editing.ddim_encode(diffusion, model_fn, x_input, clip_denoised=clip_denoised,
-                                mesh=mesh, inversion=inversion)
+                                mesh=mesh, inversion=inversion, self_condition=self_condition)
     decode = lambda fn, guidance: chain.sample(  # noqa: E731
         diffusion, fn, jax.random.key(0), codes.shape, method='ddim', eta=0.0,
-        clip_denoised=clip_denoised, x_T=codes, guidance=guidance, mesh=mesh)['samples']
+        clip_denoised=clip_denoised, x_T=codes, guidance=guidance, mesh=mesh,
+        self_condition=self_condition)['samples']
     reconstruction = decode(model_fn, None)
     if edit_model_fn is None and edit_guidance is None:
         edited = reconstruction

@@ -36,6 +36,11 @@ def ddim_encode_step(diffusion, model_output, x, t, *, clip_denoised: bool = Fal
 
     Shapes: model_output [B, ..., C or 2C], x [B, ..., C], t [B]. Returns x at level ᾱ_t.
     """
+    return _target_level_step(diffusion, model_output, x, t, clip_denoised)[0]
+
+
+def _target_level_step(diffusion, model_output, x, t, clip_denoised):
+    """(x at level ᾱ_t, the step's x̂_0 at level ᾱ_{t-1}) of ddim_encode_step."""
     out = diffusion.p_mean_variance(model_output, x, t, clip_denoised=clip_denoised)
     if diffusion.model_mean_type == 'eps' and not clip_denoised:
         eps = diffusion.split_model_output(model_output, x)[0].astype(x.dtype)
@@ -44,7 +49,7 @@ def ddim_encode_step(diffusion, model_output, x, t, *, clip_denoised: bool = Fal
     pred_x0 = ((x - common.coef(diffusion, 'one_minus_alphas_cumprod_prev', t, x) ** 0.5 * eps)
                / common.coef(diffusion, 'sqrt_alphas_cumprod_prev', t, x))
     return (common.coef(diffusion, 'sqrt_alphas_cumprod', t, x) * pred_x0
-            + common.coef(diffusion, 'sqrt_one_minus_alphas_cumprod', t, x) * eps)
+            + common.coef(diffusion, 'sqrt_one_minus_alphas_cumprod', t, x) * eps), pred_x0
 
 
 def ddim_reverse_step(diffusion, model_output, x, t, *, clip_denoised: bool = False):
@@ -53,29 +58,41 @@ def ddim_reverse_step(diffusion, model_output, x, t, *, clip_denoised: bool = Fa
     return diffusion.ddim_reverse_sample(model_output, x, t, clip_denoised=clip_denoised)['sample']
 
 
-@functools.partial(jax.jit, static_argnames=('static', 'clip_denoised', 'mesh', 'inversion'))
-def _encode_jit(dynamic, x0, *, static, clip_denoised, mesh, inversion):
+@functools.partial(jax.jit, static_argnames=('static', 'clip_denoised', 'mesh', 'inversion',
+                                             'self_condition'))
+def _encode_jit(dynamic, x0, *, static, clip_denoised, mesh, inversion, self_condition):
     diffusion, model_fn = static.merge(dynamic)
     batch = x0.shape[0]
-    encode = ddim_reverse_step if inversion == 'reference' else ddim_encode_step
     steps = diffusion.num_timesteps - (1 if inversion == 'reference' else 0)
+    net = wrap_model(model_fn, diffusion)
 
-    def body(j, x):
+    def body(j, carry):
+        x, previous_x0 = carry
         t = jnp.full((batch,), j, jnp.int32)
-        model_output = wrap_model(model_fn, diffusion)(x, t)
-        return common.constrain(encode(diffusion, model_output, x, t, clip_denoised=clip_denoised),
-                                mesh)
+        # Self-conditioning: the step is fed the previous step's x̂_0 (zeros first), and its
+        # own x̂_0 (the one the step encodes with) is fed to the next.
+        model_output = net(x, t) if previous_x0 is None else net(x, t, self_cond=previous_x0)
+        if inversion == 'reference':
+            out = diffusion.ddim_reverse_sample(model_output, x, t, clip_denoised=clip_denoised)
+            x_next, x0_hat = out['sample'], out['pred_x0']
+        else:
+            x_next, x0_hat = _target_level_step(diffusion, model_output, x, t, clip_denoised)
+        fed = None if previous_x0 is None else common.constrain(x0_hat.astype(x.dtype), mesh)
+        return common.constrain(x_next, mesh), fed
 
-    return jax.lax.fori_loop(0, steps, body, common.constrain(x0, mesh))
+    previous_x0 = jnp.zeros_like(x0) if self_condition else None
+    return jax.lax.fori_loop(0, steps, body, (common.constrain(x0, mesh), previous_x0))[0]
 
 
 def ddim_encode(diffusion, model_fn, x0, *, clip_denoised: bool = False, mesh: Mesh | None = None,
-                inversion: str = 'reference'):
+                inversion: str = 'reference', self_condition: bool = False):
     """x_T of x_0 under the deterministic DDIM ODE (Song et al. 2021, Sec. 5.4), [B, ...], at
     level ᾱ_{K-1}, where sample(method='ddim', eta=0, x_T=x_T, clip_denoised=False) starts.
 
     inversion: 'reference' (guided-diffusion's ddim_reverse_sample, default) or 'target_level'
     (see the module docstring). Decoding reconstructs x_0 up to each step's O(1/K) error.
+    self_condition: a self-conditioned network (Chen et al. 2022): each inversion step is fed
+    the previous step's x̂_0, zeros at the first, as the decoder is.
     """
     if inversion not in INVERSIONS:
         raise ValueError(f'sampling.inversion={inversion!r} is not valid; choose one of '
@@ -83,7 +100,8 @@ def ddim_encode(diffusion, model_fn, x0, *, clip_denoised: bool = False, mesh: M
     chain.check_batch(x0.shape[0], mesh, 'ddim_encode')
     dynamic, static = chain.partition((diffusion, model_fn))
     return _encode_jit(dynamic, jnp.asarray(x0, jnp.float32), static=static,
-                       clip_denoised=bool(clip_denoised), mesh=mesh, inversion=inversion)
+                       clip_denoised=bool(clip_denoised), mesh=mesh, inversion=inversion,
+                       self_condition=bool(self_condition))
 
 
 def slerp(z0, z1, lam):
@@ -108,18 +126,20 @@ def _flat_lambdas(lambdas, batch):
 
 
 def interpolate_ddim(diffusion, model_fn, x0_a, x0_b, lambdas, *, clip_denoised: bool = False,
-                     mesh: Mesh | None = None, decode_model_fn=None, inversion: str = 'reference'):
+                     mesh: Mesh | None = None, decode_model_fn=None, inversion: str = 'reference',
+                     self_condition: bool = False):
     """DDIM interpolation (Song et al. 2021, Sec. 5.3): encode both images to x_T with the ODE,
     slerp the codes, decode each deterministically (η = 0).
 
     Shapes: x0_a, x0_b [B, ...]; lambdas [L]. Returns [L, B, ...] (λ = 0 reconstructs x0_a).
     model_fn serves the [2B] encoding batch (x0_a then x0_b) and, unless decode_model_fn is
     given, the [L·B] decoding batch (λ-major); a class-conditional model_fn binds labels of
-    those batch sizes.
+    those batch sizes. self_condition: a self-conditioned network (ddim_encode, chain.sample).
     """
     batch = x0_a.shape[0]
     codes = ddim_encode(diffusion, model_fn, jnp.concatenate([x0_a, x0_b]),
-                        clip_denoised=clip_denoised, mesh=mesh, inversion=inversion)
+                        clip_denoised=clip_denoised, mesh=mesh, inversion=inversion,
+                        self_condition=self_condition)
     lambdas, lam = _flat_lambdas(lambdas, batch)
     num = lambdas.shape[0]
     z0 = jnp.tile(codes[:batch], (num,) + (1,) * (codes.ndim - 1))
@@ -128,18 +148,19 @@ def interpolate_ddim(diffusion, model_fn, x0_a, x0_b, lambdas, *, clip_denoised:
     # η = 0 draws no noise: the key is a placeholder.
     out = chain.sample(diffusion, decode_model_fn or model_fn, jax.random.key(0), x_T.shape,
                        method='ddim', eta=0.0, clip_denoised=clip_denoised, x_T=x_T,
-                       mesh=mesh)['samples']
+                       mesh=mesh, self_condition=self_condition)['samples']
     return out.reshape((num, batch) + x0_a.shape[1:])
 
 
 def interpolate_ddpm(diffusion, model_fn, rng, x0_a, x0_b, t: int, lambdas, *,
-                     clip_denoised: bool = True, mesh: Mesh | None = None):
+                     clip_denoised: bool = True, mesh: Mesh | None = None,
+                     self_condition: bool = False):
     """DDPM interpolation (Ho et al. 2020, Sec. 4.3): x_t, x'_t ~ q(x_t|x_0) with the same noise,
     x̄_t = (1-λ) x_t + λ x'_t, decoded by the ancestral chain from step t with each step's noise
     shared across λ, so the strip varies only with λ.
 
     Shapes: x0_a, x0_b [B, ...]; t a step index of the (respaced) chain; lambdas [L].
-    Returns [L, B, ...].
+    self_condition: a self-conditioned network (chain.reverse_from). Returns [L, B, ...].
     """
     batch = x0_a.shape[0]
     k_q, k_chain = jax.random.split(rng)
@@ -152,16 +173,18 @@ def interpolate_ddpm(diffusion, model_fn, rng, x0_a, x0_b, t: int, lambdas, *,
     x_bar = ((1.0 - lam) * jnp.tile(x_a, (num,) + (1,) * (x_a.ndim - 1))
              + lam * jnp.tile(x_b, (num,) + (1,) * (x_b.ndim - 1)))
     out = chain.reverse_from(diffusion, model_fn, k_chain, x_bar, t, clip_denoised=clip_denoised,
-                             mesh=mesh, noise_repeat=num)
+                             mesh=mesh, noise_repeat=num, self_condition=self_condition)
     return out.reshape((num, batch) + x0_a.shape[1:])
 
 
 def same_xt_samples(diffusion, model_fn, rng, x_t, t: int, num_samples: int, *,
                     method: str = 'ancestral', eta: float = 1.0, clip_denoised: bool = True,
-                    mesh: Mesh | None = None):
+                    mesh: Mesh | None = None, self_condition: bool = False):
     """num_samples independent reverse chains from the same x_t (DDPM Fig. 7): samples of
-    p_θ(x_0 | x_t). x_t [B, ...] at step t of the chain; returns [num_samples, B, ...]."""
+    p_θ(x_0 | x_t). x_t [B, ...] at step t of the chain; returns [num_samples, B, ...].
+    self_condition: a self-conditioned network (chain.reverse_from: zeros fed at step t)."""
     x = jnp.tile(jnp.asarray(x_t, jnp.float32), (num_samples,) + (1,) * (x_t.ndim - 1))
     out = chain.reverse_from(diffusion, model_fn, rng, x, t, method=method, eta=eta,
-                             clip_denoised=clip_denoised, mesh=mesh)
+                             clip_denoised=clip_denoised, mesh=mesh,
+                             self_condition=self_condition)
     return out.reshape((num_samples,) + x_t.shape)

@@ -28,6 +28,8 @@ def edm_sigma(diffusion, k, x):
 def heun_step(ctx, x, t):
     """x at level t-1 from x [B, ...] at level t (x̂_0 at t = 0); returns (x, D(x; σ_t))."""
     d = ctx.diffusion
+    if ctx.opts.step_interval:  # both evaluations guided or not by σ_t (Kynkäänniemi et al.)
+        ctx = ctx._replace(model_fn=common.interval_at(ctx.model_fn, d.model_time(t)))
     denoised = common.predict_x0(ctx, x, t)
     sqrt_abar = common.coef(d, 'sqrt_alphas_cumprod', t, x)
     sigma = edm_sigma(d, t, x)
@@ -61,6 +63,7 @@ def heun_step(ctx, x, t):
 
 
 @register_sampler('heun', nfe=lambda k, _: 2 * k - 1,
+                  reads=('ddim_guidance', 'dynamic_threshold'),
                   summary="EDM's Heun sampler (Karras et al. 2022, Alg. 1)")
 def chain_step(ctx, state, t, key):  # pylint: disable=unused-argument
     x, denoised = heun_step(ctx, state['x'], t)

@@ -105,6 +105,7 @@ def _langevin_nfe(k, langevin_steps):
 
 
 @register_sampler('langevin', nfe=_langevin_nfe, stochastic=True,
+                  reads=('langevin_snr', 'langevin_steps', 'dynamic_threshold'),
                   summary='annealed Langevin dynamics (Song & Ermon 2019, Alg. 1)')
 def langevin_chain_step(ctx, state, t, key):
     x, pred_x0 = annealed_langevin_level(ctx, state['x'], t, jax.random.split(key)[0])
@@ -112,6 +113,7 @@ def langevin_chain_step(ctx, state, t, key):
 
 
 @register_sampler('pc', nfe=_langevin_nfe, stochastic=True,
+                  reads=('langevin_snr', 'langevin_steps', 'dynamic_threshold'),
                   summary='predictor-corrector (Song et al. 2021, Alg. 5)')
 def pc_chain_step(ctx, state, t, key):
     key_corrector, key_predictor = jax.random.split(key)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import guidance as guidance_lib
 from diffusion_jax.samplers import common, dpm_solver, unipc
 from diffusion_jax.samplers.static import check_batch, partition
 
@@ -38,6 +39,7 @@ class ProcessOptions(NamedTuple):
     clip_denoised: bool = False
     mesh: object = None
     self_condition: bool = False  # feed each step the previous step's x̂_0 (chain.sample)
+    step_interval: bool = False  # a guidance interval decided once per Heun step (common.Options)
 
 
 class ProcessContext(NamedTuple):
@@ -95,6 +97,12 @@ def churn(ctx, x, t, key):
 def heun_step(ctx, state, i, key):
     x_hat, t_hat = churn(ctx, state['x'], ctx.grid[i], key)
     t_next = ctx.grid[i + 1]
+    if ctx.opts.step_interval:
+        # The guidance interval is decided once per step, at σ̃(t̂) of the first evaluation
+        # (t̂ = t_i without churn), for both evaluations, as Kynkäänniemi et al.'s reference
+        # EDM sampler does; passed as the network time input of that evaluation.
+        t_in = ctx.process.model_input(x_hat, jnp.full((x_hat.shape[0],), t_hat, jnp.float32))[1]
+        ctx = ctx._replace(model_fn=common.interval_at(ctx.model_fn, t_in))
     x0 = denoise(ctx, x_hat, t_hat)
     d = velocity(ctx, x_hat, t_hat, x0)
     x_euler = x_hat + (t_next - t_hat) * d
@@ -110,7 +118,9 @@ def heun_step(ctx, state, i, key):
 
 
 def _order(ctx, state, i, order):
-    remaining = ctx.opts.num_steps - 1 - i  # DPM-Solver's lower_order_final
+    """UniPC's order at step i: ≤ the steps left, for every K (diffusers' UniPCMultistepScheduler,
+    lower_order_final=True: min(solver_order, len(timesteps) - step_index))."""
+    remaining = ctx.opts.num_steps - 1 - i
     return jnp.minimum(jnp.minimum(order, state['n'] + 1), remaining + 1)
 
 
@@ -120,8 +130,11 @@ def multistep_step(order: int):
         m0 = denoise(ctx, x, ctx.grid[i])
         (lam_s2, _, _), (lam_s1, _, _) = _levels(ctx, i - 2), _levels(ctx, i - 1)
         (lam_s, _, sigma_s), (lam_t, alpha_t, sigma_t) = _levels(ctx, i), _levels(ctx, i + 1)
+        # DPM-Solver++'s orders near the end are diffusers' (dpm_solver.multistep_order).
+        step_order = dpm_solver.multistep_order(order, state['n'], ctx.opts.num_steps - i,
+                                                ctx.opts.num_steps)
         x = dpm_solver.dpmpp_update_levels(
-            x, m0, state['m1'], state['m2'], _order(ctx, state, i, order),
+            x, m0, state['m1'], state['m2'], step_order,
             (lam_s2, lam_s1, lam_s, lam_t), alpha_t, sigma_t, sigma_s, ctx.grid[i + 1] == 0)
         return {'x': x, 'm1': m0, 'm2': state['m1'], 'n': state['n'] + 1}, m0
     return step
@@ -163,6 +176,12 @@ METHODS = {
                         lambda k: k),
     'unipc': _Method(unipc_step, lambda x: unipc.init(None, x), lambda k: k),
 }
+
+
+# The method-specific sampling.* fields each process method reads (samplers.options): EDM
+# Algorithm 2's churn for 'heun' only; none of the chain's eta / langevin_* / ddim_guidance /
+# dynamic_threshold (process samplers have no classifier guidance and clip or not).
+READS = {'heun': ('s_churn', 's_tmin', 's_tmax', 's_noise')}
 
 
 def nfe(method: str, num_steps: int) -> int:
@@ -236,7 +255,8 @@ def sample(process, model_fn, rng, shape, *, method: str = 'euler', num_steps: i
     if grid.shape != (num_steps + 1,) or grid[-1] != 0 or np.any(np.diff(grid) >= 0):
         raise ValueError(f'grid must be [{num_steps + 1}] strictly decreasing times ending at 0; '
                          f'got shape {grid.shape}.')
-    opts = ProcessOptions(method, num_steps, bool(clip_denoised), mesh, bool(self_condition))
+    opts = ProcessOptions(method, num_steps, bool(clip_denoised), mesh, bool(self_condition),
+                          guidance_lib.has_interval(model_fn))
     dynamic, static = partition((process, model_fn))
     churn_params = jnp.asarray([s_churn, s_tmin, s_tmax, s_noise], jnp.float32)
     return _sample_jit(dynamic, rng, x_T, jnp.asarray(grid, jnp.float32), churn_params,

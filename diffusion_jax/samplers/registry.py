@@ -29,6 +29,12 @@ class SamplerSpec:
       nfe: (K, langevin_steps) -> network evaluations for a K-step chain.
       stochastic: whether the chain draws noise (η > 0 for DDIM counts as stochastic too).
       summary: one line for tables and errors.
+      reads: the method-specific `sampling.*` fields (of samplers.options.METHOD_FIELDS) the
+        method reads; a config that sets another of them away from its default is refused
+        (config_validation, samplers.options.check_method_options).
+      recommended_spacing: '' or the spacing prefix the method is meant for ('logsnr' for the
+        multistep λ-solvers): on evenly strided steps ('N', 'ddimN', 'linspaceN', 'a,b,c')
+        samplers.options.spacing_warning names it.
     """
     name: str
     step: StepFn
@@ -36,18 +42,22 @@ class SamplerSpec:
     nfe: Callable[[int, int], int] = lambda k, _: k
     stochastic: bool = False
     summary: str = ''
+    reads: tuple[str, ...] = ()
+    recommended_spacing: str = ''
 
 
 _REGISTRY: dict[str, SamplerSpec] = {}
 
 
 def register_sampler(name: str, *, nfe: Callable[[int, int], int] | None = None,
-                     init: Callable | None = None, stochastic: bool = False, summary: str = ''):
+                     init: Callable | None = None, stochastic: bool = False, summary: str = '',
+                     reads: tuple[str, ...] = (), recommended_spacing: str = ''):
     """Decorator registering a chain step under `name` (raises if the name is taken)."""
     def deco(step: StepFn) -> StepFn:
         if name in _REGISTRY:
             raise ValueError(f'sampler {name!r} is registered twice.')
-        kwargs = dict(name=name, step=step, stochastic=stochastic, summary=summary)
+        kwargs = dict(name=name, step=step, stochastic=stochastic, summary=summary,
+                      reads=tuple(reads), recommended_spacing=recommended_spacing)
         if nfe is not None:
             kwargs['nfe'] = nfe
         if init is not None:

@@ -77,7 +77,8 @@ def predictor_levels(x_s, m0, m1, order, lam, alpha_t, sigma_t, sigma_s, final):
     return jnp.where(final, m0, jnp.where(order >= 2, second, base))
 
 
-@register_sampler('unipc', init=init, summary='UniPC-bh2, order 2 (Zhao et al. 2023)')
+@register_sampler('unipc', init=init, reads=('ddim_guidance', 'dynamic_threshold'),
+                  recommended_spacing='logsnr', summary='UniPC-bh2, order 2 (Zhao et al. 2023)')
 def chain_step(ctx, state, t, key):  # pylint: disable=unused-argument
     d, k = ctx.diffusion, t[0]
     m_new = common.predict_x0(ctx, state['x'], t)
