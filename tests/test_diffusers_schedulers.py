@@ -6,12 +6,12 @@ written in torch, ε*(x, t) = √(1-ᾱ_t)(x - √ᾱ_t μ)/(ᾱ_t s² + 1 - ᾱ
 schedule given to diffusers as `trained_betas`. Our chain runs on the same timesteps (those
 diffusers' own set_timesteps returns, respaced into our GaussianDiffusion), from the same x_T,
 with the jax ε of the same formula; every intermediate x_t (x after each of the K steps) is
-compared. The diffusers settings that equal our defaults are DIFFUSERS_SETTINGS (docs/samplers.md
-lists them). diffusers computes in float32 (its step() casts the sample to float32), as our
-solvers do: the measured difference is at most 9.4e-7 relative per intermediate x_t
-(2-core CPU); the bound 1e-5 is float32 rounding over 20 steps with room, while one step of
-another order moves x_t by 4e-3 to 7e-3 relative (dpmpp_3m's penultimate step at K = 20 before it
-followed diffusers' lower_order_final: 6.5e-3).
+compared (ε prediction; v and x0 at K = 10). The diffusers settings that equal our defaults are
+DIFFUSERS_SETTINGS (docs/samplers.md lists them). diffusers computes in float32 (its step()
+casts the sample to float32), as our solvers do: the measured difference is at most 9.4e-7
+relative per intermediate x_t (2-core CPU); the bound 1e-5 is float32 rounding over 20 steps
+with room, while one step of another order moves x_t by 4e-3 to 7e-3 relative (dpmpp_3m's
+penultimate step at K = 20 before it followed diffusers' lower_order_final: 6.5e-3).
 """
 import numpy as np
 import pytest
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import respace, samplers
-from test_samplers import BASE, MU, S2, T, gaussian_model
+from test_samplers import BASE, MU, S2, T, _abar, gaussian_eps, gaussian_model
 from test_samplers_ztsnr import gaussian_v
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
@@ -40,7 +40,7 @@ DIFFUSERS_SETTINGS = {
     'unipc': ('UniPCMultistepScheduler', dict(COMMON, solver_order=2, solver_type='bh2',
                                               predict_x0=True, disable_corrector=[])),
 }
-PREDICTION = {'eps': 'epsilon', 'v': 'v_prediction'}
+PREDICTION = {'eps': 'epsilon', 'v': 'v_prediction', 'x0': 'sample'}
 RTOL = 1e-5  # relative L2 difference of each intermediate x_t (measured ≤ 9.4e-7)
 
 
@@ -65,8 +65,16 @@ def _torch_model(mean_type):
         if mean_type == 'eps':
             return eps
         x0 = (x - torch.sqrt(1 - a) * eps) / torch.sqrt(a)
+        if mean_type == 'x0':
+            return x0
         return torch.sqrt(a) * eps - torch.sqrt(1 - a) * x0  # v = α ε - σ x0
     return model
+
+
+def gaussian_x0(tables, mu, s2, x_t, t):
+    """x̂_0* = (x_t - √(1-ᾱ) ε*)/√ᾱ of N(μ, s² I) data (the jax model of prediction 'x0')."""
+    abar, one_minus = _abar(tables, t, x_t)
+    return (x_t - jnp.sqrt(one_minus) * gaussian_eps(tables, mu, s2, x_t, t)) / jnp.sqrt(abar)
 
 
 def diffusers_chain(sched, x_T, mean_type='eps'):
@@ -83,7 +91,7 @@ def our_chain(method, diffusion, x_T, mean_type='eps'):
     """[K, B, D] float64: our x after each of the K steps (reverse_from stops at every level;
     the history starts at the first step, as in a whole chain)."""
     k = diffusion.num_timesteps
-    model = gaussian_model() if mean_type == 'eps' else gaussian_model(fn=gaussian_v)
+    model = gaussian_model(fn={'eps': gaussian_eps, 'v': gaussian_v, 'x0': gaussian_x0}[mean_type])
     x = jnp.asarray(x_T, jnp.float32)
     return np.stack([np.asarray(samplers.reverse_from(
         diffusion, model, jax.random.key(0), x, k - 1, stop=stop, method=method,
@@ -122,11 +130,13 @@ def test_every_step_equals_diffusers_on_linspace_steps(method, num_steps):
     assert rel.max() < RTOL, (method, num_steps, rel)
 
 
+@pytest.mark.parametrize('mean_type', ['v', 'x0'])
 @pytest.mark.parametrize('method', ['dpmpp_3m', 'unipc'])
-def test_v_prediction_equals_diffusers(method):
-    sched = _scheduler(method, 'trailing', 10, mean_type='v')
-    diffusion = respace.respaced(BASE.replace(model_mean_type='v'), 'trailing10')
-    rel = _relative(our_chain(method, diffusion, X_T, 'v'), diffusers_chain(sched, X_T, 'v'))
+def test_v_and_x0_prediction_equal_diffusers(method, mean_type):
+    sched = _scheduler(method, 'trailing', 10, mean_type=mean_type)
+    diffusion = respace.respaced(BASE.replace(model_mean_type=mean_type), 'trailing10')
+    rel = _relative(our_chain(method, diffusion, X_T, mean_type),
+                    diffusers_chain(sched, X_T, mean_type))
     assert rel.max() < RTOL, (method, rel)
 
 

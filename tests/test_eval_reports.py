@@ -33,8 +33,8 @@ def _quality_config(c, **eval_fields):
     return c2
 
 
-def test_sample_quality_json_states_what_it_was_computed_from(trained_run, random_feature_net,  # noqa: F811
-                                                               tmp_path, caplog):
+def test_sample_quality_json_states_what_it_was_computed_from(  # noqa: F811
+        trained_run, random_feature_net, tmp_path, caplog):  # noqa: F811
     c, workdir = trained_run
     c2 = _quality_config(c, feature_space='feature_net', feature_net_dir=random_feature_net,
                          reference_dir=str(tmp_path / 'ref'))

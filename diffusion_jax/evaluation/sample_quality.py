@@ -213,8 +213,9 @@ def chain_steps(config) -> int:
     for gaussian; num_steps for flow/edm; all T levels for cold)."""
     process = config.diffusion.get('process', 'gaussian')
     if process == 'gaussian':
-        from diffusion_jax.diffusion import create_diffusion  # pylint: disable=import-outside-toplevel
-        from diffusion_jax.respace import respaced  # pylint: disable=import-outside-toplevel
+        # pylint: disable=import-outside-toplevel
+        from diffusion_jax.diffusion import create_diffusion
+        from diffusion_jax.respace import respaced
         return int(respaced(create_diffusion(config.diffusion),
                             config.sampling.get('num_steps', '')).num_timesteps)
     if process == 'cold':

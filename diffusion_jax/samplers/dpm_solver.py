@@ -16,7 +16,8 @@ short (the first steps: order ≤ n + 1 at the n-th step) and near the end as di
 DPMSolverMultistepScheduler (lower_order_final=True, final_sigmas_type='zero'): below
 LOWER_ORDER_FINAL_BELOW = 15 steps the order is ≤ the number of steps left (the penultimate step
 order ≤ 2); from 15 steps on only the last step is lowered. The last step, to ᾱ = 1 (λ = ∞), is
-first order for every K, which returns x̂_0 itself. One network call per step: NFE = K. Clipping/thresholding applies to x̂_0 (the paper's thresholding), guidance through
+first order for every K, which returns x̂_0 itself. One network call per step: NFE = K.
+Clipping/thresholding applies to x̂_0 (the paper's thresholding), guidance through
 `common.predict_x0`.
 """
 from __future__ import annotations
