@@ -212,3 +212,42 @@ def sd_vae(image_size: int = 256, **overrides) -> ml_collections.ConfigDict:
     c.dtype = 'float32'  # compute dtype; parameters stay float32
     c.update(overrides)
     return c
+
+
+def _sd_unet(num_heads, context_dim: int, linear: bool, sample_size: int):
+    """diffusers' UNet2DConditionModel of Stable Diffusion (block_out_channels (320, 640, 1280,
+    1280), layers_per_block 2, CrossAttnDownBlock2D x3 + DownBlock2D, UNetMidBlock2DCrossAttn,
+    UpBlock2D + CrossAttnUpBlock2D x3) in this UNet's fields."""
+    c = ddpm_cifar10()
+    del c.num_heads  # a count, or one per level (SD 2.x): not the template's int type
+    c.image_size = sample_size  # latent side (unet/config.json sample_size)
+    c.in_channels = c.out_channels = 4  # SD-VAE latents, ε (or v) prediction
+    c.ch = 320  # block_out_channels[0]
+    c.ch_mult = (1, 2, 4, 4)  # block_out_channels / 320
+    c.num_res_blocks = 2  # layers_per_block
+    # Cross-attention at the three CrossAttn levels (and the middle), not the lowest level.
+    c.attn_resolutions = (sample_size, sample_size // 2, sample_size // 4)
+    c.dropout = 0.0  # inference configs carry none
+    c.num_heads = num_heads  # diffusers' attention_head_dim is the head COUNT in these configs
+    c.num_head_channels = 0
+    c.timestep_embedding = 'improved'  # Timesteps(flip_sin_to_cos=True, freq_shift=0)
+    c.norm_epsilon = 1e-5  # PyTorch GroupNorm's default (norm_eps)
+    c.downsample_padding = 'symmetric'  # Downsample2D padding=1
+    c.context_dim = context_dim  # cross_attention_dim: the text encoder's width
+    c.transformer_depth = 1  # transformer_layers_per_block
+    c.use_linear_projection = linear
+    return c
+
+
+def sd15_unet() -> ml_collections.ConfigDict:
+    """stable-diffusion-v1-5's unet/config.json: 8 heads, CLIP ViT-L/14 context (768), conv
+    projections, 64x64x4 latents; 859,520,964 parameters."""
+    return _sd_unet(8, 768, False, 64)
+
+
+def sd21_unet() -> ml_collections.ConfigDict:
+    """stable-diffusion-2-1's unet/config.json: attention_head_dim [5, 10, 20, 20] heads of
+    width 64, OpenCLIP-H context (1024), linear projections, 96x96x4 latents (768 px);
+    865,910,724 parameters. (Its upcast_attention computes softmax in float32, which this
+    UNet's attention does in every dtype.)"""
+    return _sd_unet((5, 10, 20, 20), 1024, True, 96)

@@ -1,7 +1,7 @@
 """diffusion_jax: denoising diffusion probabilistic models in JAX/Flax.
 
 The core is a set of pure, jit-able functions over explicit pytrees:
-  schedules          β schedules (linear, cosine, quadratic, sigmoid, const, jsd)
+  schedules          β schedules (linear, cosine, quadratic, sigmoid, const, jsd, scaled_linear)
   diffusion          GaussianDiffusion: q(x_t|x_0), posterior, p_θ, the variational bound, losses
   respace            strided schedules for fast sampling
   timestep_sampling  uniform and loss-aware importance sampling of t

@@ -10,6 +10,8 @@ Schedules:
     cosine     Nichol & Dhariwal 2021, eq. 17: ᾱ(t) = f(t)/f(0), f(t) = cos²(((t/T + s)/(1 + s))·π/2),
                           s = 0.008, β_t = min(1 - ᾱ_t/ᾱ_{t-1}, 0.999) so the chain never becomes singular at t = T.
     quadratic  β spaced linearly in √β between the linear schedule's endpoints (Ho et al.'s code).
+    scaled_linear  Stable Diffusion's (Rombach et al. 2022; diffusers' 'scaled_linear'): β
+                          linear in √β from 0.00085 to 0.012 at T = 1000 (endpoints × 1000/T otherwise).
     sigmoid    β = β_start + (β_end - β_start)·sigmoid(linspace(-6, 6, T)) (Ho et al.'s code).
     const      β_t = β_end for every t.
     jsd        β_t = 1/(T - t): 1/T, 1/(T-1), …, 1 (Sohl-Dickstein et al. 2015's choice; ᾱ_T = 0).
@@ -28,6 +30,10 @@ import numpy as np
 DDPM_BETA_START = 1e-4
 DDPM_BETA_END = 0.02
 DDPM_NUM_TIMESTEPS = 1000
+# Stable Diffusion v1/v2 (CompVis and Stability configs, linear_start/linear_end; diffusers'
+# scheduler_config.json beta_start/beta_end with beta_schedule='scaled_linear') at T = 1000.
+SD_BETA_START = 0.00085
+SD_BETA_END = 0.012
 # Nichol & Dhariwal 2021, Sec. 3.2: offset s and the β clip of the cosine schedule.
 COSINE_S = 0.008
 COSINE_MAX_BETA = 0.999
@@ -59,6 +65,14 @@ def linear(num_timesteps: int, beta_start: float | None = None, beta_end: float 
 def quadratic(num_timesteps: int, beta_start: float | None = None, beta_end: float | None = None):
     start, end = _endpoints(num_timesteps, beta_start, beta_end)
     return np.linspace(start**0.5, end**0.5, num_timesteps, dtype=np.float64) ** 2
+
+
+def scaled_linear(num_timesteps: int, beta_start: float | None = None,
+                  beta_end: float | None = None):
+    """β_t = (√β_start + (√β_end - √β_start)·t/(T-1))², Stable Diffusion's schedule."""
+    scale = DDPM_NUM_TIMESTEPS / num_timesteps
+    return quadratic(num_timesteps, SD_BETA_START * scale if beta_start is None else beta_start,
+                     SD_BETA_END * scale if beta_end is None else beta_end)
 
 
 def sigmoid(num_timesteps: int, beta_start: float | None = None, beta_end: float | None = None):
@@ -128,6 +142,7 @@ _SCHEDULES: dict[str, Callable[..., np.ndarray]] = {
         'sigmoid': sigmoid,
         'const': const,
         'jsd': jsd,
+        'scaled_linear': scaled_linear,
 }
 SCHEDULE_NAMES = tuple(_SCHEDULES)
 

@@ -133,3 +133,22 @@ def test_zero_terminal_snr_refuses_eps_and_gives_a_finite_bound_for_v():
     # At t = T-1, x_T holds no signal: x̂0 = -v = E[x0] = μ, and the KL term is finite.
     assert float(out['xstart_mse'][:, -1].mean()) == pytest.approx(
         float(jnp.mean(jnp.square(x0 - mu))), rel=1e-4)
+
+
+def test_scaled_linear_equals_diffusers_stable_diffusion_betas():
+    """Stable Diffusion's schedule: diffusers' DDPMScheduler(beta_schedule='scaled_linear',
+    0.00085, 0.012) at T = 1000 (which computes in float32: rounding-level agreement), and
+    √β is exactly linear in t."""
+    import diffusers
+    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                  beta_schedule='scaled_linear').betas.double().numpy()
+    betas = schedules.get_beta_schedule('scaled_linear', 1000)
+    np.testing.assert_allclose(betas, ref, rtol=2e-6)
+    assert betas[0] == pytest.approx(0.00085, rel=1e-12)
+    assert betas[-1] == pytest.approx(0.012, rel=1e-12)
+    np.testing.assert_allclose(np.diff(np.sqrt(betas), 2), 0.0, atol=1e-15)
+    explicit = schedules.get_beta_schedule('scaled_linear', 500, beta_start=1e-3, beta_end=2e-2)
+    np.testing.assert_allclose(explicit, np.linspace(1e-3**0.5, 2e-2**0.5, 500) ** 2)
+    # Other T: the endpoints scale by 1000/T, as the linear schedule's do.
+    np.testing.assert_allclose(schedules.get_beta_schedule('scaled_linear', 500)[[0, -1]],
+                               [0.0017, 0.024], rtol=1e-12)

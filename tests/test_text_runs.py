@@ -364,3 +364,12 @@ def test_text_conditioned_model_is_its_unet_and_its_encoder():
     t = jnp.asarray([3, 7])
     np.testing.assert_array_equal(model.apply({'params': params}, x, t, cond),
                                   unet.apply({'params': params['denoiser']}, x, t, cond))
+
+
+@pytest.mark.parametrize('name, count', [('sd15_unet', 859_520_964), ('sd21_unet', 865_910_724)])
+def test_stable_diffusion_unet_configs_have_the_published_parameter_counts(name, count):
+    """configs/model_configs' SD 1.5 / 2.1 UNets, traced with jax.eval_shape (no weights): the
+    parameter counts of diffusers' UNet2DConditionModel for those configs (issue 21)."""
+    from configs import model_configs
+    model = models.get_model(getattr(model_configs, name)())
+    assert models.count_params(models.param_shapes(model)) == count
