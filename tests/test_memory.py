@@ -250,8 +250,8 @@ def _residual_bytes(config, batch=8):
     """Bytes of what JAX keeps from the forward pass for the backward pass of the network's
     loss (benchmark_memory.residual_bytes: JAX's own list of residuals, the parameters
     excluded): the part of the training memory that remat trades for recomputation, whatever
-    the backend's scheduler then does with it. (XLA:CPU's scheduler runs the recomputation
-    early, so its memory_analysis does not drop with remat: experiments/results/benchmarks.md.)"""
+    the backend's scheduler then does with it. (XLA:CPU's memory_analysis does not drop with
+    remat, though the compiled program recomputes: experiments/results/benchmarks.md.)"""
     model = models.get_model(config)
     params = models.init_params(model, jax.random.key(0))['params']
     x = jnp.ones((batch, *models.example_shape(model)))
