@@ -85,6 +85,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # call where they dominate (small models, CPU); the loop acts between calls, so
     # num_train_steps and the log/checkpoint/sample cadences must be multiples of K.
     t.steps_per_call = 1
+    # Gradient accumulation: the step computes the gradient `microbatch` examples at a time (a
+    # lax.scan inside the jitted step; equal to the whole batch's up to float32 summation
+    # order), so a batch whose activations do not fit still trains. A divisor of batch_size
+    # and a multiple of the device count; 0 = the whole batch at once.
+    t.microbatch = 0
     # Self-conditioning (Chen et al. 2022, "Analog Bits"): with probability 1/2 the network also
     # gets a first pass's stop-gradient x̂_0 as extra input channels (model.in_channels = 2·C,
     # derived); samplers feed the previous step's x̂_0. False: the plain network.

@@ -39,6 +39,7 @@ def ddpm_cifar10() -> ml_collections.ConfigDict:
     c.num_heads_upsample = 0  # heads of the up path's attention; 0: num_heads
     c.qkv_order = 'new'  # qkv channels as (3, heads, C/heads); 'legacy': (heads, 3, C/heads)
     c.attention_implementation = 'auto'  # cuDNN fused attention on GPUs where it applies, else XLA
+    c.remat = False  # jax.checkpoint per res/attention block: recompute activations in the backward pass
     return c
 
 

@@ -35,6 +35,8 @@ CHECKS = (
     ('training.num_train_steps, log_every_steps, checkpoint_every_steps (train)', '> 0'),
     ('training.steps_per_call (train)', '>= 1; num_train_steps and the log/checkpoint/sample '
      'cadences multiples of it; a resumed checkpoint step too'),
+    ('training.microbatch (train)', '0, or a divisor of training.batch_size that the device '
+     "count divides; not for model.name='autoencoder' or a distillation"),
     ('diffusion.*', 'a valid schedule, mean/variance/loss type, timestep sampler'),
     ('diffusion.process', "a registered process (gaussian, flow, edm); loss_weighting='min_snr' "
      "and timestep_sampler='loss_aware' with gaussian only"),
@@ -118,6 +120,39 @@ def _check_counts(config, mode: str) -> None:
                 raise ValueError(f'training.{field}={t[field]} must be > 0: {why} '
                                  f'(e.g. --config.training.{field}=1000).')
         _check_steps_per_call(t)
+        check_microbatch(config)
+
+
+def check_microbatch(config, num_devices: int | None = None) -> None:
+    """training.microbatch (gradient accumulation, train.accumulate_gradients): 0 (the whole
+    batch at once) or a divisor of training.batch_size; with num_devices, also a multiple of
+    it (every microbatch is split over all devices). Not for the autoencoder or a distillation,
+    which draw their noise inside the loss."""
+    t = config.training
+    m, batch = t.get('microbatch', 0), t.batch_size
+    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+        raise ValueError(f'training.microbatch={m!r} must be an integer >= 0: the examples per '
+                         'gradient-accumulation step (0: the whole batch at once).')
+    if not m:
+        return
+    if batch % m:
+        divisors = [d for d in range(m, 0, -1) if batch % d == 0]
+        raise ValueError(f'training.microbatch={m} does not divide training.batch_size={batch}: '
+                         'the step sums the gradients of batch_size / microbatch equal chunks; '
+                         f'set --config.training.microbatch={divisors[0]} (a divisor of {batch}) '
+                         'or 0 for the whole batch at once.')
+    if num_devices is not None and m % num_devices:
+        raise ValueError(f'training.microbatch={m} is not divisible by the {num_devices} devices: '
+                         'each microbatch is split over every device; set '
+                         f'--config.training.microbatch to a multiple of {num_devices} that '
+                         f'divides training.batch_size={batch}, or 0.')
+    name = config.model.get('name')
+    distill = config.get('distill', {}).get('teacher_workdir', '')
+    if name == 'autoencoder' or distill:
+        what = "model.name='autoencoder'" if name == 'autoencoder' else 'a distillation'
+        raise ValueError(f'training.microbatch={m} is not supported for {what} (its loss draws '
+                         'its noise per call, so chunks would not add up to the batch); set '
+                         'training.microbatch=0.')
 
 
 def _check_steps_per_call(t) -> None:

@@ -53,11 +53,13 @@ TRAINED_FIELDS = ('training.label_dropout', 'training.caption_dropout')  # outsi
 # Fields inside the trained sections that are not part of what was trained: where the data
 # lives and how it is read (batches are a pure function of seed and step whatever the worker
 # count), and how the network is computed (params stay float32 whatever model.dtype computes
-# in; the attention kernels are equal within rounding). A run may be resumed, sampled or
+# in; the attention kernels are equal within rounding; model.remat recomputes the same
+# function). A run may be resumed, sampled or
 # evaluated with other values, typed or in the passed config; every other trained field is fixed.
 UNTRAINED_FIELDS = ('data.data_dir', 'data.download', 'data.num_workers', 'data.prefetch',
                     'model.attention_implementation', 'model.dtype', 'data.latents_cache',
-                    'diffusion.image_shape')  # derived from data (cold runs) on every resolve
+                    'diffusion.image_shape',  # derived from data (cold runs) on every resolve
+                    'model.remat')
 LATEST = -1  # sampling.checkpoint_step / eval.checkpoint_step: the newest valid checkpoint
 
 logger = py_logging.getLogger('diffusion_jax').getChild('run')

@@ -17,7 +17,7 @@ Compilation: `use_compile_cache` turns on JAX's persistent compilation cache (co
 `compile_cache_dir`: 'auto' = <user cache folder>/diffusion_jax/xla, '' = off), so a second
 command over the same programs loads them instead of compiling; `CompileClock` measures the
 time spent tracing, lowering and compiling (or loading), so a report can state compile and run
-time apart.
+time apart. `peak_memory_per_device` estimates what a compiled program needs on one device.
 """
 from __future__ import annotations
 
@@ -87,6 +87,34 @@ def bytes_per_device(tree) -> int:
         for shard in leaf.addressable_shards:
             per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
     return max(per_device.values(), default=0)
+
+
+MEMORY_ANALYSIS = 'memory_analysis'  # the sources of peak_memory_per_device's estimate
+ARRAYS = 'arrays'
+
+
+def peak_memory_per_device(compiled=None, arrays=None) -> tuple[int, str]:
+    """(estimated peak bytes on one device while `compiled` runs, the estimate's source).
+
+    MEMORY_ANALYSIS where the backend reports it: XLA's compiled.memory_analysis() (per device
+    for a program partitioned over a mesh),
+        peak = arguments + outputs - aliased + temporaries,
+    aliased being the donated inputs whose buffers the outputs reuse and temporaries every
+    intermediate (activations kept for the backward pass, gradients, optimiser updates) at
+    buffer assignment's peak. ARRAYS otherwise: the bytes per device of `arrays` (the train
+    state and batch), a lower bound that omits the activations.
+    """
+    stats = None
+    if compiled is not None:
+        try:
+            stats = compiled.memory_analysis()
+        except Exception:  # pylint: disable=broad-except  (backends without it raise)
+            stats = None
+    if stats is not None and getattr(stats, 'temp_size_in_bytes', None) is not None:
+        total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+                 - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+        return int(total), MEMORY_ANALYSIS
+    return bytes_per_device(arrays), ARRAYS
 
 
 def cluster_detected() -> bool:

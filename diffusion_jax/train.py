@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from diffusion_jax import checkpointing, cold, diffusion as diffusion_lib, guidance, image_utils
+from diffusion_jax import checkpointing, cold, config_validation, diffusion as diffusion_lib
+from diffusion_jax import guidance, image_utils
 from diffusion_jax import input_pipeline, latents as latents_lib, logging_utils, models
 from diffusion_jax import distill, processes, run as run_lib, samplers, text as text_lib
 from diffusion_jax import sharding, timestep_sampling
@@ -44,6 +45,12 @@ from diffusion_jax.train_state import (TrainState, abstract_train_state,  # noqa
 logger = logging_utils.logger.getChild('train')
 
 NUM_QUARTILES = 4  # loss reported per quarter of [0, T), as improved DDPM logs it
+# How the start-up line "estimated peak memory per device" was obtained.
+PEAK_MEMORY_SOURCES = {
+    sharding.MEMORY_ANALYSIS: "XLA's memory_analysis of the compiled train step: arguments + "
+                              'outputs - donated + temporaries',
+    sharding.ARRAYS: 'from the arrays: train state + batch only, without activations (this '
+                     'backend has no memory_analysis)'}
 LATENT_STREAM = 0x1A7E  # fold_in(key(seed), .) seeds the posterior samples of a latent run
 
 
@@ -60,19 +67,25 @@ def _labels(labels, num_classes: int, label_dropout: float, rng):
     return labels
 
 
-def text_condition(model, params, batch, caption_dropout: float, rng):
-    """The condition of a text run's batch: its captions encoded by the jointly trained encoder
-    (model.encode of batch['input_ids'] / ['attention_mask'], so the gradient reaches the
-    encoder), each replaced by the empty prompt's encoding with probability caption_dropout
-    (guidance.drop_condition: classifier-free guidance's ∅, latent diffusion's caption dropout)."""
-    encode = lambda ids, mask: model.apply({'params': params}, ids, mask, method='encode')
-    cond = encode(batch['input_ids'], batch['attention_mask'])
+def caption_drop(rng, caption_dropout: float, batch: int):
+    """drop [B] bool: which captions of the batch are replaced by the empty prompt (caption
+    dropout, classifier-free guidance's ∅ of latent diffusion), drawn as guidance.drop_condition
+    draws it; all False without dropout."""
     if caption_dropout <= 0:
-        return cond
-    ids, mask = text_lib.empty_prompt(batch['input_ids'].shape[-1])
-    cond, _ = guidance.drop_condition(rng, cond, encode(jnp.asarray(ids), jnp.asarray(mask)),
-                                      caption_dropout)
-    return cond
+        return jnp.zeros((batch,), bool)
+    return jax.random.bernoulli(rng, caption_dropout, (batch,))
+
+
+def text_condition(model, params, ex):
+    """The condition of a text run's (micro)batch: its captions encoded by the jointly trained
+    encoder (model.encode of ex['input_ids'] / ['attention_mask'], so the gradient reaches the
+    encoder), the rows where ex['drop'] replaced by the empty prompt's encoding (its tokens are
+    encoded in their place: the encoder reads each caption on its own)."""
+    ids, mask = text_lib.empty_prompt(ex['input_ids'].shape[-1])
+    drop = ex['drop'][:, None]
+    ids = jnp.where(drop, jnp.asarray(ids, ex['input_ids'].dtype), ex['input_ids'])
+    mask = jnp.where(drop, jnp.asarray(mask, ex['attention_mask'].dtype), ex['attention_mask'])
+    return model.apply({'params': params}, ids, mask, method='encode')
 
 
 def _all_finite(tree) -> jax.Array:
@@ -144,6 +157,43 @@ def _train_net(model, params, y, dropout_rng, self_cond=None):
                                     y, train=True, rngs={'dropout': dropout_rng})
 
 
+def accumulate_gradients(loss_fn: Callable, params, examples: dict, rng, microbatch: int = 0):
+    """((loss, terms), grads) of loss_fn(params, examples, rng) -> (mean loss, terms), the
+    batch's mean loss and its gradient, computed microbatch examples at a time (gradient
+    accumulation, training.microbatch; 0 or the batch size: the whole batch at once).
+
+    examples: per-example arrays [B, ...] (None leaves allowed); terms: per-example [B] arrays.
+    With B = n·m (m = microbatch), chunk j holds examples j, j + n, j + 2n, ... [m, ...]: the
+    reshape [B] -> [m, n] keeps each device's contiguous share of a batch sharded over the
+    devices on that device (m a multiple of the device count), so no chunk moves data. A
+    lax.scan over the n chunks sums the chunk means and gradients; divided by n that is
+
+        loss = (1/n) Σ_j mean_{b ∈ j} L_b = mean_b L_b,   grads = (1/n) Σ_j ∇ mean_{b ∈ j} L_b,
+
+    the whole batch's, up to float32 summation order. Only one chunk's activations are alive
+    at a time. Chunk j's dropout key is fold_in(rng, j) (the masks are another draw than the
+    whole batch's, of the same law); terms come back in the order of the examples.
+    """
+    batch = jax.tree.leaves(examples)[0].shape[0]
+    if not microbatch or microbatch == batch:
+        return jax.value_and_grad(loss_fn, has_aux=True)(params, examples, rng)
+    n = batch // microbatch
+    chunks = jax.tree.map(lambda a: a.reshape(microbatch, n, *a.shape[1:]).swapaxes(0, 1),
+                          examples)
+
+    def body(carry, chunk_index):
+        chunk, index = chunk_index
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, chunk, jax.random.fold_in(rng, index))
+        loss_sum, grad_sum = carry
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), terms
+
+    init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss_sum, grad_sum), terms = jax.lax.scan(body, init, (chunks, jnp.arange(n)))
+    terms = jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(batch, *a.shape[2:]), terms)
+    return (loss_sum / n, terms), jax.tree.map(lambda g: g / n, grad_sum)
+
+
 def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
     """train_step(state, batch, rng) -> (state, metrics); pure, to be jitted over a mesh.
 
@@ -153,6 +203,10 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
     state.skipped exceeds training.skip_nonfinite_steps (default 0) every further step is
     such a no-op too, so the state the loop stops with is the one before the offending step;
     metrics['halt'] tells the loop to stop.
+
+    training.microbatch = m > 0 computes the gradient m examples at a time inside the step
+    (accumulate_gradients): the same parameters as the whole batch at once up to float32
+    summation order, with one microbatch's activations in memory instead of the batch's.
     """
     max_skips = config.training.get('skip_nonfinite_steps', 0)
     num_classes = config.model.get('num_classes', 0)
@@ -172,6 +226,7 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
     continuous = process is not None and not isinstance(process, processes.GaussianProcess)
     min_snr = process is not None and not continuous and process.loss_weighting != 'none'
     self_condition = self_conditioned(config)
+    microbatch = config.training.get('microbatch', 0)
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
@@ -180,38 +235,53 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
         t, weights = timestep_sampling.sample(state.sampler_state, t_rng, x0.shape[0])
         noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
         # Self-conditioning's coin: its own stream, so the others are those of a run without it.
+        # One coin for the whole batch: every microbatch sees the same.
         sc_rng = jax.random.fold_in(rng, 4)
-        if is_text:  # captions -> the encoded context, under the gradient
-            condition = lambda params: text_condition(model, params, batch, caption_dropout,
-                                                      label_rng)
+        # Every per-example random draw is made here for the whole batch (`examples`, [B, ...]
+        # leaves), so that a microbatch trains on its slice of the very draw the whole batch
+        # would: loss_fn(params, examples, dropout_rng) -> (mean loss, per-example terms).
+        # The condition: labels, or (text) captions whose dropout is drawn here for the whole
+        # batch and which are encoded inside loss_fn, under the gradient (text_condition).
+        if is_text:
+            cond_examples = dict(input_ids=batch['input_ids'],
+                                 attention_mask=batch['attention_mask'],
+                                 drop=caption_drop(label_rng, caption_dropout,
+                                                   batch['input_ids'].shape[0]))
+            condition = lambda params, ex: text_condition(model, params, ex)
         else:
-            y = _labels(batch['label'], num_classes, label_dropout, label_rng)
-            condition = lambda params: y
+            cond_examples = dict(y=_labels(batch['label'], num_classes, label_dropout, label_rng))
+            condition = lambda params, ex: ex['y']
         if continuous:
+            t_draw, noise_draw, _ = process.draw(x0, noise_rng)  # the draw process.loss makes
+            examples = dict(x0=x0, t=t_draw, noise=noise_draw, **cond_examples)
 
-            def loss_fn(params):
-                net = functools.partial(_train_net, model, params, condition(params),
+            def loss_fn(params, ex, dropout_rng):
+                net = functools.partial(_train_net, model, params, condition(params, ex),
                                         dropout_rng)
                 model_fn = net()
                 if self_condition:  # the first pass sees the very x_t that process.loss draws
-                    t_draw, _, x_t = process.draw(x0, noise_rng)
+                    _, _, x_t = process.draw(ex['x0'], None, ex['t'], ex['noise'])
                     model_fn = net(self_condition_input(
-                        sc_rng, lambda z: process.denoise(net(z), x_t, t_draw), x0))
-                terms = process.loss(model_fn, x0, noise_rng)
+                        sc_rng, lambda z: process.denoise(net(z), x_t, ex['t']), ex['x0']))
+                terms = process.loss(model_fn, ex['x0'], None, ex['t'], ex['noise'])
                 return jnp.mean(terms['loss']), terms
-        elif is_autoencoder:
-            loss_fn = functools.partial(_autoencoder_loss, model, x0, noise_rng,
-                                        config.training.get('reconstruction_loss', 'l1'),
-                                        config.training.get('kl_weight', 1e-6))
+        elif is_autoencoder:  # microbatching is refused (config_validation): ε is drawn inside
+            examples = dict(x0=x0)
+            loss_fn = lambda params, ex, _: _autoencoder_loss(
+                model, ex['x0'], noise_rng, config.training.get('reconstruction_loss', 'l1'),
+                config.training.get('kl_weight', 1e-6), params)
         elif is_classifier:
-            loss_fn = functools.partial(_classifier_loss, model, diffusion, x0, t, noise,
-                                        batch['label'], dropout_rng)
+            examples = dict(x0=x0, t=t, noise=noise, label=batch['label'])
+            loss_fn = lambda params, ex, dropout_rng: _classifier_loss(
+                model, diffusion, ex['x0'], ex['t'], ex['noise'], ex['label'], dropout_rng, params)
         else:
+            examples = dict(x0=x0, t=t, noise=noise, weights=weights, **cond_examples)
 
-            def loss_fn(params):
-                net = functools.partial(_train_net, model, params, condition(params),
+            def loss_fn(params, ex, dropout_rng):
+                net = functools.partial(_train_net, model, params, condition(params, ex),
                                         dropout_rng)
                 model_fn = net()
+                x0, t, noise = ex['x0'], ex['t'], ex['noise']
                 if self_condition:
                     x_t = diffusion.q_sample(x0, t, noise)  # the x_t training_losses makes
                     model_fn = net(self_condition_input(sc_rng, lambda z: diffusion.p_mean_variance(
@@ -222,9 +292,10 @@ def make_train_step(config, model, diffusion, optimizer, schedule) -> Callable:
                 terms = diffusion.training_losses(model_fn, x0, t, noise, **extra)
                 if min_snr:
                     terms = dict(terms, loss=process.loss_weight(t) * terms['loss'])
-                return jnp.mean(weights * terms['loss']), terms
+                return jnp.mean(ex['weights'] * terms['loss']), terms
 
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, terms), grads = accumulate_gradients(loss_fn, state.params, examples,
+                                                    dropout_rng, microbatch)
         if continuous:  # the loss per quarter of the process's training law (its quantile)
             steps = diffusion.num_timesteps
             t = jnp.minimum(jnp.floor(terms.pop('quantile') * steps), steps - 1).astype(jnp.int32)
@@ -390,6 +461,7 @@ def prepare_run(config, workdir: str) -> _Run:
     diffusion = cold.create_for_config(config)  # Gaussian, or process='cold'
     mesh = sharding.make_mesh(fsdp=config.get('sharding', {}).get('fsdp', 1))
     sharding.check_global_batch(config.training.batch_size, mesh, 'training.batch_size')
+    config_validation.check_microbatch(config, mesh.devices.size)
     run_lib.check_resume(workdir, config)
     resume_step = checkpointing.check_compatible(workdir, models.param_shapes(model)['params'])
     check_resume_step(resume_step, config.training.get('steps_per_call', 1), workdir)
@@ -702,6 +774,9 @@ class _Loop:
                 self.run.mesh, state, batch, self.train_rng, self.batch_axis)
         logger.info('compiled in %.1fs%s', clock.seconds,
                     f' ({clock.cache_hits} from the persistent cache)' if clock.cache_hits else '')
+        peak, source = sharding.peak_memory_per_device(train_step, (state, batch))
+        logger.info('estimated peak memory per device: %.2f MiB (%s)', peak / 2**20,
+                    PEAK_MEMORY_SOURCES[source])
         self.throughput = _Throughput(start, self.tc.batch_size, self.tc.num_train_steps)
         return train_step
 

@@ -32,6 +32,11 @@ passed where labels go, y = {'context': [B, L, context_dim], 'mask': [B, L] (opt
 num_heads may be one count per level (SD 2.x: (5, 10, 20, 20)); use_linear_projection records
 whether the source checkpoint's proj_in/proj_out are Linear (SD 2.x) or 1x1 conv (SD 1.x) layers,
 which compute the same map. context_dim = 0 (the default) is the UNet without these fields.
+
+Memory: remat = True puts every ResBlock and attention block (down, mid, up) under
+jax.checkpoint: the backward pass recomputes a block's activations from its input. Same
+parameters, same outputs and gradients; the activation memory of training falls to about the
+blocks' inputs plus one block's internals.
 """
 from __future__ import annotations
 
@@ -158,10 +163,19 @@ def check_input(m, x) -> None:
             f'{len(m.ch_mult)} levels: pass NHWC images with H, W divisible by {factor}.')
 
 
+# model.remat: the blocks under jax.checkpoint (flax's lifted nn.remat), so the backward pass
+# recomputes each block's activations from its input instead of keeping them: the same
+# parameters (names and shapes) and the same function, less memory, about one more forward
+# pass of compute. ResBlock's `train` (argument 3, self being 0) selects dropout: static.
+_REMAT_RES_BLOCK = nn.remat(layers.ResBlock, static_argnums=(3,))
+_REMAT_ATTENTION = nn.remat(layers.AttentionBlock)
+_REMAT_TRANSFORMER = nn.remat(layers.SpatialTransformer)
+
+
 def res_block(m, out_ch: int, name: str, resample: str | None = None) -> layers.ResBlock:
-    return layers.ResBlock(out_ch, m.dropout, m.use_scale_shift_norm, m.rescale_skip, resample,
-                           m.num_groups, layers.compute_dtype(m.dtype),
-                           norm_epsilon=m.norm_epsilon, name=name)
+    cls = _REMAT_RES_BLOCK if getattr(m, 'remat', False) else layers.ResBlock
+    return cls(out_ch, m.dropout, m.use_scale_shift_norm, m.rescale_skip, resample,
+               m.num_groups, layers.compute_dtype(m.dtype), norm_epsilon=m.norm_epsilon, name=name)
 
 
 def attn_block(m, channels: int, name: str, upsample: bool = False, level: int = -1):
@@ -174,13 +188,14 @@ def attn_block(m, channels: int, name: str, upsample: bool = False, level: int =
     num_heads = per_level(num_heads, m.ch_mult)[level]
     heads = layers.resolve_num_heads(channels, num_heads, m.num_head_channels)
     dtype = layers.compute_dtype(m.dtype)
+    remat = getattr(m, 'remat', False)
     if getattr(m, 'context_dim', 0):
-        block = layers.SpatialTransformer(heads, m.transformer_depth, m.num_groups, dtype,
-                                          m.attention_implementation, name=name)
-        return block
-    block = layers.AttentionBlock(heads, m.rescale_skip, m.num_groups, m.attention_implementation,
-                                  dtype, qkv_order=m.qkv_order, norm_epsilon=m.norm_epsilon,
-                                  name=name)
+        cls = _REMAT_TRANSFORMER if remat else layers.SpatialTransformer
+        return cls(heads, m.transformer_depth, m.num_groups, dtype, m.attention_implementation,
+                   name=name)
+    cls = _REMAT_ATTENTION if remat else layers.AttentionBlock
+    block = cls(heads, m.rescale_skip, m.num_groups, m.attention_implementation, dtype,
+                qkv_order=m.qkv_order, norm_epsilon=m.norm_epsilon, name=name)
     return lambda h, context=None, mask=None: block(h)
 
 
@@ -280,6 +295,7 @@ class UNet(nn.Module):
     transformer_depth: int = 1
     use_linear_projection: bool = False
     image_width: int = 0  # 0: square images; else W of H x W images (H = image_size)
+    remat: bool = False
 
     def __post_init__(self):
         validate_unet_fields(self)

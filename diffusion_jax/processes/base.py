@@ -16,7 +16,9 @@ time variable t, together with how a network is called on x_t and what it is tra
                           the ODE likelihood (evaluation.likelihood.ode_bpd)
   prior_sample(key, shape) x at the first grid time
   sample_time(key, B)     training times t ~ p_train(t), [B]
-  loss(model_fn, x0, key) per-example training loss (a dict with 'loss' [B]), pure
+  loss(model_fn, x0, key, t=None, noise=None)
+                          per-example training loss (a dict with 'loss' [B]), pure; t and ε
+                          drawn from key unless given
   methods                 the sampler names the process can run
 
 From x̂_0 every other parametrisation follows (shared here, so no sampler needs a process's type):
@@ -130,13 +132,18 @@ class Process(abc.ABC):
         """log p_{t_noise}(z) per example [B] of the (approximate) prior at t_noise."""
         raise ValueError(f'process {self.name!r} has no prior density for the ODE likelihood.')
 
-    def draw(self, x0, key, t=None):
+    def draw(self, x0, key, t=None, noise=None):
         """(t [B], ε [B, ...], x_t) of one training draw from key: t ~ sample_time unless
-        given, ε ~ N(0, I), x_t = α x_0 + σ ε; the draw `loss(model_fn, x0, key, t)` trains on
-        (so a self-conditioning first pass can see the same x_t)."""
+        given, ε ~ N(0, I) unless given, x_t = α x_0 + σ ε; the draw `loss(model_fn, x0, key,
+        t, noise)` trains on (so a self-conditioning first pass can see the same x_t, and a
+        microbatch can train on its slice of the whole batch's draw: train.make_train_step)."""
+        if t is not None and noise is not None:
+            t = jnp.asarray(t, jnp.float32)
+            return t, noise, self.marginal_sample(x0, t, noise)
         t_key, noise_key = jax.random.split(key)
         t = self.sample_time(t_key, x0.shape[0]) if t is None else jnp.asarray(t, jnp.float32)
-        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+        if noise is None:
+            noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
         return t, noise, self.marginal_sample(x0, t, noise)
 
     def marginal_sample(self, x0, t, noise):

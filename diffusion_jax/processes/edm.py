@@ -115,10 +115,10 @@ class EDM(Process):
         """σ [B] with ln σ ~ N(P_mean, P_std²)."""
         return jnp.exp(self.p_mean + self.p_std * jax.random.normal(key, (batch,), jnp.float32))
 
-    def loss(self, model_fn, x0, key, t=None):
+    def loss(self, model_fn, x0, key, t=None, noise=None):
         """Per-example λ(σ)‖D - x_0‖² (mean over dims). Returns dict(loss, t=σ, quantile) with
         quantile = Φ((ln σ - P_mean)/P_std) ∈ (0, 1), the level's rank in the training law."""
-        sigma, _, x_t = self.draw(x0, key, t)
+        sigma, _, x_t = self.draw(x0, key, t, noise)
         mse = mean_flat(jnp.square(self.denoise(model_fn, x_t, sigma) - x0))
         quantile = jax.scipy.stats.norm.cdf((jnp.log(sigma) - self.p_mean) / self.p_std)
         return dict(loss=self.loss_weight(sigma) * mse, mse=mse, t=sigma, quantile=quantile)

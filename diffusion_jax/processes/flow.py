@@ -132,10 +132,10 @@ class FlowMatching(Process):
                                * jax.random.normal(key, (batch,), jnp.float32))
         return shift_time(t, self.shift)
 
-    def loss(self, model_fn, x0, key, t=None):
+    def loss(self, model_fn, x0, key, t=None, noise=None):
         """Per-example flow-matching loss. Returns dict(loss=[B], t=[B], quantile=[B]): quantile
         is t itself (the metrics' loss-per-quarter axis)."""
-        t, noise, x_t = self.draw(x0, key, t)
+        t, noise, x_t = self.draw(x0, key, t, noise)
         out = model_fn(*self.model_input(x_t, t)).astype(x0.dtype)
         target = x0 if self.prediction == 'x0' else noise - x0
         loss = mean_flat(jnp.square(out - target))

@@ -99,13 +99,14 @@ class GaussianProcess(Process):
         return weighting.min_snr_weight(self.diffusion.snr(t), self.min_snr_gamma,
                                         self.diffusion.model_mean_type)
 
-    def loss(self, model_fn, x0, key, t=None):
-        """training_losses at t (uniform if not given) times loss_weight(t):
-        dict(loss=[B], t, quantile=t/T, and the diffusion's terms)."""
+    def loss(self, model_fn, x0, key, t=None, noise=None):
+        """training_losses at t (uniform if not given) and ε (N(0, I) if not given) times
+        loss_weight(t): dict(loss=[B], t, quantile=t/T, and the diffusion's terms)."""
         t_key, noise_key = jax.random.split(key)
         if t is None:
             t = self.sample_time(t_key, x0.shape[0])
-        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+        if noise is None:
+            noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
         terms = dict(self.diffusion.training_losses(model_fn, x0, t, noise))
         terms['loss'] = self.loss_weight(t) * terms['loss']
         terms.update(t=t, quantile=t.astype(jnp.float32) / self.diffusion.num_timesteps)
