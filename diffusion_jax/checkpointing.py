@@ -243,10 +243,13 @@ def _sync(name: str) -> None:
 
 
 def _manager(workdir, keep: int | None = None, read_only: bool = False,
-             items=ITEMS) -> ocp.CheckpointManager:
+             items=ITEMS, preserve=()) -> ocp.CheckpointManager:
+    policy = ocp.checkpoint_managers.LatestN(keep) if keep else None
+    if policy is not None and preserve:  # the latest `keep` and every step of `preserve`
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+            [policy, ocp.checkpoint_managers.CustomSteps(list(preserve))])
     options = ocp.CheckpointManagerOptions(
-        read_only=read_only, create=not read_only,
-        preservation_policy=ocp.checkpoint_managers.LatestN(keep) if keep else None)
+        read_only=read_only, create=not read_only, preservation_policy=policy)
     handlers = {name: ocp.StandardCheckpointHandler() for name in items}
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
 
@@ -354,14 +357,15 @@ def check_compatible(workdir, abstract_params) -> int | None:
 
 class Checkpointer:
     """Async saves of a TrainState-like object with fields params, ema_params, opt_state, step,
-    sampler_state, skipped; keeps the latest `keep` checkpoints.
+    sampler_state, skipped; keeps the latest `keep` checkpoints, and every step of `preserve`
+    (a progressive distillation's round ends).
 
     Building it moves damaged step folders aside (module docstring), so orbax's manager never
     lists them. A save that fails (unwritable or vanished workdir, full disk, a write that
     raises) raises SaveError naming the path and the last intact step; that step is untouched.
     """
 
-    def __init__(self, workdir, keep: int):
+    def __init__(self, workdir, keep: int, preserve=()):
         self.workdir = workdir
         # Process 0 decides (each process could see the folder at another moment) and every
         # process has finished reading it before anything moves.
@@ -371,7 +375,7 @@ class Checkpointer:
         for step in steps:
             _quarantine(workdir, step, damaged.get(step, ''))
         _sync('checkpointing:quarantine')
-        self.manager = _manager(workdir, keep=keep)
+        self.manager = _manager(workdir, keep=keep, preserve=preserve)
         self.last_good = self.manager.latest_step()  # newest step known to be committed
         self._pending = None  # the step of an async save not yet known to be committed
         self._failed = False

@@ -346,6 +346,8 @@ class GaussianDiffusion:
     def _fixed_large_log_variance(self):
         # β_t, except at t = 0 where Ho et al. use β̃_1 for a better decoder likelihood.
         xp = np if isinstance(self.betas, np.ndarray) else jnp
+        if self.betas.shape[0] == 1:  # a one-step chain (e.g. 'trailing1'): no β̃_1 exists
+            return xp.log(self.betas)
         variance = xp.concatenate([self.posterior_variance[1:2], self.betas[1:]])
         return xp.log(variance)
 

@@ -29,6 +29,17 @@ with d the pseudo-Huber distance √(‖a - b‖² + c²) - c (Song & Dhariwal 2
 Sampling (Song et al. 2023, Algorithm 1): x = f(σ_max z, σ_max), then for each chosen
 σ_n: x = f(x + √(σ_n² - σ_min²) z, σ_n).
 
+Easy consistency tuning (Geng et al. 2024, "Consistency Models Made Easy", §3; the schedule as
+in their released code, locuslab/ect training/loss.py): consistency *training* that starts from
+the teacher's weights, with no teacher ODE step. One noise ε is shared by the two points
+    y_t = x_0 + t ε,   y_r = x_0 + r ε,
+    r = max(t (1 - n(t)/q^{s+1}), 0),   n(t) = 1 + k·sigmoid(-b t),   s = ⌊i/d⌋   (`ect_r`)
+(i the training step, d steps per stage: Δt = t - r halves (q = 2) every d steps, from Δt ≥ t
+at stage 0 where r = 0 and the loss is denoising); the target is stop_grad f_θ(y_r, r) with the
+online weights (no EMA target), or x_0 where r < σ_min;
+    L = w(t) d(f_θ(y_t, t), target),   w(t) = 1/t² + 1/σ_data²   (`ect_weight`),
+d pseudo-Huber (c = 0 in their release is the L2 norm).
+
 Shapes: x, y, z [B, ...]; levels (α, σ, σ̃) [B] or scalars, broadcast over the trailing axes.
 """
 from __future__ import annotations
@@ -206,3 +217,33 @@ def consistency_sample(f: Callable, key, shape, sigmas, sigma_min):
         y = x + jnp.sqrt(jnp.maximum(sigmas[k] ** 2 - sigma_min**2, 0.0)) * noise
         x = f(y, jnp.full((batch,), sigmas[k], jnp.float32))
     return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Easy consistency tuning (Geng et al. 2024)
+# ----------------------------------------------------------------------------------------------
+def ect_r(t, stage, q: float, k: float, b: float):
+    """r = max(t (1 - n(t)/q^{stage+1}), 0), n(t) = 1 + k sigmoid(-b t) [B] (Geng et al. 2024,
+    the 'sigmoid' mapping of their release); t [B] (or scalar), stage an int (array)."""
+    t = jnp.asarray(t, jnp.float32)
+    n = 1.0 + k * jax.nn.sigmoid(-b * t)
+    decay = jnp.asarray(q, jnp.float32) ** -(jnp.asarray(stage, jnp.float32) + 1.0)
+    return jnp.maximum(t * (1.0 - decay * n), 0.0)
+
+
+def ect_weight(t, sigma_data: float):
+    """w(t) = 1/t² + 1/σ_data² [B] (their 'snrpk' weighting: SNR(t) + 1/σ_data²)."""
+    t = jnp.asarray(t, jnp.float32)
+    return 1.0 / t**2 + 1.0 / sigma_data**2
+
+
+def ect_loss(f_online: Callable, f_target: Callable, x0, noise, t, r, sigma_min, sigma_data, c):
+    """w(t) d(f_θ(x_0 + t ε, t), stop_grad f_θ(x_0 + r ε, r)) [B]; the target is x_0 where
+    r < σ_min (the boundary: f(y, σ_min) = y ≈ x_0). f_online, f_target: (y [B, ...], σ [B]) ->
+    [B, ...] (the same weights, the target under stop_gradient); x0, noise [B, ...]; t > r [B]."""
+    y_t = x0 + _b(t, x0) * noise
+    has_r = r >= sigma_min
+    r_safe = jnp.where(has_r, r, sigma_min)  # evaluated everywhere, used only where has_r
+    y_r = x0 + _b(r_safe, x0) * noise
+    target = jax.lax.stop_gradient(jnp.where(_b(has_r, x0), f_target(y_r, r_safe), x0))
+    return ect_weight(t, sigma_data) * pseudo_huber(f_online(y_t, t), target, c)

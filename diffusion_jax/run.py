@@ -47,7 +47,8 @@ from diffusion_jax import config_validation, defaults
 
 CONFIG_FILE = 'config.json'
 TRAINED_SECTIONS = ('model', 'diffusion', 'data')  # fixed by the trained network
-RESUME_SECTIONS = TRAINED_SECTIONS + ('optim',)  # a resumed run must also keep its optimiser
+# A resumed run must also keep its optimiser, and a distillation its teacher and method.
+RESUME_SECTIONS = TRAINED_SECTIONS + ('optim', 'distill')
 MODE_SECTIONS = ('sampling', 'eval', 'edit')  # what --mode=sample / eval / edit may change
 TRAINED_FIELDS = ('training.label_dropout', 'training.caption_dropout')  # outside TRAINED_SECTIONS, fixed by training too
 # Fields inside the trained sections that are not part of what was trained: where the data
@@ -485,7 +486,7 @@ def guide_for(config, mesh=None):
 
 def check_resume(workdir, config) -> None:
     """Refuses (ValueError, one line) to train config in a workdir whose config.json has other
-    model/diffusion/data/optim sections (but UNTRAINED_FIELDS). Other sections (training
+    model/diffusion/data/optim/distill sections (but UNTRAINED_FIELDS). Other sections (training
     length, cadence, sampling, eval) may change. Reads only."""
     on_disk = Run(workdir)
     if not on_disk.has_config():

@@ -334,21 +334,23 @@ def make_multi_step(train_step: Callable, steps_per_call: int) -> Callable:
     if steps_per_call == 1:
         return train_step
 
-    def multi_step(state: TrainState, batches: dict, rng: jax.Array):
-        return jax.lax.scan(lambda s, batch: train_step(s, batch, rng), state, batches)
+    def multi_step(state: TrainState, batches: dict, rng: jax.Array, *extra):
+        return jax.lax.scan(lambda s, batch: train_step(s, batch, rng, *extra), state, batches)
 
     return multi_step
 
 
-def compile_train_step(train_step, mesh, state, batch, rng, batch_axis: int = 0):
+def compile_train_step(train_step, mesh, state, batch, rng, batch_axis: int = 0, extra=()):
     """AOT-compiles the step for the mesh (batch over 'data' along batch_axis, 1 for the
-    stacked batches of make_multi_step; the rest replicated, state donated). Calling the
-    result never retraces: one compile per run, by construction."""
+    stacked batches of make_multi_step; the rest replicated, state donated). extra: further
+    arguments after rng, replicated (a distillation's teacher params: an argument, not a
+    constant, so a new round's teacher needs no recompile). Calling the result never
+    retraces: one compile per run, by construction."""
     repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh, batch_axis)
     state_sh = sharding.state_shardings(mesh, state)
-    jitted = jax.jit(train_step, in_shardings=(state_sh, data, repl),
+    jitted = jax.jit(train_step, in_shardings=(state_sh, data, repl) + (repl,) * len(extra),
                      out_shardings=(state_sh, repl), donate_argnums=0)
-    return jitted.lower(state, batch, rng).compile()
+    return jitted.lower(state, batch, rng, *extra).compile()
 
 
 def make_sample_fn(config, model, diffusion, num: int, mesh=None, decoder=None, tokenizer=None,
@@ -452,11 +454,12 @@ def prepare_run(config, workdir: str) -> _Run:
     """Every check of config and workdir, in the order a user would fix them; writes nothing.
 
     config: validated whole (run.resolve_config); when the workdir holds a run, it must keep
-    its model/diffusion/data/optim sections (diffusion_jax.run.check_resume).
+    its model/diffusion/data/optim/distill sections (diffusion_jax.run.check_resume).
     """
     teacher = None
     if distill.is_distillation(config):
         distill.check_config(config)
+        config = distill.derive(config)  # the student's sampler, stored in config.json
     model = models.get_model(config.model)
     diffusion = cold.create_for_config(config)  # Gaussian, or process='cold'
     mesh = sharding.make_mesh(fsdp=config.get('sharding', {}).get('fsdp', 1))
@@ -713,7 +716,13 @@ class _Loop:
         self.optimizer, self.schedule = create_optimizer(config.optim)
         self.init_rng, self.train_rng, self.sample_rng = jax.random.split(
             jax.random.key(tc.seed), 3)
-        self.ckpt = checkpointing.Checkpointer(workdir, tc.keep_checkpoints)
+        self.teacher = None  # a distillation's teacher params, per round (distill.Teacher)
+        if run.teacher is not None:
+            self.teacher = distill.Teacher(config, run.teacher, workdir, self.optimizer,
+                                           run.mesh)
+        self.ckpt = checkpointing.Checkpointer(
+            workdir, tc.keep_checkpoints,
+            preserve=self.teacher.preserved_steps() if self.teacher is not None else ())
         self.batches = self.sample_fn = self.previous = self.last_saved = None
         self.throughput = self.bar = None
         self.pending = []
@@ -740,9 +749,13 @@ class _Loop:
                 batch = sharding.shard_batch(next(self.batches), self.run.mesh, self.batch_axis)
                 if self.encode is not None:  # step - k: the first step of this call
                     batch = self.encode(batch, jax.random.fold_in(self.latent_rng, step - k))
+                extra = ()
+                if self.teacher is not None:  # a new round resets the student first
+                    state = self.teacher.before_call(state, step - k)
+                    extra = (self.teacher.params,)
                 if step == start + k:
-                    train_step = self._compile(state, batch, start)
-                state, metrics = train_step(state, batch, self.train_rng)
+                    train_step = self._compile(state, batch, start, extra)
+                state, metrics = train_step(state, batch, self.train_rng, *extra)
                 if self._after_call(step, state, metrics, preemption):
                     break
         self.ckpt.wait()
@@ -766,12 +779,12 @@ class _Loop:
             config.data.get('prefetch', 2))
         return state, start
 
-    def _compile(self, state, batch, start: int):
+    def _compile(self, state, batch, start: int, extra=()):
         logger.info('compiling the train step (first step takes a while)...')
         with sharding.CompileClock() as clock:
             train_step = compile_train_step(
                 make_multi_step(self._train_step(), self.k),
-                self.run.mesh, state, batch, self.train_rng, self.batch_axis)
+                self.run.mesh, state, batch, self.train_rng, self.batch_axis, extra)
         logger.info('compiled in %.1fs%s', clock.seconds,
                     f' ({clock.cache_hits} from the persistent cache)' if clock.cache_hits else '')
         peak, source = sharding.peak_memory_per_device(train_step, (state, batch))
@@ -783,8 +796,7 @@ class _Loop:
     def _train_step(self):
         if self.run.teacher is not None:
             return distill.make_distill_step(self.config, self.run.model, self.run.diffusion,
-                                             self.run.teacher, self.optimizer, self.schedule,
-                                             _step_metrics)
+                                             self.optimizer, self.schedule, _step_metrics)
         return make_train_step(self.config, self.run.model, self.run.diffusion, self.optimizer,
                                self.schedule)
 
@@ -801,7 +813,8 @@ class _Loop:
                 self.on_step(step, snapshot(state))
         sample_now = self.can_sample and (step % tc.sample_every_steps == 0
                                           or step == tc.num_train_steps)
-        save_now = step % tc.checkpoint_every_steps == 0
+        round_end = self.teacher is not None and self.teacher.is_round_end(step)
+        save_now = step % tc.checkpoint_every_steps == 0 or round_end
         log_now = step % tc.log_every_steps == 0
         # Checked before sampling, so that a pending stop does not wait for it.
         preempted = preemption.should_stop(step // k, sync=log_now or save_now or sample_now)
@@ -824,6 +837,8 @@ class _Loop:
                 self.ckpt.wait()
                 self.writer.flush()  # the logs up to this checkpoint (a URI workdir's too)
             self.last_saved = step
+            if round_end:  # committed: tag it with the round's step count
+                self.teacher.record(step)
         return stop
 
     def _log(self, step: int) -> None:

@@ -305,3 +305,117 @@ def test_ideal_progressive_student_reproduces_the_teacher_ddim_chain(vp_diffusio
     np.testing.assert_allclose(run(f'trailing{n_student}', student), want, atol=2e-4)
     # and it is not the teacher's own N-step chain (the distillation changes something).
     assert np.max(np.abs(run(f'trailing{n_student}', teacher) - want)) > 1e-2
+
+
+@pytest.mark.parametrize('solver', ['ddim', 'heun'])
+def test_the_runs_teacher_step_follows_the_closed_form_ode(vp_diffusion, solver):
+    """distill.teacher_ode_step — the step the consistency run takes — with the exact ε-teacher
+    on the VP levels k_{j+1} -> k_j of 18 scales: 'ddim' is the Euler step of the exact
+    denoiser; 'heun' equals Heun's step of the y-space closed-form denoiser and lands on the
+    closed-form ODE map at least 2x closer than Euler on every level pair."""
+    import ml_collections  # pylint: disable=import-outside-toplevel
+    from diffusion_jax import distill  # pylint: disable=import-outside-toplevel
+    d = vp_diffusion[0]
+    tables = (jnp.asarray(d.sqrt_alphas_cumprod, jnp.float32),
+              jnp.asarray(d.sqrt_one_minus_alphas_cumprod, jnp.float32))
+    teacher = Partial(_teacher_eps, tables)
+    config = ml_collections.ConfigDict(dict(distill=dict(
+        sigma_data=SIGMA_DATA, num_scales=18, teacher_solver=solver)))
+    ks = np.asarray(distill.consistency_levels(config, d))
+    k_hi, k_lo = jnp.asarray(ks[1:]), jnp.asarray(ks[:-1])  # [17] level pairs
+    lv = distill._Levels(config, d, 2)  # pylint: disable=protected-access
+    s_hi, s_lo = lv.sig[k_hi], lv.sig[k_lo]
+    y = MU + jnp.sqrt(S**2 + s_hi**2)[:, None] * jax.random.normal(jax.random.key(9), (17, 1))
+    got = distill.teacher_ode_step(config, lv, teacher, k_hi, k_lo)(y, s_hi, s_lo)
+    exact = ode_exact(y, s_hi, s_lo)
+    euler = dist.ode_ddim_step(denoise_y(y, s_hi), y, s_hi, s_lo)
+    err = np.abs(np.asarray(got - exact))[:, 0]
+    err_euler = np.abs(np.asarray(euler - exact))[:, 0]
+    if solver == 'ddim':
+        np.testing.assert_allclose(got, euler, atol=2e-5, rtol=2e-5)
+    else:
+        # Heun on the y-space closed-form denoiser (another code path): the run's two teacher
+        # calls sit on the levels k_hi and k_lo.
+        ref = dist.ode_heun_step(denoise_y, y, s_hi, s_lo)
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+        big = err_euler > 1e-3  # the pairs where Euler's error is above float32 noise
+        assert big.sum() >= 10
+        assert np.all(err[big] < err_euler[big] / 2), (err, err_euler)
+
+
+# ----------------------------------------------------------------------------------------------
+# Easy consistency tuning
+# ----------------------------------------------------------------------------------------------
+def test_ect_schedule_equals_the_formula():
+    """r = max(t (1 - n(t)/q^{s+1}), 0), n(t) = 1 + k/(1 + e^{bt}) (Geng et al. 2024), in float64
+    by hand, for q = 2, k = 8, b = 1 over stages 0..7; Δt = t - r halves per stage at large t."""
+    t = np.array([0.002, 0.05, 0.3, 1.0, 2.5, 10.0, 80.0])
+    for stage in range(8):
+        n = 1.0 + 8.0 / (1.0 + np.exp(t))
+        want = np.maximum(t * (1.0 - n / 2.0 ** (stage + 1)), 0.0)
+        np.testing.assert_allclose(dist.ect_r(t, stage, 2.0, 8.0, 1.0), want, rtol=1e-5,
+                                   atol=1e-7)
+    # Stage 0 is denoising at small t: r = 0 where n(t) >= 2, i.e. t <= log 7.
+    assert float(dist.ect_r(1.0, 0, 2.0, 8.0, 1.0)) == 0.0
+    np.testing.assert_allclose(float(dist.ect_r(1.0, 2, 2.0, 8.0, 1.0)),
+                               1.0 - (1.0 + 8.0 / (1.0 + math.e)) / 8.0, rtol=1e-6)
+    dt = [80.0 - float(dist.ect_r(80.0, s, 2.0, 8.0, 1.0)) for s in range(4)]
+    np.testing.assert_allclose(np.array(dt[:-1]) / np.array(dt[1:]), 2.0, rtol=1e-5)
+    np.testing.assert_allclose(dist.ect_weight(jnp.array([0.5, 2.0]), 0.5), [8.0, 4.25],
+                               rtol=1e-6)
+
+
+def test_ect_loss_at_the_exact_consistency_function():
+    """Point-mass data x_0 = MU: x_0 + tε and x_0 + rε lie on one PF-ODE trajectory (the ray
+    from MU), so the ECT loss of the exact consistency function f*(y, σ) = MU + (σ_min/σ)(y - MU)
+    is zero for every t, r, ε, and not for a perturbed f. Gaussian data N(MU, S²): a shared ε does
+    not keep the two points on one trajectory, so the loss at f* is not zero but first order in
+    Δt: halving Δt halves it (Monte Carlo over 4096 draws). r < σ_min takes x_0 as target."""
+    b = 4096
+    key = jax.random.key(10)
+    noise = jax.random.normal(key, (b, 2, 2, 1))
+    t = jnp.exp(-1.1 + 2.0 * jax.random.normal(jax.random.fold_in(key, 1), (b,)))
+    t = jnp.clip(t, 0.05, 80.0)
+    r = dist.ect_r(t, 3, 2.0, 8.0, 1.0)
+    c = 0.00054 * math.sqrt(4)
+
+    def f_point(y, sigma):
+        return MU + (SIGMA_MIN / sigma).reshape(-1, 1, 1, 1) * (y - MU)
+
+    x0 = jnp.full((b, 2, 2, 1), MU)
+    loss = dist.ect_loss(f_point, f_point, x0, noise, t, r, SIGMA_MIN, SIGMA_DATA, c)
+    has_r = np.asarray(r >= SIGMA_MIN)
+    assert has_r.sum() > b // 2
+    # Where r >= σ_min the target is f*(y_r, r): exactly consistent (float32 rounding only).
+    assert float(jnp.max(jnp.where(has_r, loss, 0.0))) < 1e-4 * float(jnp.max(
+        dist.ect_weight(t, SIGMA_DATA)))
+    # Where r < σ_min the target is x_0 = MU while f*(y_t, t) = MU + σ_min ε: not zero.
+    if (~has_r).any():
+        assert float(jnp.min(jnp.where(has_r, jnp.inf, loss))) > 0
+    perturbed = lambda y, s: f_point(y, s) + 0.01 * y  # noqa: E731
+    assert float(jnp.mean(dist.ect_loss(perturbed, perturbed, x0, noise, t, r, SIGMA_MIN,
+                                        SIGMA_DATA, c))) > 1e-2
+
+    # Gaussian data: the loss at f* is first order in Δt.
+    x0 = MU + S * jax.random.normal(jax.random.fold_in(key, 2), (b, 2, 2, 1))
+    t = jnp.full((b,), 1.0)
+    means = []
+    for dt in (0.1, 0.05, 0.025):
+        loss = dist.ect_loss(f_star, f_star, x0, noise, t, t - dt, SIGMA_MIN, SIGMA_DATA, 0.0)
+        means.append(float(jnp.mean(loss)))
+    for coarse, fine in zip(means[:-1], means[1:]):
+        assert 1.8 < coarse / fine < 2.2, means
+
+
+def test_one_step_ddim_on_a_fixed_large_run_is_the_denoiser():
+    """'trailing1' on a fixed_large diffusion (the digits teacher's; a one-step chain has no
+    β̃_1, which fixed_large reads at t = 0): one DDIM step from x_T is x̂_0(x_T, T-1)."""
+    d = dl.GaussianDiffusion(schedules.linear(200), 'eps', 'fixed_large')
+    tables = (jnp.asarray(d.sqrt_alphas_cumprod, jnp.float32),
+              jnp.asarray(d.sqrt_one_minus_alphas_cumprod, jnp.float32))
+    x_t = jax.random.normal(jax.random.key(11), (16, 1))
+    got = samplers.sample(respace.respaced(d, 'trailing1'), Partial(_teacher_eps, tables),
+                          jax.random.key(0), (16, 1), method='ddim', clip_denoised=False,
+                          x_T=x_t)['samples']
+    a, s = float(tables[0][-1]), float(tables[1][-1])
+    np.testing.assert_allclose(got, exact_x0(np.asarray(x_t), a, s), atol=1e-4, rtol=1e-4)
