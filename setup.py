@@ -8,6 +8,8 @@ _TEST = [
     # Notebooks are executed by the suite (papermill drives nbclient) and kept paired with their
     # jupytext scripts.
     "papermill>=2.6",
+    # text runs (model.text_encoder): the word-level tokenizer stored in the run
+    "tokenizers>=0.19",
     "jupytext>=1.16",
     "nbformat>=5.10",
     "ipykernel>=6.29",
@@ -50,6 +52,8 @@ setuptools.setup(
         # transformers: CLIP tokenisation and the CLIPTextModel the text encoder is tested against.
         "torch": ["torch>=2.4", "torchvision>=0.19", "pytorch-fid>=0.3.0", "safetensors>=0.4",
                   "diffusers>=0.30", "transformers>=4.40"],
+        # Text runs (model.text_encoder='small' / 'clip'): the run's word-level tokenizer.
+        "text": ["tokenizers>=0.19"],
         "tf": ["tensorflow>=2.16"],
         "gpu": ["jax[cuda12]>=0.7.0"],
         "experiments": ["matplotlib>=3.8"],
