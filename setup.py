@@ -8,6 +8,8 @@ _TEST = [
     # Notebooks are executed by the suite (papermill drives nbclient) and kept paired with their
     # jupytext scripts.
     "papermill>=2.6",
+    # text runs (model.text_encoder): the word-level tokenizer stored in the run
+    "tokenizers>=0.19",
     "jupytext>=1.16",
     "nbformat>=5.10",
     "ipykernel>=6.29",
@@ -61,6 +63,8 @@ setuptools.setup(
     extras_require={
         "test": _TEST,
         "torch": _TORCH,
+        # Text runs (model.text_encoder='small' / 'clip'): the run's word-level tokenizer.
+        "text": ["tokenizers>=0.19"],
         "tf": ["tensorflow>=2.16"],
         "gpu": ["jax[cuda12]>=0.7.0"],
         "experiments": ["matplotlib>=3.8"],

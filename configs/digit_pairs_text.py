@@ -16,7 +16,9 @@ Model: configs/digits.py's UNet (8x16 here) with cross-attention (a spatial tran
 transformer (model.text_encoder='small'), both trained together. Captions are dropped to the
 empty prompt 10% of the time (training.caption_dropout, Rombach et al. 2022 / Ho & Salimans
 2021's p_uncond = 0.1), for classifier-free guidance. Diffusion and optimisation: digits'.
-Not from a paper: sized to train in about the time of configs/digits.py on 2 CPU cores.
+Not from a paper: configs/digits.py's budget (1,500 steps of 64) on twice its pixels; 1.1M
+parameters. Measured only on the shared 2-core CPU under a load of ~30: 0.15 steps/s, so the
+benchmark run in experiments/README.md was stopped at step 500.
 """
 from __future__ import annotations
 

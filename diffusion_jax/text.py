@@ -42,8 +42,8 @@ def _tokenizers():
     try:
         import tokenizers  # pylint: disable=import-outside-toplevel
     except ImportError as err:
-        raise ImportError('text runs need the tokenizers package: pip install tokenizers '
-                          '(it comes with the torch extra: pip install -e ".[torch]")') from err
+        raise ImportError('text runs need the tokenizers package: pip install -e ".[text]"'
+                          ) from err
     return tokenizers
 
 

@@ -54,10 +54,14 @@ def sampling_overrides(args, w: float) -> dict:
             'sampling.seed': args.seed}
 
 
+def use_ema(args) -> bool:
+    return args.use_ema.lower() in ('1', 'true', 'yes')
+
+
 def text_samples(args, w: float, mesh):
     """(uint8 [100·per_pair, 8, 16, 1], pair ids [N]) of the text run at scale w."""
     loaded = run.load(args.workdir, dict(sampling_overrides(args, w), **{
-        'sampling.prompt': 'zero and zero'}), step=args.step, mesh=mesh)
+        'sampling.prompt': 'zero and zero'}), step=args.step, use_ema=use_ema(args), mesh=mesh)
     prompts = [input_pipeline.pair_caption(p) for p in range(input_pipeline.NUM_PAIRS)]
     table = text.prompt_table(loaded.model, loaded.variables, text.load_tokenizer(args.workdir),
                               prompts)
@@ -102,6 +106,9 @@ def main(argv=None) -> dict:
     parser.add_argument('--num_steps', default='ddim25')
     parser.add_argument('--batch_size', type=int, default=200)
     parser.add_argument('--seed', type=int, default=0)
+    # The text run's EMA (decay 0.995) still holds ~8% of the initial, zero-output network at
+    # step 500: a run stopped early samples better from its raw parameters.
+    parser.add_argument('--use_ema', default='true', help='text run: EMA (true) or raw params')
     args = parser.parse_args(argv)
     mesh = sharding.make_mesh()
     model, params, meta = ensure_feature_net(args.feature_net_dir)
@@ -114,7 +121,8 @@ def main(argv=None) -> dict:
         images, pairs, step = text_samples(args, w, mesh)
         left, right = classify(net, images[:, :, :8]), classify(net, images[:, :, 8:])
         hit = (left == pairs // 10) & (right == pairs % 10)
-        row = dict(model=f'text ({stored.model.text_encoder}), step {step}', w=w,
+        row = dict(model=f'text ({stored.model.text_encoder}), step {step}'
+                   f'{"" if use_ema(args) else ", raw params"}', w=w,
                    **accuracy_rows(hit, pairs, train_pairs),
                    left_right_digit_accuracy=float(np.mean(np.concatenate(
                        [left == pairs // 10, right == pairs % 10]))),
@@ -140,6 +148,7 @@ def main(argv=None) -> dict:
     result = dict(rows=rows, workdir=args.workdir, cond_workdir=args.cond_workdir,
                   feature_net=dict(dir=args.feature_net_dir, test_accuracy=meta['test_accuracy']),
                   method=args.method, num_steps=args.num_steps, per_pair=args.per_pair,
+                  use_ema=use_ema(args),
                   held_out_pairs=[int(p) for p in held_out], device=str(jax.devices()[0]))
     image_utils.write_json(str(out) + '.json', result)
     cols = ['model', 'w', 'seen', 'seen_stderr', 'held_out', 'held_out_stderr',
