@@ -137,10 +137,10 @@ def default_edit_config() -> ml_collections.ConfigDict:
     c.jump_length = 10  # repaint's j (Lugmayr et al. 2022, Sec. 5: j = 10); 1 with r = 1: none
     c.jump_n_sample = 10  # repaint's r, resamplings per jump (Lugmayr et al.: r = 10)
     c.strength = 0.5  # sdedit: t0/T in (0, 1] (Meng et al. 2022 use 0.3-0.6)
-    c.sdedit_method = 'ancestral'  # sdedit's sampler from t0: ancestral | ddim (sampling.eta)
+    c.sdedit_method = 'ancestral'  # from t0: ancestral | ddim (sampling.eta); flow/edm: ancestral | a solver
     c.target_label = -1  # ddim_edit / conditional runs: decode with this class; -1: the input's
     c.guidance_scale = -1.0  # ddim_edit decoder's classifier-free w; -1: sampling.guidance_scale
-    c.num_steps = ''  # respacing of the edit chain ('' = all T; RePaint's T = 250: '250')
+    c.num_steps = ''  # edit chain's respacing ('' = all T); flow/edm: grid K ('' = sampling.num_steps)
     c.batch_size = 64  # images per call (a multiple of the device count uses every device)
     c.seed = 0  # seeds the chain's noise and random masks
     return c
