@@ -92,6 +92,9 @@ def row_config(row: str):
             config.diffusion.flow.time_sampling = 'uniform'
         if row.endswith('selfcond'):
             config.training.self_condition = True
+            # [x_t, x̂_0] in: set here, as the file's in_channels is not re-derived (it was not
+            # typed on a command line; config_validation refuses the mismatch).
+            config.model.in_channels = 2 * config.data.channels
         config.name = f'compare_{row}'
     return config
 
