@@ -74,6 +74,8 @@ CHECKS = (
      'text run needs one of them'),
     ('sampling.guidance_scale > 0 (text run)', 'training.caption_dropout > 0'),
     ('--mode=eval (text run)', 'eval.nll=False and eval.sample_quality=False (not yet wired)'),
+    ('--mode=edit (text run)', 'refused (not yet wired; the library edit functions take a '
+     'prompt-bound model_fn)'),
     ('eval.nll_estimator / eval.feature_space', "a known name; 'ode' for flow and edm"),
 )
 
@@ -529,6 +531,11 @@ def _check_prompts(config, mode: str) -> None:
         raise ValueError("sampling.prompt='' and sampling.prompts_file='': a text run samples "
                          'from prompts; set --config.sampling.prompt="three and seven" or '
                          'sampling.prompts_file=FILE (one prompt per line).')
+    if mode == 'edit':
+        raise ValueError(f'model.text_encoder={config.model.text_encoder!r}: --mode=edit of a '
+                         'text run is not wired yet (the library\'s samplers.repaint / sdedit / '
+                         'ddim_edit take a prompt-bound model_fn); edit a label-conditioned or '
+                         'unconditional run.')
     if mode == 'eval':
         e = config.get('eval', {})
         for field in ('nll', 'sample_quality'):

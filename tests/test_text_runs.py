@@ -341,6 +341,8 @@ def test_text_config_errors_are_one_line(tmp_path):
     refused(c, 'train', 'model.context_dim=12 does not fit model.text.hidden_size=16')
     c = tiny_config(caption_dropout=1.0)
     refused(c, 'train', r'training.caption_dropout=1.0 must lie in \[0, 1\)')
+    c = tiny_config()
+    refused(c, 'edit', r"model.text_encoder='small': --mode=edit of a text run is not wired")
 
 
 def test_text_conditioned_model_is_its_unet_and_its_encoder():
