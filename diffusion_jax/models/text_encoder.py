@@ -79,6 +79,20 @@ def attention_bias(length: int, attention_mask=None):
     return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
 
 
+def embed_tokens(module: nn.Module, input_ids, field: str, fix: str):
+    """h_0 = token_embedding[input_ids] + position_embedding[0:L] [B, L, D], the parameters
+    created in `module` (a text encoder's compact __call__: vocab_size, hidden_size,
+    max_length); input_ids longer than max_length are refused in one line naming `field`."""
+    length = input_ids.shape[1]
+    if length > module.max_length:
+        raise ValueError(f'input_ids of length {length} exceed {field}={module.max_length}: '
+                         f'{fix}.')
+    tokens = nn.Embed(module.vocab_size, module.hidden_size, name='token_embedding')(input_ids)
+    positions = module.param('position_embedding', nn.initializers.normal(0.01),
+                             (module.max_length, module.hidden_size))
+    return tokens + positions[None, :length]
+
+
 class CLIPAttention(nn.Module):
     num_heads: int
     dtype: Any = jnp.float32
@@ -148,14 +162,9 @@ class CLIPTextEncoder(nn.Module):
     def __call__(self, input_ids, attention_mask=None):
         """input_ids [B, L] int (L <= max_length), attention_mask [B, L] 1/0 or None."""
         b, length = input_ids.shape
-        if length > self.max_length:
-            raise ValueError(f'input_ids of length {length} exceed model_config.text_encoder.'
-                             f'max_length={self.max_length}: truncate the tokens.')
+        h = embed_tokens(self, input_ids, 'model_config.text_encoder.max_length', 'truncate the '
+                         'tokens')
         dtype = layers.compute_dtype(self.dtype)
-        tokens = nn.Embed(self.vocab_size, self.hidden_size, name='token_embedding')(input_ids)
-        positions = self.param('position_embedding', nn.initializers.normal(0.01),
-                               (self.max_length, self.hidden_size))
-        h = tokens + positions[None, :length]
         bias = attention_bias(length, attention_mask)
         hidden_states = [h]
         for i in range(self.num_layers):
@@ -323,14 +332,9 @@ class SmallTextEncoder(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None):
         b, length = input_ids.shape
-        if length > self.max_length:
-            raise ValueError(f'input_ids of length {length} exceed model_config.text.max_length='
-                             f'{self.max_length}: raise it or shorten the captions.')
+        h = embed_tokens(self, input_ids, 'model_config.text.max_length', 'raise it or shorten '
+                         'the captions')
         dtype = layers.compute_dtype(self.dtype)
-        tokens = nn.Embed(self.vocab_size, self.hidden_size, name='token_embedding')(input_ids)
-        positions = self.param('position_embedding', nn.initializers.normal(0.01),
-                               (self.max_length, self.hidden_size))
-        h = tokens + positions[None, :length]
         mask = jnp.ones((b, length), jnp.int32) if attention_mask is None else attention_mask
         bias = padding_bias(mask)
         for i in range(self.num_layers):
